@@ -1,0 +1,19 @@
+"""Routers: every strategy behind one interface (:class:`pce.routing.Router`), registered by name."""
+from ..registry import ROUTERS
+from ..routing import Router, RoutingResult
+from .cosine import CosineRouter
+from .gate import ExpertChoiceRouter, GateRouter
+from .simple import GumbelRouter, PositionalRouter, UniformRouter
+from .threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
+
+
+def build_router(name: str, in_channels: int, num_experts: int, **kwargs) -> Router:
+    """Build a registered router: ``build_router("cosine", in_channels=68, num_experts=4, top_k=1)``."""
+    return ROUTERS.get(name)(in_channels=in_channels, num_experts=num_experts, **kwargs)
+
+
+__all__ = [
+    "ROUTERS", "Router", "RoutingResult", "build_router", "CosineRouter", "GateRouter", "ExpertChoiceRouter",
+    "GumbelRouter", "PositionalRouter", "UniformRouter", "adaptive_threshold", "soft_threshold_mask",
+    "hard_threshold_mask",
+]

@@ -1,0 +1,211 @@
+"""Convolutional experts stored as a bank of stacked weights.
+
+An expert type is written once, as :meth:`ExpertBank.run` over *stacked* layers, and executes in two ways:
+
+* ``run(x, ALL)``: every expert on the same input. The first convolution of all experts is fused into one
+  convolution with ``E * C_out`` output channels, later ones are grouped convolutions (``groups = E``) and
+  batch norm runs over the ``E * C`` channels, which is exactly per-expert batch norm.
+  Returns ``[N, E * C_out, h, w]``.
+* ``run(x, OneExpert(e))``: expert ``e`` alone on its own tokens (slices of the same weights).
+
+So a new expert type is one class with stacked layers and a ``run`` method, plus one registry line.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import EXPERTS
+
+
+class StackedConv2d(nn.Module):
+    """E convolutions ``C_in -> C_out`` (``k x k``, 'same' padding) with weight ``[E, C_out, C_in, k, k]``."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 bias: bool = False) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"expert kernel_size must be odd, got {kernel_size}")
+        self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_channels)) if bias else None
+        for w in self.weight:
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+
+    def extra_repr(self) -> str:
+        return f"E={self.num_experts}, {self.in_channels}->{self.out_channels}, k={self.kernel_size}"
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared input ``[N, C_in, h, w]`` or per-expert input ``[N, E*C_in, h, w]`` -> ``[N, E*C_out, h, w]``."""
+        E, k = self.num_experts, self.kernel_size
+        w = self.weight.reshape(E * self.out_channels, self.in_channels, k, k)
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        groups = 1 if x.shape[1] == self.in_channels else E
+        if groups == E and x.shape[1] != E * self.in_channels:
+            raise ValueError(f"expected {self.in_channels} or {E * self.in_channels} channels, got {x.shape[1]}")
+        return F.conv2d(x, w, b, padding=k // 2, groups=groups)
+
+    def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` on ``[n, C_in, h, w]`` -> ``[n, C_out, h, w]``."""
+        b = self.bias[e] if self.bias is not None else None
+        return F.conv2d(x, self.weight[e], b, padding=self.kernel_size // 2)
+
+
+class StackedBatchNorm2d(nn.BatchNorm2d):
+    """E batch norms over C channels each, stored as one ``BatchNorm2d(E * C)``."""
+
+    def __init__(self, num_experts: int, channels: int, **kwargs) -> None:
+        super().__init__(num_experts * channels, **kwargs)
+        self.num_experts, self.channels = num_experts, channels
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        s = slice(e * self.channels, (e + 1) * self.channels)
+        use_batch = self.training or self.running_mean is None
+        if self.training and self.num_batches_tracked is not None and e == 0:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x, self.running_mean[s] if self.running_mean is not None else None,
+            self.running_var[s] if self.running_var is not None else None,
+            self.weight[s], self.bias[s], use_batch, self.momentum if self.momentum is not None else 0.1, self.eps,
+        )
+
+
+class AllExperts:
+    """Selection: run every expert (tensors carry ``E * C`` channels after the first layer)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def conv(self, layer: StackedConv2d, x: torch.Tensor) -> torch.Tensor:
+        return layer.forward_all(x)
+
+    def norm(self, layer: StackedBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        return layer.forward_all(x)
+
+    def identity(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """The input as a per-expert tensor (repeat a shared input E times)."""
+        return x.repeat(1, self.num_experts, 1, 1) if x.shape[1] == channels else x
+
+
+class OneExpert:
+    """Selection: run expert ``e`` only."""
+
+    def __init__(self, e: int) -> None:
+        self.e = e
+
+    def conv(self, layer: StackedConv2d, x: torch.Tensor) -> torch.Tensor:
+        return layer.forward_one(x, self.e)
+
+    def norm(self, layer: StackedBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        return layer.forward_one(x, self.e)
+
+    def identity(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        return x
+
+
+class ExpertBank(nn.Module):
+    """Base class of an expert type: E experts ``[N, C_in, h, w] -> [N, C_out, h, w]``.
+
+    Subclasses build stacked layers in ``__init__`` and implement :meth:`run`.
+    ``receptive_radius`` is how many pixels of context one output pixel reads on each side.
+    """
+
+    receptive_radius = 0
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
+
+    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """All experts on ``[N, C_in, h, w]`` -> ``[N, E, C_out, h, w]``."""
+        y = self.run(x, AllExperts(self.num_experts))
+        return y.reshape(x.shape[0], self.num_experts, self.out_channels, *y.shape[-2:])
+
+    def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` on ``[n, C_in, h, w]`` -> ``[n, C_out, h, w]``."""
+        return self.run(x, OneExpert(e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)
+
+
+@EXPERTS.register("residual")
+class ResidualExpert(ExpertBank):
+    """Seeds 000/001: Conv-BN-ReLU-Dropout -> Conv-BN -> (+ skip) -> ReLU; 1x1 conv + BN on the skip when
+    the channel count changes."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 dropout: float = 0.0) -> None:
+        super().__init__(num_experts, in_channels, out_channels)
+        E = num_experts
+        self.receptive_radius = 2 * (kernel_size // 2)
+        self.conv1 = StackedConv2d(E, in_channels, out_channels, kernel_size)
+        self.bn1 = StackedBatchNorm2d(E, out_channels)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = StackedConv2d(E, out_channels, out_channels, kernel_size)
+        self.bn2 = StackedBatchNorm2d(E, out_channels)
+        if in_channels != out_channels:
+            self.skip: Optional[StackedConv2d] = StackedConv2d(E, in_channels, out_channels, 1)
+            self.skip_bn: Optional[StackedBatchNorm2d] = StackedBatchNorm2d(E, out_channels)
+        else:
+            self.skip, self.skip_bn = None, None
+
+    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
+        h = self.drop(F.relu(sel.norm(self.bn1, sel.conv(self.conv1, x))))
+        h = sel.norm(self.bn2, sel.conv(self.conv2, h))
+        s = sel.identity(x, self.in_channels) if self.skip is None else sel.norm(self.skip_bn, sel.conv(self.skip, x))
+        return F.relu(h + s)
+
+
+@EXPERTS.register("double_conv")
+class DoubleConvExpert(ExpertBank):
+    """Seed 002: Conv-BN-GELU-Dropout -> Conv-BN, no skip."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 dropout: float = 0.0) -> None:
+        super().__init__(num_experts, in_channels, out_channels)
+        E = num_experts
+        self.receptive_radius = 2 * (kernel_size // 2)
+        self.conv1 = StackedConv2d(E, in_channels, out_channels, kernel_size)
+        self.bn1 = StackedBatchNorm2d(E, out_channels)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = StackedConv2d(E, out_channels, out_channels, kernel_size)
+        self.bn2 = StackedBatchNorm2d(E, out_channels)
+
+    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
+        h = self.drop(F.gelu(sel.norm(self.bn1, sel.conv(self.conv1, x))))
+        return sel.norm(self.bn2, sel.conv(self.conv2, h))
+
+
+@EXPERTS.register("conv_bn_relu")
+class ConvBNReLUExpert(ExpertBank):
+    """Seeds 003/004: a single Conv-BN-ReLU."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 dropout: float = 0.0) -> None:
+        super().__init__(num_experts, in_channels, out_channels)
+        self.receptive_radius = kernel_size // 2
+        self.conv = StackedConv2d(num_experts, in_channels, out_channels, kernel_size)
+        self.bn = StackedBatchNorm2d(num_experts, out_channels)
+        self.drop = nn.Dropout(dropout)
+
+    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
+        return self.drop(F.relu(sel.norm(self.bn, sel.conv(self.conv, x))))
+
+
+def build_expert_bank(name: str, num_experts: int, in_channels: int, out_channels: int, **kwargs) -> ExpertBank:
+    """Build a registered expert type as a bank of ``num_experts`` experts."""
+    return EXPERTS.get(name)(num_experts, in_channels, out_channels, **kwargs)

@@ -1,0 +1,160 @@
+"""The PCE layer: extract patches -> route -> experts -> weighted sum -> reassemble -> 1x1 conv (+ skip)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .dispatch import DISPATCHERS
+from .experts import build_expert_bank
+from .patches import PatchExtractor
+from .positional import PositionalEncoding, patch_centers
+from .routers import build_router
+from .routing import Router, RoutingResult
+
+EXECUTIONS = ("auto", "reference", "dense", "sparse", "map")
+
+
+class PCELayer(nn.Module):
+    """One Positional Convolution Experts layer, ``[B, C, H, W] -> [B, C, H, W]``.
+
+    1. pad to the patch grid (``padding="pad"``) or fail (``"error"``); add positional channels;
+    2. extract patches ``[B, P, C + pos, n, n]`` and route them: weights ``[B, P, E]``;
+    3. run the experts on the patches (isolated patches, as in the seeds, plus ``halo`` pixels of neighbour
+       context when ``halo > 0``), routing-weighted sum, reassemble, crop;
+    4. ``out = x + proj_1x1(mixture)``. A patch with all-zero weights (dropped) outputs exactly ``x``.
+
+    ``execution``: ``"auto"`` (sparse dispatch when the router emits exact zeros, fused dense otherwise),
+    ``"reference"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.dispatch`), or ``"map"``: all experts run on the
+    whole map and per-patch weights are broadcast to pixels, so experts see their neighbours (a free halo;
+    cost E x one expert; not the seeds' isolated-patch semantics).
+    """
+
+    def __init__(self, channels: int, patch_size: int, num_experts: int = 4, router: str = "cosine",
+                 router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
+                 expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
+                 pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
+                 halo: int = 0, patch_stride: Optional[int] = None, padding: str = "pad",
+                 execution: str = "auto") -> None:
+        super().__init__()
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if execution == "map" and (halo or (patch_stride not in (None, patch_size))):
+            raise ValueError("execution='map' already gives experts their neighbours: use halo=0 and no overlap")
+        self.channels, self.patch_size, self.num_experts = channels, patch_size, num_experts
+        self.halo, self.execution = halo, execution
+        self.extractor = PatchExtractor(patch_size, patch_stride, padding)
+        self.pos = PositionalEncoding(pos_encoding, num_frequencies)
+        routed_channels = channels + self.pos.num_channels
+        rkw = dict(router_kwargs or {})
+        if top_k is not None:
+            rkw["top_k"] = top_k
+        self.router_name = router
+        self.router: Router = build_router(router, routed_channels, num_experts, **rkw)
+        self.experts_see_position = experts_see_position
+        expert_in = routed_channels if experts_see_position else channels
+        self.experts = build_expert_bank(expert, num_experts, expert_in, channels, **(expert_kwargs or {}))
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+        self._override: Optional[Router] = None
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, patch_size={self.patch_size}, E={self.num_experts}, execution={self.execution!r}"
+
+    # -- phases ----------------------------------------------------------------------------------
+    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
+        """Route with a parameter-free router (e.g. ``"uniform"``, ``"positional"``) instead of the learned one,
+        e.g. during the stabilisation phase; ``None`` restores the learned router. Not saved in checkpoints."""
+        if name is None:
+            self._override = None
+            return
+        r = build_router(name, self.router_in_channels, self.num_experts, **kwargs)
+        if any(True for _ in r.parameters()):
+            raise ValueError(f"router override {name!r} has parameters; use a parameter-free router")
+        object.__setattr__(self, "_override", r)
+
+    @property
+    def router_in_channels(self) -> int:
+        return self.channels + self.pos.num_channels
+
+    @property
+    def active_router(self) -> Router:
+        if self._override is not None:
+            self._override.train(self.training)
+            return self._override
+        return self.router
+
+    # -- forward -----------------------------------------------------------------------------------
+    def choose_execution(self, router: Router) -> str:
+        if self.execution != "auto":
+            return self.execution
+        return "sparse" if router.is_sparse else "dense"
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, RoutingResult]]:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"PCELayer expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        ext = self.extractor
+        grid = ext.grid(H, W)
+        xp = ext.pad(x, grid)
+        n = self.patch_size
+        P, Pc = grid.num_patches, self.pos.num_channels
+        content, _ = ext.extract(xp, grid)  # [B, P, C, n, n]
+        pos_map = self.pos(grid.grid_h, grid.grid_w, n, n, x.device, x.dtype)  # [1, Pc, gh*n, gw*n]
+        if Pc:
+            pos_patches = pos_map.reshape(1, Pc, grid.grid_h, n, grid.grid_w, n).permute(0, 2, 4, 1, 3, 5)
+            pos_patches = pos_patches.reshape(1, P, Pc, n, n).expand(B, -1, -1, -1, -1)
+            patches = torch.cat([content, pos_patches], dim=2)
+        else:
+            patches = content
+        positions = patch_centers(grid.grid_h, grid.grid_w, x.device, x.dtype)
+        router = self.active_router
+        routing = router(patches, positions)
+        routing.grid = (grid.grid_h, grid.grid_w)
+        weights = routing.weights
+        mode = self.choose_execution(router)
+        if self.experts_see_position and (mode == "map" or self.halo):
+            if grid.overlapping:
+                raise ValueError("experts_see_position with halo or execution='map' needs non-overlapping patches")
+            src = torch.cat([xp, pos_map.expand(B, -1, -1, -1)], dim=1)
+        else:
+            src = xp
+        if mode == "map":
+            wmap = weights.reshape(B, grid.grid_h, grid.grid_w, -1).permute(0, 3, 1, 2)
+            wmap = wmap.repeat_interleave(n, dim=2).repeat_interleave(n, dim=3)  # [B, E, Hp, Wp]
+            y_all = self.experts.forward_all(src)  # [B, E, C, Hp, Wp]
+            mix = torch.einsum("bechw,behw->bchw", y_all, wmap.to(y_all.dtype))[:, :, :H, :W]
+        else:
+            if self.halo:
+                tokens = ext.extract_windows(src, grid, self.halo)
+            else:
+                tokens = patches if self.experts_see_position else content
+            tokens = tokens.reshape(B * P, *tokens.shape[2:])
+            out = DISPATCHERS[mode](self.experts, tokens, weights.reshape(B * P, -1))
+            if self.halo:
+                h = self.halo
+                out = out[..., h:h + n, h:h + n]
+            mix = ext.reassemble(out.reshape(B, P, C, n, n), grid)
+        y = x + self.proj(mix)
+        return (y, routing) if return_routing else y
+
+
+class DenseLayer(nn.Module):
+    """The dense twin of :class:`PCELayer`: one expert of the same type on the whole map, ``x + proj(expert(x))``.
+    Same interface (``return_routing`` gives ``None``)."""
+
+    def __init__(self, channels: int, expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
+                 **_: Any) -> None:
+        super().__init__()
+        self.channels = channels
+        self.experts = build_expert_bank(expert, 1, channels, channels, **(expert_kwargs or {}))
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"DenseLayer expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        y = x + self.proj(self.experts.forward_one(x, 0))
+        return (y, None) if return_routing else y

@@ -1,0 +1,112 @@
+"""Routers without learned scores: Gumbel sampling over cosine scores, positional, uniform."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..positional import patch_centers  # noqa: F401  (documented helper for users)
+from ..registry import ROUTERS
+from ..routing import Router, RoutingResult
+from .cosine import CosineRouter
+
+
+@ROUTERS.register("gumbel")
+class GumbelRouter(CosineRouter):
+    """Cosine-similarity scores sampled with Gumbel-softmax in training (seed 004: option B with
+    differentiable sampling). ``hard=True`` gives one-hot samples with straight-through gradients.
+    In eval: ``softmax(logits)`` (or the arg-max one-hot when ``hard``). No threshold mask by default."""
+
+    def __init__(self, in_channels: int, num_experts: int, tau: float = 1.0, hard: bool = True,
+                 threshold: bool = False, **kwargs) -> None:
+        super().__init__(in_channels, num_experts, threshold=threshold, **kwargs)
+        if tau <= 0:
+            raise ValueError(f"gumbel tau must be > 0, got {tau}")
+        self.tau = tau
+        self.hard = hard
+
+    @property
+    def is_sparse(self) -> bool:
+        return super().is_sparse or self.hard
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        emb = self.embed(patches)
+        if self._collected is not None:
+            self._collected.append(emb.detach().reshape(-1, emb.shape[-1]).float().cpu())
+        logits = self.similarity_logits(emb)
+        probs = logits.softmax(-1)
+        if self.training:
+            weights = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
+        elif self.hard:
+            weights = F.one_hot(logits.argmax(-1), self.num_experts).to(probs.dtype)
+        else:
+            weights = probs
+        result = self.finalize(self.mask(weights), probs, logits)
+        if self.training and self.ema_update and not self.keys_trainable:
+            self.ema_step(emb.detach(), result.weights.detach())
+        return result
+
+
+@ROUTERS.register("positional")
+class PositionalRouter(Router):
+    """Deterministic routing by patch position with controllable noise (seed 004, option A).
+
+    The image is tiled into ``rows x cols`` regions (``cols = ceil(sqrt(E))``); a patch goes to the expert of
+    its region. Logits are ``strength * one_hot + noise_std * N(0, 1)`` in training (noise only in training),
+    so experts specialise by region while the noise keeps a mix.
+    """
+
+    def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, strength: float = 4.0,
+                 noise_std: float = 0.5, top_k: Optional[int] = None, renormalize: bool = False,
+                 capacity_factor: Optional[float] = None) -> None:
+        super().__init__(num_experts, top_k=top_k, renormalize=renormalize, capacity_factor=capacity_factor)
+        self.strength = strength
+        self.noise_std = noise_std
+
+    def assignment(self, positions: torch.Tensor) -> torch.Tensor:
+        """Expert index ``[P]`` for patch centres ``positions [P, 2]`` in [-1, 1]."""
+        E = self.num_experts
+        cols = math.ceil(math.sqrt(E))
+        rows = math.ceil(E / cols)
+        r = ((positions[:, 0] + 1) / 2 * rows).floor().clamp(0, rows - 1)
+        c = ((positions[:, 1] + 1) / 2 * cols).floor().clamp(0, cols - 1)
+        return (r * cols + c).long() % E
+
+    def score(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, P = patches.shape[:2]
+        onehot = F.one_hot(self.assignment(positions), self.num_experts).to(patches.dtype)
+        logits = self.strength * onehot.unsqueeze(0).expand(B, P, -1)
+        if self.training and self.noise_std > 0:
+            logits = logits + self.noise_std * torch.randn_like(logits)
+        return logits
+
+
+@ROUTERS.register("uniform")
+class UniformRouter(Router):
+    """Equal weights ``1/E`` (seed 003 stabilisation, seed 004 option C). With ``subset=k`` each patch is sent
+    to k random experts averaged with weights ``1/k`` during training (all experts at eval)."""
+
+    def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, subset: Optional[int] = None,
+                 top_k: Optional[int] = None, renormalize: bool = False,
+                 capacity_factor: Optional[float] = None) -> None:
+        super().__init__(num_experts, top_k=None, renormalize=False, capacity_factor=capacity_factor)
+        subset = subset if subset is not None else top_k
+        if subset is not None and not 1 <= subset <= num_experts:
+            raise ValueError(f"subset must be in [1, num_experts={num_experts}], got {subset}")
+        self.subset = subset
+
+    @property
+    def is_sparse(self) -> bool:
+        return (self.subset is not None and self.subset < self.num_experts) or self.capacity_factor is not None
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        B, P = patches.shape[:2]
+        E = self.num_experts
+        probs = patches.new_full((B, P, E), 1.0 / E)
+        weights = probs
+        if self.training and self.subset is not None and self.subset < E:
+            pick = torch.rand(B, P, E, device=patches.device).topk(self.subset, dim=-1).indices
+            weights = torch.zeros_like(probs).scatter_(-1, pick, 1.0 / self.subset)
+        return self.finalize(weights, probs, None)

@@ -1,0 +1,132 @@
+"""The router interface shared by every routing strategy.
+
+A router maps patches ``[B, P, C, n, n]`` (content plus positional channels) and the patch centres
+``[P, 2]`` to a :class:`RoutingResult`: non-negative weights ``[B, P, E]`` that sum to at most 1 per patch,
+the logits/probabilities they came from, the router's auxiliary losses and detached statistics.
+
+The generic post-processing in :meth:`Router.finalize` gives every router the same options:
+``top_k`` (keep the k largest weights; exact zeros elsewhere), ``renormalize`` (kept weights sum to 1) and
+``capacity_factor`` (each expert accepts at most ``ceil(capacity_factor * N * k / E)`` of the ``N = B * P``
+patches; the lowest-probability assignments beyond capacity are dropped).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .losses import routing_aux_losses, routing_statistics
+
+
+@dataclass
+class RoutingResult:
+    """Output of a router for one layer.
+
+    Attributes:
+        weights: ``[B, P, E]`` mixing weights used by the layer (zeros = expert skipped for that patch).
+        probs: ``[B, P, E]`` the router's probabilities before top-k / threshold / capacity.
+        logits: ``[B, P, E]`` pre-softmax scores, or ``None`` for routers without logits.
+        aux_losses: unweighted differentiable losses (``entropy``, ``balance``, ``z``, ``collapse``).
+        stats: detached metrics (``entropy``, ``usage`` [E], ``dropped_fraction``, ``collapsed_experts``).
+        grid: ``(grid_h, grid_w)`` of the patch grid (set by the layer).
+    """
+
+    weights: torch.Tensor
+    probs: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    grid: Optional[tuple] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.weights.shape[-1]
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask ``[..., E]`` of the ``k`` largest entries of the last dimension."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def capacity_mask(assigned: torch.Tensor, priority: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Keep at most ``capacity`` assignments per expert, highest ``priority`` first.
+
+    ``assigned``: bool ``[N, E]``; ``priority``: ``[N, E]``. Returns bool ``[N, E]``. Vectorised: no loop.
+    """
+    score = torch.where(assigned, priority, torch.full_like(priority, -math.inf))
+    order = score.argsort(dim=0, descending=True, stable=True)  # per expert, tokens by priority
+    rank = torch.empty_like(order)
+    ar = torch.arange(order.shape[0], device=order.device).unsqueeze(1).expand_as(order)
+    rank.scatter_(0, order, ar)
+    return assigned & (rank < capacity)
+
+
+class Router(nn.Module):
+    """Base class: subclasses implement :meth:`score` and may override :meth:`forward`.
+
+    Args:
+        num_experts: E >= 1.
+        top_k: keep only the k largest weights per patch (``None``: keep all).
+        renormalize: rescale the kept weights to sum to 1.
+        capacity_factor: expert capacity ``ceil(cf * N * k / E)``; ``None`` disables dropping.
+    """
+
+    uses_keys = False
+
+    def __init__(self, num_experts: int, top_k: Optional[int] = None, renormalize: bool = False,
+                 capacity_factor: Optional[float] = None) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.capacity_factor = capacity_factor
+
+    @property
+    def is_sparse(self) -> bool:
+        """True when weights contain exact zeros, so skipping experts saves work."""
+        return (self.top_k is not None and self.top_k < self.num_experts) or self.capacity_factor is not None
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
+                f"capacity_factor={self.capacity_factor}")
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        """``patches [B, P, C, n, n]``, ``positions [P, 2]`` -> :class:`RoutingResult`."""
+        logits = self.score(patches, positions)
+        probs = logits.softmax(dim=-1)
+        return self.finalize(probs, probs, logits)
+
+    def score(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finalize(self, weights: torch.Tensor, probs: torch.Tensor,
+                 logits: Optional[torch.Tensor]) -> RoutingResult:
+        """Apply top-k, capacity and renormalisation; attach losses and statistics."""
+        B, P, E = weights.shape
+        keep = None
+        if self.top_k is not None and self.top_k < E:
+            keep = top_k_mask(weights.detach(), self.top_k)
+        if self.capacity_factor is not None:
+            flat_keep = (keep if keep is not None else weights.detach() > 0).reshape(B * P, E)
+            k = self.top_k or E
+            capacity = math.ceil(self.capacity_factor * B * P * k / E)
+            flat_keep = capacity_mask(flat_keep, probs.detach().reshape(B * P, E), capacity)
+            keep = flat_keep.reshape(B, P, E)
+        if keep is not None:
+            weights = weights * keep
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        result = RoutingResult(weights=weights, probs=probs, logits=logits)
+        result.aux_losses = routing_aux_losses(result)
+        result.stats = routing_statistics(result)
+        return result

@@ -1,0 +1,148 @@
+import pytest
+import timm
+import torch
+
+import pce
+from pce.backbone import build_backbone, list_backbones
+from pce.classifier import PCEClassifier, build_classifier
+
+
+def _expected(size, stride):
+    return -(-size // stride)  # ceil: 3x3 stride-2 convs with padding 1
+
+
+@pytest.mark.parametrize("name,sizes", [("pce_fmnist", [(28, 28), (32, 20)]), ("pce_tiny", [(64, 64), (96, 128), (100, 72)]),
+                                        ("dense_tiny", [(64, 96)]), ("pce_cifar", [(32, 32)])])
+def test_feature_info_matches_shapes(name, sizes):
+    b = build_backbone(name)
+    for h, w in sizes:
+        feats = b(torch.randn(1, b.in_chans, h, w))
+        assert list(feats) == [f["name"] for f in b.feature_info]
+        for f, t in zip(b.feature_info, feats.values()):
+            assert t.shape == (1, f["channels"], _expected(h, f["stride"]), _expected(w, f["stride"]))
+
+
+def test_presets_have_dense_twins_with_same_feature_info():
+    names = list_backbones()
+    for n in names:
+        if n.startswith("pce_"):
+            twin = "dense_" + n[4:]
+            assert twin in names
+    p, d = build_backbone("pce_tiny"), build_backbone("dense_tiny")
+    assert [(f["channels"], f["stride"]) for f in p.feature_info] == [(f["channels"], f["stride"]) for f in d.feature_info]
+    _, routing = d(torch.randn(1, 3, 64, 64), return_routing=True)
+    assert routing == []
+
+
+def test_routing_is_returned_per_layer():
+    b = build_backbone("pce_tiny", router="gate", num_experts=6)
+    feats, routing = b(torch.randn(2, 3, 64, 64), return_routing=True)
+    assert len(routing) == sum(1 for _ in b.pce_layers()) == 4
+    for r in routing:
+        assert r.weights.shape[0] == 2 and r.weights.shape[2] == 6
+        assert r.weights.shape[1] == r.grid[0] * r.grid[1]
+        assert (r.weights >= 0).all() and (r.weights.sum(-1) <= 1 + 1e-5).all()
+        assert "balance" in r.aux_losses
+
+
+@pytest.mark.parametrize("router", ["cosine", "gate", "gumbel", "positional", "uniform", "expert_choice"])
+def test_every_router_override_builds(router):
+    b = build_backbone("pce_fmnist", router=router, num_experts=3, top_k=1)
+    assert b(torch.randn(2, 1, 28, 28))["stage3"].shape == (2, 192, 4, 4)
+
+
+def test_bad_backbone_requests():
+    with pytest.raises(KeyError, match="unknown backbone preset 'pce_huge'"):
+        build_backbone("pce_huge")
+    with pytest.raises(TypeError, match="unknown backbone option"):
+        build_backbone("pce_tiny", experts=4)
+    with pytest.raises(ValueError, match="num_experts"):
+        build_backbone("pce_tiny", num_experts=0)
+    with pytest.raises(ValueError, match=r"expects input \[B, 3, H, W\]"):
+        build_backbone("pce_tiny")(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_backbone("pce_tiny", padding="error")(torch.randn(1, 3, 96, 96))
+    assert build_backbone("pce_tiny", padding="error").size_divisibility == 64
+
+
+def test_keys_phase_switch_and_kmeans_init():
+    b = build_backbone("pce_fmnist")
+    keys = list(b.key_routers())
+    assert len(keys) == 3 and all(not r.keys.requires_grad for r in keys)
+    before = [r.keys.detach().clone() for r in keys]
+    n = b.init_keys([torch.randn(8, 1, 28, 28) for _ in range(2)])
+    assert n == 3
+    for r, old in zip(keys, before):
+        assert not torch.equal(r.keys, old)
+        assert torch.allclose(r.keys.norm(dim=-1), torch.ones(r.num_experts), atol=1e-5)
+    b.set_keys_trainable(True)
+    assert all(r.keys.requires_grad for r in keys)
+
+
+def test_attention_stage_and_switch():
+    stages = [dict(channels=16, depth=1, patch_size=4, stride=1, attention=True),
+              dict(channels=32, depth=1, patch_size=2, stride=2, attention=True)]
+    b = pce.PCEBackbone(stages, in_chans=3, stem_channels=16, stem_stride=2,
+                        attention_kwargs={"num_heads": 2, "layer_scale_init": 0.5})
+    x = torch.randn(1, 3, 32, 32)
+    y_on = b(x)["stage2"]
+    b.set_attention_enabled(False)
+    y_off = b(x)["stage2"]
+    assert not torch.allclose(y_on, y_off)
+    b.set_attention_enabled(True)
+    b(x)["stage2"].sum().backward()
+    attn = [m for m in b.modules() if isinstance(m, pce.DeformableAttention)]
+    assert len(attn) == 2 and all(a.offset[-1].weight.grad is not None for a in attn)
+
+
+def test_deformable_attention_samples_reference_points_at_init():
+    import torch.nn.functional as F
+
+    att = pce.DeformableAttention(8, num_heads=2, stride=2).eval()
+    x = torch.randn(1, 8, 8, 8)
+    pts = att.sample_points(att.q(x))
+    # zero-initialised offsets: the reference grid centres of a 4x4 grid
+    centres = (torch.arange(4) + 0.5) / 4 * 2 - 1
+    assert torch.allclose(pts[0, :, :, 0], centres.expand(4, 4), atol=1e-6)
+    assert torch.allclose(pts[0, :, :, 1], centres[:, None].expand(4, 4), atol=1e-6)
+    # sampling the exact centres of 2x2 blocks with bilinear interpolation = 2x2 average pooling
+    sampled = F.grid_sample(x, pts, align_corners=False)
+    torch.testing.assert_close(sampled, F.avg_pool2d(x, 2))
+
+
+def test_timm_registration():
+    m = timm.create_model("pce_tiny", features_only=True, out_indices=(1, 3))
+    assert m.feature_info.channels() == [64, 256] and m.feature_info.reduction() == [8, 32]
+    outs = m(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [64, 256]
+    clf = timm.create_model("pce_fmnist", num_classes=7)
+    assert clf(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("pce_tiny", pretrained=True)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = build_classifier("pce_fmnist", 3, num_experts=2)
+    x = torch.randn(12, 1, 28, 28)
+    y = torch.arange(12) % 3
+    x[y == 1] += 1.0
+    x[y == 2, :, :14] -= 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(15):
+        losses, _ = model.losses(x, y)
+        loss = sum(losses.values())
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_classifier_head_and_errors():
+    clf = PCEClassifier("pce_cifar", 10, router="gate")
+    logits, routing = clf(torch.randn(2, 3, 32, 32), return_routing=True)
+    assert logits.shape == (2, 10) and len(routing) == 3
+    with pytest.raises(ValueError, match="num_classes"):
+        PCEClassifier("pce_cifar", 0)

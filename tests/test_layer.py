@@ -1,0 +1,112 @@
+import copy
+
+import pytest
+import torch
+
+from pce.experts import EXPERTS
+from pce.layer import PCELayer
+from pce.registry import ROUTERS
+
+
+@pytest.mark.parametrize("router", ROUTERS.names())
+@pytest.mark.parametrize("expert", EXPERTS.names())
+def test_every_router_expert_combination(router, expert):
+    layer = PCELayer(8, patch_size=4, num_experts=3, router=router, expert=expert)
+    x = torch.randn(2, 8, 8, 12, requires_grad=True)
+    y, r = layer(x, return_routing=True)
+    assert y.shape == x.shape
+    assert r.weights.shape == (2, 6, 3) and r.grid == (2, 3)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("router,kw", [("cosine", {}), ("cosine", {"top_k": 1}), ("gate", {}),
+                                       ("expert_choice", {}), ("uniform", {"top_k": 2})])
+def test_auto_execution_equals_reference(router, kw):
+    layer = PCELayer(6, patch_size=2, num_experts=4, router=router, **kw)
+    ref = copy.deepcopy(layer)
+    ref.execution = "reference"
+    x = torch.randn(2, 6, 6, 6)
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(1)
+    b = ref(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dropped_patches_output_their_input():
+    layer = PCELayer(4, patch_size=2, num_experts=2, router="gate",
+                     router_kwargs={"top_k": 1, "capacity_factor": 0.5})
+    x = torch.randn(1, 4, 4, 8)
+    y, r = layer(x, return_routing=True)
+    dropped = (r.weights.sum(-1) == 0)[0]  # [P] over a 2x4 grid
+    assert dropped.any()
+    for p in dropped.nonzero().flatten().tolist():
+        i, j = divmod(p, 4)
+        torch.testing.assert_close(y[0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2], x[0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2])
+
+
+def test_patches_are_processed_in_isolation_without_halo():
+    layer = PCELayer(4, patch_size=4, num_experts=2, router="uniform").eval()
+    x = torch.randn(1, 4, 8, 8)
+    x2 = x.clone()
+    x2[..., 4:, 4:] += 5  # change only the last patch
+    d = (layer(x) - layer(x2)).abs()
+    assert d[..., :4, :].max() == 0 and d[..., :, :4].max() == 0
+
+
+def test_halo_and_map_context_see_neighbours():
+    for kw in ({"halo": 1}, {"execution": "map"}):
+        layer = PCELayer(4, patch_size=4, num_experts=2, router="uniform", **kw).eval()
+        x = torch.randn(1, 4, 8, 8)
+        x2 = x.clone()
+        x2[..., 4:, 4:] += 5
+        d = (layer(x) - layer(x2)).abs()
+        assert d[..., 3, 3].max() > 0  # the neighbouring patch's corner pixel changes
+
+
+def test_map_execution_equals_patch_execution_for_1x1_experts_context():
+    # with patch_size == map size there is a single patch, so map and patch semantics coincide
+    layer = PCELayer(4, patch_size=8, num_experts=3, router="cosine")
+    m = copy.deepcopy(layer)
+    m.execution = "map"
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(layer(x), m(x), atol=1e-5, rtol=1e-4)
+
+
+def test_options_positions_fourier_overlap():
+    x = torch.randn(2, 5, 8, 8)
+    for kw in ({"experts_see_position": True}, {"pos_encoding": "fourier", "num_frequencies": 2},
+               {"pos_encoding": "none"}, {"patch_stride": 2}, {"experts_see_position": True, "halo": 1}):
+        y = PCELayer(5, patch_size=4, num_experts=2, **kw)(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_padding_policy():
+    x = torch.randn(1, 4, 7, 9)
+    assert PCELayer(4, patch_size=4)(x).shape == x.shape
+    with pytest.raises(ValueError, match="7x9 does not fit patches of 4"):
+        PCELayer(4, patch_size=4, padding="error")(x)
+
+
+def test_bad_layer_inputs():
+    with pytest.raises(ValueError, match=r"expects \[B, 4, H, W\]"):
+        PCELayer(4, patch_size=2)(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="num_experts"):
+        PCELayer(4, patch_size=2, num_experts=0)
+    with pytest.raises(ValueError, match="execution"):
+        PCELayer(4, patch_size=2, execution="fast")
+    with pytest.raises(KeyError, match="unknown router"):
+        PCELayer(4, patch_size=2, router="nope")
+
+
+def test_router_override_and_restore():
+    layer = PCELayer(4, patch_size=2, num_experts=4, router="cosine", top_k=1)
+    x = torch.randn(1, 4, 4, 4)
+    layer.set_router_override("uniform")
+    _, r = layer(x, return_routing=True)
+    assert torch.allclose(r.weights, torch.full_like(r.weights, 0.25))
+    assert "_override" not in dict(layer.named_modules())
+    layer.set_router_override(None)
+    _, r = layer(x, return_routing=True)
+    assert ((r.weights > 0).sum(-1) == 1).all()

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from pce.patches import PatchExtractor
+from pce.positional import PositionalEncoding, patch_centers, patch_coordinates
+
+
+@pytest.mark.parametrize("size,n", [((8, 8), 4), ((12, 8), 4), ((6, 9), 3), ((5, 5), 5), ((4, 4), 1)])
+def test_round_trip_is_identity(size, n):
+    x = torch.randn(2, 3, *size)
+    ext = PatchExtractor(n)
+    p, grid = ext.extract(x)
+    assert p.shape == (2, (size[0] // n) * (size[1] // n), 3, n, n)
+    assert torch.equal(ext.reassemble(p, grid), x)
+
+
+def test_patches_are_row_major_blocks():
+    x = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(1, 2, 4, 6)
+    p, grid = PatchExtractor(2).extract(x)
+    assert (grid.grid_h, grid.grid_w) == (2, 3)
+    # patch 4 = grid row 1, column 1 -> rows 2:4, columns 2:4
+    assert torch.equal(p[0, 4], x[0, :, 2:4, 2:4])
+
+
+def test_overlap_round_trip_and_averaging():
+    x = torch.randn(1, 2, 10, 10)
+    ext = PatchExtractor(4, stride=2)
+    p, grid = ext.extract(x)
+    assert grid.grid_h == 4 and p.shape[1] == 16
+    assert torch.allclose(ext.reassemble(p, grid), x, atol=1e-6)
+    # add 1 to one patch: the pixels it covers rise by 1 / (number of patches covering them)
+    bumped = p.clone()
+    bumped[:, 0] += 1
+    diff = ext.reassemble(bumped, grid) - x
+    assert torch.allclose(diff[0, :, 0, 0], torch.ones(2))  # covered once
+    assert torch.allclose(diff[0, :, 2, 2], torch.full((2,), 0.25))  # covered by 4 patches
+    assert torch.allclose(diff[0, :, 5, 5], torch.zeros(2))
+
+
+def test_indivisible_size_errors_or_pads_and_crops():
+    x = torch.randn(1, 3, 10, 7)
+    with pytest.raises(ValueError, match=r"10x7 does not fit patches of 4"):
+        PatchExtractor(4).extract(x)
+    ext = PatchExtractor(4, padding="pad")
+    p, grid = ext.extract(x)
+    assert grid.padded_size == (12, 8) and p.shape[1] == 6
+    assert torch.equal(p[0, -1, :, 2:, 3:], torch.zeros(3, 2, 1))  # padding is zeros
+    assert torch.equal(ext.reassemble(p, grid), x)
+
+
+def test_windows_have_neighbour_context():
+    x = torch.randn(1, 2, 8, 8)
+    ext = PatchExtractor(4)
+    grid = ext.grid(8, 8)
+    w = ext.extract_windows(x, grid, halo=1)
+    assert w.shape == (1, 4, 2, 6, 6)
+    assert torch.equal(w[:, :, :, 1:5, 1:5], ext.extract(x)[0])
+    assert torch.equal(w[0, 0, :, 5, 1:5], x[0, :, 4, 0:4])  # halo row below patch 0 = first row of patch 2
+    assert torch.equal(w[0, 0, :, 0], torch.zeros(2, 6))  # outside the map: zeros
+
+
+def test_bad_patch_arguments():
+    with pytest.raises(ValueError, match="stride"):
+        PatchExtractor(4, stride=5)
+    with pytest.raises(ValueError, match="padding"):
+        PatchExtractor(4, padding="crop")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        PatchExtractor(2).extract(torch.randn(3, 4, 4))
+
+
+def test_coordinates_match_definition():
+    c = patch_coordinates(2, 3, 2, 2)
+    assert c.shape == (4, 4, 6)
+    assert c.min() == -1 and c.max() == 1
+    # absolute patch coords are constant inside a patch, relative coords repeat in every patch
+    assert torch.equal(c[1, :, 2:4], torch.zeros(4, 2))  # middle patch column -> x = 0
+    assert torch.equal(c[2, 0:2, 0], torch.tensor([-1.0, 1.0]))
+    assert torch.equal(c[2, 2:4, 0], torch.tensor([-1.0, 1.0]))
+    centres = patch_centers(2, 3)
+    assert torch.equal(centres[4], torch.tensor([1.0, 0.0]))
+
+
+def test_fourier_features():
+    enc = PositionalEncoding("fourier", num_frequencies=3)
+    assert enc.num_channels == 4 + 24
+    out = enc(2, 2, 4, 4, torch.device("cpu"), torch.float32)
+    assert out.shape == (1, 28, 8, 8)
+    coords = out[0, :4]
+    # channel 4 = sin(pi * patch_y), channel 4 + 12 = cos(pi * patch_y)
+    assert torch.allclose(out[0, 4], torch.sin(math.pi * coords[0]), atol=1e-6)
+    assert torch.allclose(out[0, 16], torch.cos(math.pi * coords[0]), atol=1e-6)
+    assert PositionalEncoding("none").num_channels == 0
+    with pytest.raises(ValueError, match="kind"):
+        PositionalEncoding("sine")
