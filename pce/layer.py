@@ -13,7 +13,7 @@ from .positional import PositionalEncoding, patch_centers
 from .routers import build_router
 from .routing import Router, RoutingResult
 
-EXECUTIONS = ("auto", "reference", "dense", "sparse", "map")
+EXECUTIONS = ("auto", "reference", "fused", "dense", "sparse", "map")
 
 
 class PCELayer(nn.Module):
@@ -25,8 +25,10 @@ class PCELayer(nn.Module):
        context when ``halo > 0``), routing-weighted sum, reassemble, crop;
     4. ``out = x + proj_1x1(mixture)``. A patch with all-zero weights (dropped) outputs exactly ``x``.
 
-    ``execution``: ``"auto"`` (sparse dispatch when the router emits exact zeros, fused dense otherwise),
-    ``"reference"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.dispatch`), or ``"map"``: all experts run on the
+    ``execution``: ``"auto"`` (sparse dispatch when the router emits exact zeros; otherwise the fused pass on
+    CUDA and the per-expert dense loop on CPU, the faster of the two on each as measured by
+    ``tools/benchmark.py``), ``"reference"``, ``"fused"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.dispatch`),
+    or ``"map"``: all experts run on the
     whole map and per-patch weights are broadcast to pixels, so experts see their neighbours (a free halo;
     cost E x one expert; not the seeds' isolated-patch semantics).
     """
@@ -87,10 +89,12 @@ class PCELayer(nn.Module):
         return self.router
 
     # -- forward -----------------------------------------------------------------------------------
-    def choose_execution(self, router: Router) -> str:
+    def choose_execution(self, router: Router, device: torch.device) -> str:
         if self.execution != "auto":
             return self.execution
-        return "sparse" if router.is_sparse else "dense"
+        if router.is_sparse:
+            return "sparse"
+        return "fused" if device.type == "cuda" else "dense"
 
     def forward(self, x: torch.Tensor, return_routing: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, RoutingResult]]:
@@ -115,7 +119,7 @@ class PCELayer(nn.Module):
         routing = router(patches, positions)
         routing.grid = (grid.grid_h, grid.grid_w)
         weights = routing.weights
-        mode = self.choose_execution(router)
+        mode = self.choose_execution(router, x.device)
         if self.experts_see_position and (mode == "map" or self.halo):
             if grid.overlapping:
                 raise ValueError("experts_see_position with halo or execution='map' needs non-overlapping patches")

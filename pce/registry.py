@@ -4,45 +4,57 @@ A new router, expert, layer or backbone preset is one class plus one ``@REGISTRY
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Callable[..., Any])
 
 
 class Registry:
-    """Maps names to classes or factory functions.
-
-    >>> ROUTERS = Registry("router")
-    >>> @ROUTERS.register("uniform")
-    ... class UniformRouter: ...
-    """
+    """A small mapping from names to classes or factory callables."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._items: Dict[str, Any] = {}
+        self._items: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: Optional[str] = None, obj: Any = None) -> Callable[[T], T]:
-        """Register ``obj`` under ``name`` (decorator form when ``obj`` is omitted)."""
+    def register(self, name: str | None = None, obj: T | None = None) -> Any:
+        """Register ``obj`` under ``name`` (default: ``obj.__name__``).
 
-        def _add(item: T) -> T:
-            key = name or getattr(item, "__name__")
-            if key in self._items:
-                raise KeyError(f"{self.kind} {key!r} is already registered")
-            self._items[key] = item
-            return item
+        Usable as ``@REG.register("name")``, ``@REG.register()`` or ``REG.register("name", obj)``.
+        Registering a different object under a taken name raises ValueError.
+        """
 
-        return _add(obj) if obj is not None else _add
+        def _add(o: T) -> T:
+            key = name if name is not None else o.__name__
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{self.kind} registry: name must be a non-empty string, got {key!r}")
+            old = self._items.get(key)
+            if old is not None and old is not o and (
+                getattr(old, "__module__", None),
+                getattr(old, "__qualname__", None),
+            ) != (getattr(o, "__module__", None), getattr(o, "__qualname__", None)):
+                raise ValueError(f"{self.kind} registry: name {key!r} is already taken by {old!r}")
+            self._items[key] = o
+            return o
 
-    def get(self, name: str) -> Any:
-        if name not in self._items:
-            known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}")
-        return self._items[name]
+        if obj is not None:
+            return _add(obj)
+        return _add
 
-    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)
+    def get(self, name: str) -> Callable[..., Any]:
+        """Return the object registered as ``name``; KeyError lists the known names."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.kind} {name!r}; known {self.kind} names: {', '.join(self.names()) or '(none)'}"
+            ) from None
 
-    def names(self) -> List[str]:
+    def build(self, name: str, **kwargs: Any) -> Any:
+        """Call the object registered as ``name`` with ``kwargs``."""
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        """Sorted registered names."""
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
@@ -55,7 +67,7 @@ class Registry:
         return len(self._items)
 
     def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {self.names()})"
+        return f"Registry({self.kind!r}, names={self.names()})"
 
 
 ROUTERS = Registry("router")

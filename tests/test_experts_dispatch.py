@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pce.dispatch import dispatch_dense, dispatch_reference, dispatch_sparse
+from pce.dispatch import dispatch_dense, dispatch_fused, dispatch_reference, dispatch_sparse
 from pce.experts import EXPERTS, build_expert_bank
 
 
@@ -44,7 +44,10 @@ def test_dense_equals_reference_for_soft_routing(expert, E, n):
     bank = build_expert_bank(expert, E, 6, 5)
     tokens = torch.randn(12, 6, n, n)
     weights = torch.rand(12, E).softmax(-1)
-    _assert_same(_run(dispatch_reference, bank, tokens, weights), _run(dispatch_dense, bank, tokens, weights))
+    ref = _run(dispatch_reference, bank, tokens, weights)
+    _assert_same(ref, _run(dispatch_fused, bank, tokens, weights))
+    _assert_same(ref, _run(dispatch_dense, bank, tokens, weights))
+    _assert_same(ref, _run(dispatch_sparse, bank, tokens, weights))
 
 
 @pytest.mark.parametrize("expert", EXPERTS.names())
@@ -71,7 +74,7 @@ def test_eval_mode_dense_equals_sparse_even_with_zero_weights():
     bank.eval()
     tokens = torch.randn(10, 4, 4, 4)
     weights = torch.rand(10, 4) * (torch.rand(10, 4) > 0.5)
-    torch.testing.assert_close(dispatch_dense(bank, tokens, weights), dispatch_sparse(bank, tokens, weights))
+    torch.testing.assert_close(dispatch_fused(bank, tokens, weights), dispatch_sparse(bank, tokens, weights))
 
 
 def test_dropped_tokens_do_not_change_kept_outputs():

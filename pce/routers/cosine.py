@@ -90,13 +90,17 @@ class CosineRouter(Router):
             return hard_threshold_mask(probs, theta)
         return soft_threshold_mask(probs, theta, self.beta)
 
+    def route_weights(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Mixing weights from the similarity scores (subclasses change the sampling)."""
+        return self.mask(probs)
+
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
         emb = self.embed(patches)
         if self._collected is not None:
             self._collected.append(emb.detach().reshape(-1, emb.shape[-1]).float().cpu())
         logits = self.similarity_logits(emb)
         probs = logits.softmax(-1)
-        result = self.finalize(self.mask(probs), probs, logits)
+        result = self.finalize(self.route_weights(logits, probs), probs, logits)
         if self.training and self.ema_update and not self.keys_trainable:
             self.ema_step(emb.detach(), result.weights.detach())
         return result

@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..positional import patch_centers  # noqa: F401  (documented helper for users)
 from ..registry import ROUTERS
 from ..routing import Router, RoutingResult
 from .cosine import CosineRouter
@@ -31,22 +30,14 @@ class GumbelRouter(CosineRouter):
     def is_sparse(self) -> bool:
         return super().is_sparse or self.hard
 
-    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
-        emb = self.embed(patches)
-        if self._collected is not None:
-            self._collected.append(emb.detach().reshape(-1, emb.shape[-1]).float().cpu())
-        logits = self.similarity_logits(emb)
-        probs = logits.softmax(-1)
+    def route_weights(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         if self.training:
             weights = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
         elif self.hard:
             weights = F.one_hot(logits.argmax(-1), self.num_experts).to(probs.dtype)
         else:
             weights = probs
-        result = self.finalize(self.mask(weights), probs, logits)
-        if self.training and self.ema_update and not self.keys_trainable:
-            self.ema_step(emb.detach(), result.weights.detach())
-        return result
+        return self.mask(weights)
 
 
 @ROUTERS.register("positional")

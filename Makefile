@@ -1,0 +1,37 @@
+# PCE: `make demo` and `make test` work from a fresh clone: they create .venv, install, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pce-installed
+# The PyTorch build to install first. These pins are the ones served on the project's CI machines;
+# elsewhere `make test TORCH_PACKAGES="torch torchvision"` lets pip resolve a matching pair.
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONWARNINGS := ignore::FutureWarning
+
+.PHONY: install demo test benchmark clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PACKAGES)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) tools/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) tools/benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) work_dirs .pytest_cache

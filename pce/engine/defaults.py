@@ -1,0 +1,151 @@
+"""The config schema: every key a config may set, with its default value and type.
+
+A config file (see :mod:`pce.engine.config`) is merged into a clone of :data:`_C`; a key that is not here
+is an error, and so is a value whose type differs from the default's (yacs' rules: equal types, list <->
+tuple, anything <-> ``None``; ints are accepted where a float is expected). Nodes created with
+``new_allowed=True`` are open: free-form keyword arguments (backbone overrides, dataset / transform kwargs,
+head options) go there and are checked by the code that receives them.
+
+Sections::
+
+    task        "classification" | "detection" | "segmentation"
+    model       backbone preset, num_classes, backbone_overrides{}, head{}, router_loss_weights, ...
+    data        train / val / test: {name, kwargs{}, transform: {name, kwargs{}}}, batch sizes, workers
+    optimizer   type (sgd | adamw | adam), lr, weight_decay, momentum, betas, grad_clip, ...
+    schedule    epochs, lr_scheduler (fvcore param scheduler: warmup + cosine | multistep | constant)
+    phases      list of {name, epochs, router_override, keys_trainable, attention, lr_mult}
+    runtime     work_dir, seed, deterministic, amp, channels_last, ema, intervals, kmeans_init_batches
+    eval        metric used to pick best.pth, its mode, topk
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+from fvcore.common.config import CfgNode as CN
+
+__all__ = ["get_default_config", "CHOICES", "PHASE_DEFAULTS", "PHASE_CHOICES", "ROUTER_OVERRIDES"]
+
+_C = CN()
+_C.task = "classification"
+
+# ---------------------------------------------------------------------------------------------- model
+_C.model = CN()
+_C.model.backbone = "pce_fmnist"          # a preset of pce.list_backbones()
+_C.model.num_classes = 10
+_C.model.backbone_overrides = CN(new_allowed=True)   # keyword overrides of the preset (PCEBackbone args)
+_C.model.head = CN(new_allowed=True)      # task head options (classification: spp_levels, spp_mode, dropout)
+_C.model.router_loss_weights = CN()
+_C.model.router_loss_weights.entropy = 0.0
+_C.model.router_loss_weights.balance = 0.01
+_C.model.router_loss_weights.z = 0.001
+_C.model.router_loss_weights.collapse = 0.0
+_C.model.label_smoothing = 0.0
+_C.model.input_shape = [3, 224, 224]      # [C, H, W] of one input, for tools/analyze_model.py
+_C.model.pretrained = ""                  # optional checkpoint whose model weights are loaded before training
+
+# ----------------------------------------------------------------------------------------------- data
+_C.data = CN()
+
+
+def _split() -> CN:
+    s = CN()
+    s.name = ""                            # registered dataset name ("" = no such split)
+    s.kwargs = CN(new_allowed=True)        # keyword arguments of the dataset (root, split, size, ...)
+    s.transform = CN()
+    s.transform.name = ""                  # registered transform name ("" = none)
+    s.transform.kwargs = CN(new_allowed=True)
+    return s
+
+
+_C.data.train = _split()
+_C.data.val = _split()
+_C.data.test = _split()                   # optional; tools/eval.py and the final test use val when empty
+_C.data.root = ""                         # when set, passed as ``root`` to every split's dataset
+_C.data.obtain_hint = ""                  # appended to "dataset not found" errors: how to get the data
+_C.data.batch_size = 64                   # per process
+_C.data.eval_batch_size = 0               # 0: 2 x batch_size
+_C.data.num_workers = 2
+_C.data.pin_memory = True                 # only used on CUDA
+_C.data.drop_last = False
+
+# ------------------------------------------------------------------------------------------ optimizer
+_C.optimizer = CN()
+_C.optimizer.type = "sgd"
+_C.optimizer.lr = 0.1                     # base learning rate (before schedule and phase multipliers)
+_C.optimizer.weight_decay = 1e-4
+_C.optimizer.norm_bias_decay = False      # also decay 1-d parameters (norms, biases)
+_C.optimizer.momentum = 0.9               # sgd
+_C.optimizer.nesterov = False             # sgd
+_C.optimizer.betas = (0.9, 0.999)         # adam / adamw
+_C.optimizer.eps = 1e-8                   # adam / adamw
+_C.optimizer.grad_clip = 0.0              # max global grad norm; 0 disables
+
+# ------------------------------------------------------------------------------------------- schedule
+_C.schedule = CN()
+_C.schedule.epochs = 10
+_C.schedule.iters_per_epoch = 0           # 0: full passes over the data; N: at most N iterations per epoch
+_C.schedule.max_iters = 0                 # 0: no limit; N: stop after N iterations in total (smoke tests)
+_C.schedule.lr_scheduler = CN()
+_C.schedule.lr_scheduler.type = "cosine"  # cosine | multistep | constant | linear
+_C.schedule.lr_scheduler.warmup_epochs = 0.0
+_C.schedule.lr_scheduler.warmup_factor = 0.001   # lr multiplier at the first iteration of the warmup
+_C.schedule.lr_scheduler.min_lr_factor = 0.0     # cosine / linear end value (x base lr)
+_C.schedule.lr_scheduler.milestones = []         # multistep: epochs at which lr is multiplied by gamma
+_C.schedule.lr_scheduler.gamma = 0.1
+
+# --------------------------------------------------------------------------------------------- phases
+# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult}; see PHASE_DEFAULTS.
+# Empty: one phase over all epochs that changes nothing. The phase epochs must add up to schedule.epochs;
+# the last phase may say epochs=-1 ("the rest").
+_C.phases = []
+
+# -------------------------------------------------------------------------------------------- runtime
+_C.runtime = CN()
+_C.runtime.work_dir = ""                  # "": work_dirs/<config file stem>
+_C.runtime.seed = 0
+_C.runtime.deterministic = False
+_C.runtime.device = "auto"                # auto | cpu | cuda
+_C.runtime.amp = "none"                   # none | bf16 | fp16 (CUDA only; fp32 on CPU)
+_C.runtime.channels_last = False
+_C.runtime.ema = 0.0                      # decay of an EMA of the weights (0: off); evaluation uses it
+_C.runtime.log_interval = 20              # iterations between log lines / TensorBoard points
+_C.runtime.eval_interval = 1              # epochs between evaluations (0: only at the end)
+_C.runtime.checkpoint_interval = 1        # epochs between latest.pth writes (the last epoch always writes)
+_C.runtime.kmeans_init_batches = 8        # training batches for the K-Means key initialisation (0: skip)
+_C.runtime.tensorboard = True
+_C.runtime.progress_bar = True            # tqdm bar (rank 0, interactive terminals)
+_C.runtime.find_unused_parameters = True  # DDP: router overrides / top-k leave parameters unused
+
+# ----------------------------------------------------------------------------------------------- eval
+_C.eval = CN()
+_C.eval.metric = "top1"                   # key of the evaluator's results that selects best.pth
+_C.eval.mode = "max"                      # max | min
+_C.eval.topk = (1, 5)
+
+ROUTER_OVERRIDES = (None, "uniform", "positional")
+
+# Allowed values of string options (checked after merging, errors name the key and the file).
+CHOICES: Dict[str, Tuple[Any, ...]] = {
+    "task": ("classification", "detection", "segmentation"),
+    "optimizer.type": ("sgd", "adamw", "adam"),
+    "schedule.lr_scheduler.type": ("cosine", "multistep", "constant", "linear"),
+    "runtime.amp": ("none", "bf16", "fp16"),
+    "runtime.device": ("auto", "cpu", "cuda"),
+    "eval.mode": ("max", "min"),
+}
+
+# One phase: None means "leave as it is" for keys_trainable / attention.
+PHASE_DEFAULTS: Dict[str, Any] = {
+    "name": "",
+    "epochs": 1,
+    "router_override": None,      # None (learned routers) | "uniform" | "positional"
+    "keys_trainable": None,       # None | bool
+    "attention": None,            # None | bool
+    "lr_mult": 1.0,
+}
+PHASE_CHOICES: Dict[str, Tuple[Any, ...]] = {"router_override": ROUTER_OVERRIDES}
+
+
+def get_default_config() -> CN:
+    """A fresh, mutable copy of the schema with its defaults."""
+    return _C.clone()
