@@ -6,7 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: small test tensors gain nothing from two, and oversubscription on a busy 2-core machine
+# made some tests 100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ __all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "
 
 OVERRIDE_SOURCE = "--cfg-options"
 _PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
-Overrides = Union[None, Sequence[str], Mapping[str, Any]]
+Overrides = Union[None, Sequence[Union[str, Tuple[str, Any]]], Mapping[str, Any]]
 
 
 class ConfigError(ValueError):
@@ -134,19 +134,25 @@ def load_raw_config(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict
 
 # -------------------------------------------------------------------------------------- overrides
 def parse_overrides(overrides: Overrides) -> List[Tuple[str, Any]]:
-    """``["a.b=1", "c=foo"]`` (or ``{"a.b": 1}``, or yacs-style ``["a.b", "1"]`` pairs) -> ``[(key, value)]``.
-    String values are decoded with ``literal_eval`` (falling back to the string itself)."""
+    """Command-line style overrides -> ``[(key, value)]``.
+
+    Accepts ``["a.b=1", "c=foo"]`` (values decoded with ``literal_eval``, falling back to the string itself, as
+    yacs' ``merge_from_list`` does), yacs-style ``["a.b", "1", "c", "foo"]``, ``(key, value)`` tuples and
+    mappings ``{"a.b": value}`` (tuples and mappings carry typed values and are not decoded)."""
     if not overrides:
         return []
     if isinstance(overrides, Mapping):
-        return [(str(k), CfgNode._decode_cfg_value(v) if isinstance(v, str) else v) for k, v in overrides.items()]
-    items = [str(s) for s in overrides]
+        return [(str(k), v) for k, v in overrides.items()]
+    items = list(overrides)
+    strings = [s for s in items if isinstance(s, str)]
+    if len(strings) == len(items) and len(items) % 2 == 0 and all("=" not in s for s in items):
+        return [(k, CfgNode._decode_cfg_value(v)) for k, v in zip(items[::2], items[1::2])]
     out = []
-    if items and len(items) % 2 == 0 and all("=" not in s for s in items[::2]) and "=" not in items[0]:
-        if all("=" not in s for s in items):  # yacs merge_from_list style: [key, value, key, value, ...]
-            return [(k, CfgNode._decode_cfg_value(v)) for k, v in zip(items[::2], items[1::2])]
     for s in items:
-        key, sep, raw = s.partition("=")
+        if isinstance(s, tuple) and len(s) == 2:
+            out.append((str(s[0]), s[1]))
+            continue
+        key, sep, raw = str(s).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{OVERRIDE_SOURCE}: expected KEY=VALUE, got {s!r}")
         out.append((key.strip(), CfgNode._decode_cfg_value(raw.strip())))
@@ -212,13 +218,19 @@ def _coerce(value: Any, default: Any, key: str, src: str) -> Any:
                           f"(default {default!r}), got {type(value).__name__} {value!r}") from None
 
 
-def _to_node(value: Any, key: str, src: str) -> Any:
-    """A free-form value under a ``new_allowed`` node: dicts become open CfgNodes."""
+def _to_node(value: Any, key: str, src: str, in_list: bool = False) -> Any:
+    """A free-form value under a ``new_allowed`` node: dicts become open CfgNodes (plain dicts inside lists),
+    tuples become lists (as YAML gives them, so .py and .yaml dumps reload the same)."""
     if isinstance(value, dict):
+        items = {k: _to_node(v, f"{key}.{k}", src, in_list) for k, v in value.items()}
+        if in_list:
+            return items
         node = CfgNode(new_allowed=True)
-        for k, v in value.items():
-            node[k] = _to_node(v, f"{key}.{k}", src)
+        for k, v in items.items():
+            node[k] = v
         return node
+    if isinstance(value, (list, tuple)):
+        return [_to_node(v, f"{key}.{i}", src, True) for i, v in enumerate(value)]
     if type(value) not in _VALID_TYPES:
         raise ConfigError(f"config key '{key}' (set in {src}): {type(value).__name__} is not a valid config "
                           f"value; use dicts, lists, tuples, str, int, float, bool or None")
@@ -302,6 +314,7 @@ def _check_values(cfg: CfgNode, origins: Mapping[str, str]) -> None:
     positive = ["schedule.epochs", "data.batch_size", "runtime.log_interval"]
     non_negative = ["schedule.iters_per_epoch", "schedule.max_iters", "data.num_workers", "data.eval_batch_size",
                     "runtime.eval_interval", "runtime.checkpoint_interval", "runtime.kmeans_init_batches",
+                    "runtime.num_threads",
                     "optimizer.lr", "optimizer.weight_decay", "optimizer.grad_clip",
                     "schedule.lr_scheduler.warmup_epochs"]
     for key in positive + non_negative:

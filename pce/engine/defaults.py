@@ -105,6 +105,7 @@ _C.runtime.work_dir = ""                  # "": work_dirs/<config file stem>
 _C.runtime.seed = 0
 _C.runtime.deterministic = False
 _C.runtime.device = "auto"                # auto | cpu | cuda
+_C.runtime.num_threads = 0                # >0: torch (and K-Means) CPU threads per process; 0: library defaults
 _C.runtime.amp = "none"                   # none | bf16 | fp16 (CUDA only; fp32 on CPU)
 _C.runtime.channels_last = False
 _C.runtime.ema = 0.0                      # decay of an EMA of the weights (0: off); evaluation uses it

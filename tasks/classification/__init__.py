@@ -1,6 +1,7 @@
-"""Classification: the PCE classifier (backbone -> SPP -> FC) and its metrics."""
+"""Classification: the PCE classifier (backbone -> SPP -> FC), its metrics and the training-engine adapter."""
 from pce.classifier import PCEClassifier, build_classifier
 
 from .metrics import ClassificationEvaluator, topk_accuracy
+from .task import ClassificationTask
 
-__all__ = ["PCEClassifier", "build_classifier", "ClassificationEvaluator", "topk_accuracy"]
+__all__ = ["PCEClassifier", "build_classifier", "ClassificationEvaluator", "topk_accuracy", "ClassificationTask"]

@@ -1,4 +1,8 @@
-"""Detection: evaluation (COCO-style and VOC AP)."""
+"""Detection: Faster R-CNN + FPN on PCE backbones, evaluation (COCO-style and VOC AP) and the training-engine
+adapter."""
 from .evaluator import DetectionEvaluator, box_iou_xyxy, voc_ap
+from .model import PCEFasterRCNN, PCEFPNBackbone, build_detector, default_anchor_sizes
+from .task import DetectionTask
 
-__all__ = ["DetectionEvaluator", "box_iou_xyxy", "voc_ap"]
+__all__ = ["DetectionEvaluator", "box_iou_xyxy", "voc_ap", "PCEFasterRCNN", "PCEFPNBackbone", "build_detector",
+           "default_anchor_sizes", "DetectionTask"]

@@ -1,4 +1,17 @@
-"""Segmentation: evaluation (confusion-matrix mIoU)."""
-from .evaluator import SegmentationEvaluator, segmentation_metrics_from_confusion
+"""Segmentation: smp decoders on PCE encoders, the training / inference wrapper, evaluation (mIoU) and the
+training-engine adapter (:class:`SegmentationTask`, registered as ``"segmentation"``).
 
-__all__ = ["SegmentationEvaluator", "segmentation_metrics_from_confusion"]
+Importing this package registers the PCE backbone presets as segmentation-models-pytorch encoders, so
+``smp.create_model("FPN", encoder_name="pce_tiny", encoder_weights=None, classes=21)`` works.
+"""
+from .encoders import (PCEEncoder, PretrainedWeightsError, backbone_overrides, create_smp_model,
+                       pce_encoder_names, register_smp_encoders)
+from .evaluator import SegmentationEvaluator, segmentation_metrics_from_confusion
+from .model import SegmentationModel, build_segmentation_model
+from .task import SegmentationTask
+
+__all__ = [
+    "SegmentationEvaluator", "segmentation_metrics_from_confusion",
+    "PCEEncoder", "PretrainedWeightsError", "backbone_overrides", "create_smp_model", "pce_encoder_names",
+    "register_smp_encoders", "SegmentationModel", "build_segmentation_model", "SegmentationTask",
+]

@@ -1,0 +1,3 @@
+# The dense twin of pce_cifar.
+_base_ = ["./pce_cifar.py"]
+model = dict(backbone="dense_cifar")

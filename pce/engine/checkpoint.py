@@ -1,0 +1,187 @@
+"""Checkpoints: atomic writes, RNG capture, ``weights_only`` loading.
+
+A checkpoint is a dict of tensors and primitive containers only (no pickled objects), so it loads with
+``torch.load(..., weights_only=True)``: model / EMA / optimizer / scheduler / AMP-scaler state dicts, the phase
+controller state, ``epoch`` (completed epochs), ``iteration``, the RNG states of every rank (python, numpy
+as a tensor, torch, cuda), the best metric so far and the merged config as Python text.
+
+Writes go to a temporary file in the same directory, are flushed and fsync'ed, then ``os.replace``'d over the
+target, so a crash while saving never leaves a truncated ``latest.pth``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "atomic_copy", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+           "CheckpointManager", "unwrap_model", "load_model_weights"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(src: PathLike, dst: PathLike) -> Path:
+    """Copy ``src`` to ``dst`` atomically."""
+    dst = Path(dst)
+    tmp = _tmp_name(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not load checkpoint {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> Dict[str, Any]:
+    """RNG states of python, numpy, torch (and CUDA) as tensors / primitive containers."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": [int(version), list(internal), gauss],
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ------------------------------------------------------------------------------------------ models
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel / AveragedModel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, prefer_ema: bool = False
+                       ) -> Dict[str, Any]:
+    """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
+    ``prefer_ema``: use the EMA weights when the checkpoint has them. Returns the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    if prefer_ema and ckpt.get("ema"):
+        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    elif "model" in ckpt:
+        state = ckpt["model"]
+    else:
+        state = ckpt
+    try:
+        unwrap_model(model).load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(f"weights in {path} do not fit the model built from the config: {e}") from e
+    return ckpt
+
+
+class CheckpointManager:
+    """``latest.pth`` / ``best.pth`` (and optional ``epoch_N.pth``) in ``work_dir``; writes only when
+    ``enabled`` (rank 0)."""
+
+    def __init__(self, work_dir: PathLike, enabled: bool = True) -> None:
+        self.dir = Path(work_dir)
+        self.enabled = enabled
+
+    @property
+    def latest(self) -> Path:
+        return self.dir / "latest.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pth"
+
+    def save(self, state: Dict[str, Any], name: str = "latest.pth") -> Optional[Path]:
+        if not self.enabled:
+            return None
+        return atomic_save(state, self.dir / name)
+
+    def copy(self, src: PathLike, name: str) -> Optional[Path]:
+        if not self.enabled:
+            return None
+        return atomic_copy(src, self.dir / name)
+
+    def find_resume(self, resume: Union[bool, PathLike, None]) -> Optional[Path]:
+        """``True`` / ``"auto"`` -> ``latest.pth`` of the work dir; a path -> that file."""
+        if not resume:
+            return None
+        if resume is True or str(resume) == "auto":
+            if not self.latest.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint to resume from: {self.latest} does not exist")
+            return self.latest
+        p = Path(resume)
+        if p.is_dir():
+            p = p / "latest.pth"
+        if not p.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {p}")
+        return p
+

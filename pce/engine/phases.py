@@ -1,0 +1,288 @@
+"""Phased PCE training: the per-phase learning-rate scheduler and the phase controller.
+
+A PCE run is a list of phases (config ``phases``), each a number of epochs with its own settings:
+
+* ``router_override``: ``"uniform"`` / ``"positional"`` route every PCE layer with a parameter-free router
+  (stabilisation: the experts learn before the routers decide anything); ``None`` uses the learned routers.
+* ``keys_trainable``: cosine-router keys outside the graph (EMA-updated) or trained by the optimizer.
+* ``attention``: deformable attention blocks on or off.
+* ``lr_mult``: multiplier of the base learning rate during the phase (applied by :class:`PCEScheduler`).
+
+``None`` for ``keys_trainable`` / ``attention`` leaves the setting as it is. The K-Means initialisation of the
+router keys (``backbone.init_keys``) runs once, right before the first phase that uses the learned routers.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from ..backbone import PCEBackbone
+from ..routers.cosine import CosineRouter
+
+__all__ = ["Phase", "PCEScheduler", "PhaseController", "resolve_phase_epochs", "build_phases", "find_backbones"]
+
+logger = logging.getLogger("pce.engine")
+
+
+def resolve_phase_epochs(epochs: Sequence[int], total_epochs: int) -> List[int]:
+    """Concrete epochs per phase. Entries are >= 0; only the last may be -1 ("the rest of schedule.epochs").
+    Raises ValueError when they do not add up to ``total_epochs``."""
+    epochs = [int(e) for e in epochs]
+    if not epochs:
+        return []
+    if any(e < -1 for e in epochs) or -1 in epochs[:-1]:
+        raise ValueError(f"phase epochs must be >= 0 (only the last phase may use -1 for 'the rest'), got {epochs}")
+    if epochs[-1] == -1:
+        rest = total_epochs - sum(epochs[:-1])
+        if rest < 0:
+            raise ValueError(f"the phase epochs {epochs[:-1]} already exceed schedule.epochs={total_epochs}")
+        return epochs[:-1] + [rest]
+    if sum(epochs) != total_epochs:
+        raise ValueError(f"the phase epochs {epochs} add up to {sum(epochs)}, but schedule.epochs is {total_epochs}; "
+                         f"make them equal or give the last phase epochs=-1 (the rest)")
+    return epochs
+
+
+@dataclass
+class Phase:
+    name: str
+    epochs: int
+    router_override: Optional[str] = None
+    keys_trainable: Optional[bool] = None
+    attention: Optional[bool] = None
+    lr_mult: float = 1.0
+    start_epoch: int = 0
+
+    @property
+    def end_epoch(self) -> int:
+        return self.start_epoch + self.epochs
+
+    @property
+    def uses_learned_routers(self) -> bool:
+        return self.router_override is None
+
+    def describe(self) -> str:
+        return (f"router={self.router_override or 'learned'}, keys_trainable={self.keys_trainable}, "
+                f"attention={self.attention}, lr_mult={self.lr_mult:g}")
+
+
+def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List[Phase]:
+    """Phases from config dicts (``phases`` of the config). No entries: one phase that changes nothing."""
+    if not phases:
+        return [Phase("train", total_epochs)]
+    epochs = resolve_phase_epochs([p.get("epochs", 1) for p in phases], total_epochs)
+    out, start = [], 0
+    for i, (p, e) in enumerate(zip(phases, epochs)):
+        out.append(Phase(name=p.get("name") or f"phase{i}", epochs=e, router_override=p.get("router_override"),
+                         keys_trainable=p.get("keys_trainable"), attention=p.get("attention"),
+                         lr_mult=float(p.get("lr_mult", 1.0)), start_epoch=start))
+        start += e
+    return out
+
+
+class PCEScheduler(LRScheduler):
+    """Learning rate per phase: phase ``i`` runs from epoch ``sum(phase_epochs[:i])`` with
+    ``lr = base_lr * phase_multipliers[i]`` (times ``param_scheduler(progress)`` when given).
+
+    Args:
+        optimizer: the optimizer.
+        phase_epochs: epochs of each phase.
+        base_lr: one base lr for every param group (default: each group's initial lr).
+        phase_multipliers: lr multiplier of each phase (default 1).
+        param_scheduler: optional fvcore ``ParamScheduler`` of a multiplier over training progress in [0, 1)
+            (warmup, cosine, ...).
+        iters_per_epoch: ``step()`` calls per epoch. 1 (default): step once per epoch, like
+            ``PCEScheduler(opt, [2, 5, 3], 0.1, [1, 1, 0.1])`` in the seed; the trainer steps per iteration.
+
+    Only primitives are saved by :meth:`state_dict` (checkpoints load with ``weights_only=True``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, phase_epochs: Sequence[int], base_lr: Optional[float] = None,
+                 phase_multipliers: Optional[Sequence[float]] = None, param_scheduler: Optional[Callable] = None,
+                 iters_per_epoch: int = 1, last_epoch: int = -1) -> None:
+        self.phase_epochs = [int(e) for e in phase_epochs]
+        if not self.phase_epochs or any(e < 0 for e in self.phase_epochs) or sum(self.phase_epochs) < 1:
+            raise ValueError(f"phase_epochs must be non-negative with a positive sum, got {list(phase_epochs)}")
+        mults = [1.0] * len(self.phase_epochs) if phase_multipliers is None else [float(m) for m in phase_multipliers]
+        if len(mults) != len(self.phase_epochs):
+            raise ValueError(f"{len(mults)} phase_multipliers for {len(self.phase_epochs)} phases")
+        if int(iters_per_epoch) < 1:
+            raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
+        self.phase_multipliers = mults
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.param_scheduler = param_scheduler
+        self._ends = []
+        total = 0
+        for e in self.phase_epochs:
+            total += e
+            self._ends.append(total)
+        self.total_epochs = total
+        if base_lr is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = float(base_lr)
+                g["initial_lr"] = float(base_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def phase_index(self, epoch: int) -> int:
+        """Index of the phase that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
+        return min(bisect.bisect_right(self._ends, epoch), len(self._ends) - 1)
+
+    def multiplier(self, step: int) -> float:
+        epoch = step // self.iters_per_epoch
+        m = self.phase_multipliers[self.phase_index(epoch)]
+        if self.param_scheduler is not None:
+            where = step / float(self.total_epochs * self.iters_per_epoch)
+            m *= float(self.param_scheduler(min(max(where, 0.0), 1.0 - 1e-9)))
+        return m
+
+    def get_lr(self) -> List[float]:
+        m = self.multiplier(max(self.last_epoch, 0))
+        return [base * m for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> List[float]:
+        return self.get_lr()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs), "_last_lr": list(self._last_lr),
+                "_step_count": self._step_count, "phase_epochs": list(self.phase_epochs),
+                "phase_multipliers": list(self.phase_multipliers), "iters_per_epoch": self.iters_per_epoch}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if list(state_dict.get("phase_epochs", self.phase_epochs)) != self.phase_epochs:
+            logger.warning("resuming with different phase epochs: checkpoint %s, config %s",
+                           state_dict.get("phase_epochs"), self.phase_epochs)
+        if int(state_dict.get("iters_per_epoch", self.iters_per_epoch)) != self.iters_per_epoch:
+            logger.warning("resuming with %d iterations per epoch (checkpoint: %s): the lr schedule shifts",
+                           self.iters_per_epoch, state_dict.get("iters_per_epoch"))
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.base_lrs = [float(v) for v in state_dict["base_lrs"]]
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        self._last_lr = self.get_lr()
+        for g, lr in zip(self.optimizer.param_groups, self._last_lr):
+            g["lr"] = lr
+
+
+def find_backbones(model: nn.Module) -> List[PCEBackbone]:
+    """Every :class:`~pce.backbone.PCEBackbone` inside ``model`` (unwrapping DDP / EMA wrappers)."""
+    return [m for m in model.modules() if isinstance(m, PCEBackbone)]
+
+
+class PhaseController:
+    """Applies the settings of the current phase to the models (the trained one and e.g. its EMA copy).
+
+    ``on_epoch_start(epoch, models, kmeans_batches)`` is called at the start of every epoch (also right after a
+    resume, because router overrides are not part of checkpoints); it returns the phase when one starts.
+    ``kmeans_batches`` is a callable returning the image batches for the K-Means initialisation; it is called
+    only when that initialisation is due. :meth:`state_dict` (the phase index and whether the keys were
+    initialised) goes into checkpoints.
+    """
+
+    def __init__(self, phases: Sequence[Phase], kmeans_init_batches: int = 8, seed: int = 0) -> None:
+        if not phases:
+            raise ValueError("PhaseController needs at least one phase")
+        self.phases = list(phases)
+        self.kmeans_init_batches = int(kmeans_init_batches)
+        self.seed = int(seed)
+        self.current: Optional[int] = None   # index of the phase whose settings are applied
+        self.keys_initialized = False
+        self.history: List[Dict[str, Any]] = []
+
+    @property
+    def phase_epochs(self) -> List[int]:
+        return [p.epochs for p in self.phases]
+
+    @property
+    def lr_multipliers(self) -> List[float]:
+        return [p.lr_mult for p in self.phases]
+
+    def phase_index(self, epoch: int) -> int:
+        for i, p in enumerate(self.phases):
+            if p.start_epoch <= epoch < p.end_epoch:
+                return i
+        return len(self.phases) - 1
+
+    def phase_at(self, epoch: int) -> Phase:
+        return self.phases[self.phase_index(epoch)]
+
+    def apply(self, phase: Phase, models: Iterable[nn.Module]) -> bool:
+        """Set router override, key trainability and attention on every backbone of ``models``.
+        Returns True when the set of parameters of the first model requiring gradients changed (DDP must be
+        rebuilt)."""
+        changed = False
+        for i, model in enumerate(models):
+            if model is None:
+                continue
+            before = [p.requires_grad for p in model.parameters()] if i == 0 else []
+            for bb in find_backbones(model):
+                bb.set_router_override(phase.router_override)
+                if phase.keys_trainable is not None:
+                    bb.set_keys_trainable(phase.keys_trainable)
+                if phase.attention is not None:
+                    bb.set_attention_enabled(phase.attention)
+            if i == 0:
+                changed = before != [p.requires_grad for p in model.parameters()]
+        return changed
+
+    def needs_kmeans(self, phase: Phase, model: nn.Module) -> bool:
+        return (phase.uses_learned_routers and not self.keys_initialized and self.kmeans_init_batches > 0
+                and any(True for bb in find_backbones(model) for _ in bb.key_routers()))
+
+    def init_keys(self, model: nn.Module, batches: Iterable[torch.Tensor], others: Sequence[nn.Module] = ()) -> int:
+        """K-Means initialisation of every key router of ``model``; the keys are copied into ``others``
+        (e.g. the EMA model). Returns the number of routers initialised."""
+        batches = list(batches)
+        count = 0
+        for bb in find_backbones(model):
+            count += bb.init_keys(batches, seed=self.seed)
+        src = [m for m in model.modules() if isinstance(m, CosineRouter)]
+        for other in others:
+            if other is None:
+                continue
+            dst = [m for m in other.modules() if isinstance(m, CosineRouter)]
+            for a, b in zip(src, dst):
+                b.keys.data.copy_(a.keys.data)
+        self.keys_initialized = True
+        return count
+
+    def on_epoch_start(self, epoch: int, models: Sequence[nn.Module],
+                       kmeans_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None) -> Dict[str, Any]:
+        """Apply the phase of ``epoch``. Returns ``{"phase": Phase, "started": bool, "requires_grad_changed":
+        bool, "kmeans_routers": int}``."""
+        idx = self.phase_index(epoch)
+        phase = self.phases[idx]
+        started = idx != self.current
+        kmeans = 0
+        models = [m for m in models if m is not None]
+        if self.needs_kmeans(phase, models[0]) and kmeans_batches is not None:
+            # the learned routers take over: initialise their keys on real patches first
+            for m in models:
+                for bb in find_backbones(m):
+                    bb.set_router_override(phase.router_override)
+            kmeans = self.init_keys(models[0], kmeans_batches(), models[1:])
+            logger.info("K-Means initialised the keys of %d router(s) before phase '%s'", kmeans, phase.name)
+        changed = self.apply(phase, models)
+        if started:
+            logger.info("epoch %d: phase %d/%d '%s' (epochs %d-%d): %s", epoch + 1, idx + 1, len(self.phases),
+                        phase.name, phase.start_epoch + 1, phase.end_epoch, phase.describe())
+            if self.current is None or idx > self.current:
+                self.history.append({"epoch": epoch, "phase": idx, "name": phase.name})
+        self.current = idx
+        return {"phase": phase, "index": idx, "started": started, "requires_grad_changed": changed,
+                "kmeans_routers": kmeans}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"current": -1 if self.current is None else self.current, "keys_initialized": self.keys_initialized,
+                "history": [dict(h) for h in self.history], "phases": [asdict(p) for p in self.phases]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.keys_initialized = bool(state.get("keys_initialized", False))
+        self.history = [dict(h) for h in state.get("history", [])]
+        # the settings are re-applied by the next on_epoch_start; keep `current` so no spurious "phase starts"
+        cur = int(state.get("current", -1))
+        self.current = None if cur < 0 else cur

@@ -1,0 +1,566 @@
+"""One training loop for every task, driven by a duck-typed task adapter.
+
+Task adapter protocol (``pce.tasks.get_task(name)`` returns one; tools pass it to :class:`Trainer`; the engine
+never imports ``pce.tasks`` or ``pce.datasets``)::
+
+    class MyTask:
+        name = "classification"
+        collate_fn = None                                   # DataLoader collate_fn (None: default_collate)
+
+        def build_model(self, cfg) -> nn.Module: ...
+        def build_datasets(self, cfg, splits=("train", "val")) -> Dict[str, Dataset]:
+            ...                                             # only the configured splits among `splits`
+        def train_step(self, model, batch, device) -> Dict[str, Tensor]:
+            ...                                             # loss terms; the total is their sum. `model` may be
+                                                            # DDP-wrapped: call it (forward), not its methods
+        def predict(self, model, batch, device) -> tuple:
+            ...                                             # positional args of evaluator.update(...)
+        def build_evaluator(self, cfg, dataset): ...        # update(*args) / compute() -> dict, and
+                                                            # synchronize() or merge(other) + state_dict()
+        # optional
+        def batch_images(self, batch) -> Tensor: ...        # images of a batch (K-Means init); default batch[0]
+        def batch_size(self, batch) -> int: ...             # default: len(batch[0])
+        def set_epoch(self, epoch: int) -> None: ...        # called before each training epoch
+        def dummy_inputs(self, cfg, batch_size=1) -> tuple: ...   # for FLOP counting
+
+The loop: phases (:mod:`pce.engine.phases`: router override, key trainability, attention, lr multiplier,
+K-Means init before the first learned-router phase), per-iteration lr schedule, AMP on CUDA, gradient
+clipping, weights EMA, DDP, NaN/inf guard, logging (:mod:`pce.engine.logging`), evaluation every
+``runtime.eval_interval`` epochs with ``best.pth`` by ``eval.metric``, ``latest.pth`` every
+``runtime.checkpoint_interval`` epochs, and exact resume from ``latest.pth``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, load_model_weights,
+                         restore_rng_state, unwrap_model)
+from .config import dump_config, format_config
+from .distributed import (InferenceShardSampler, all_gather_object, all_reduce_max, all_reduce_mean,
+                          broadcast_parameters, get_rank, get_world_size, sync_router_keys)
+from .ema import build_ema
+from .logging import MetricWriter, ProgressBar, RoutingStatsCollector, scalar_metrics, setup_logger
+from .optim import build_lr_scheduler, build_optimizer, clip_gradients
+from .phases import PhaseController, build_phases
+
+__all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "resolve_device", "evaluate_model",
+           "evaluate_checkpoint", "build_eval_loader", "to_channels_last"]
+
+logger = logging.getLogger("pce")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and every loss term."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; ``deterministic`` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _autocast(dtype: Optional[torch.dtype]):
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Channels-last layout for every 4-d parameter / buffer (``Module.to(memory_format=...)`` fails on the
+    5-d stacked expert weights)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def _batch_images(task: Any, batch: Any) -> torch.Tensor:
+    if hasattr(task, "batch_images"):
+        return task.batch_images(batch)
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _batch_size(task: Any, batch: Any) -> int:
+    if hasattr(task, "batch_size"):
+        return int(task.batch_size(batch))
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
+
+
+def build_eval_loader(cfg: Any, task: Any, dataset: Dataset, device: torch.device) -> DataLoader:
+    """Sequential loader over this rank's shard of ``dataset`` (every sample once over all ranks)."""
+    bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    return DataLoader(dataset, batch_size=bs, sampler=InferenceShardSampler(len(dataset)),
+                      num_workers=cfg.data.num_workers, collate_fn=getattr(task, "collate_fn", None),
+                      pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.runtime.seed))
+
+
+def _synchronize(evaluator: Any) -> None:
+    if get_world_size() == 1:
+        return
+    if hasattr(evaluator, "synchronize"):
+        evaluator.synchronize()
+        return
+    if not (hasattr(evaluator, "state_dict") and hasattr(evaluator, "merge") and hasattr(evaluator, "reset")):
+        raise TypeError(f"{type(evaluator).__name__} needs synchronize() or state_dict()/merge()/reset() for DDP")
+    states = all_gather_object(evaluator.state_dict())
+    evaluator.reset()
+    for s in states:
+        evaluator.merge(s)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, device: torch.device,
+                   amp_dtype: Optional[torch.dtype] = None, loader: Optional[DataLoader] = None) -> Dict[str, Any]:
+    """Run ``task.predict`` over ``dataset`` (sharded over ranks), feed the task's evaluator, merge across
+    ranks and return ``evaluator.compute()``."""
+    loader = loader or build_eval_loader(cfg, task, dataset, device)
+    was_training = model.training
+    model.eval()
+    evaluator = task.build_evaluator(cfg, dataset)
+    try:
+        for batch in loader:
+            with _autocast(amp_dtype):
+                out = task.predict(model, batch, device)
+            evaluator.update(*out)
+    finally:
+        model.train(was_training)
+    _synchronize(evaluator)
+    return evaluator.compute()
+
+
+def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
+                        device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
+    the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured)."""
+    device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if split == "test" and not cfg.data.test.name:
+        split = "val"
+    datasets = task.build_datasets(cfg, splits=(split,))
+    if split not in datasets:
+        raise ValueError(f"the config defines no data.{split} dataset")
+    model = task.build_model(cfg).to(device)
+    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)
+    phases = build_phases(cfg.phases, cfg.schedule.epochs)
+    ctl = PhaseController(phases, kmeans_init_batches=0)
+    epoch = max(int(ckpt.get("epoch", cfg.schedule.epochs)) - 1, 0)
+    ctl.apply(ctl.phase_at(epoch), [model])
+    if cfg.runtime.channels_last:
+        to_channels_last(model)
+    results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))
+    results.setdefault("split", split)
+    return results
+
+
+class Trainer:
+    """Train ``task``'s model as configured by ``cfg`` (a config from :func:`pce.engine.load_config`).
+
+    Args:
+        cfg: the merged config.
+        task: a task adapter (see the module docstring).
+        resume: ``True`` / ``"auto"`` (``work_dir/latest.pth``) or a checkpoint path.
+        hooks: callables ``hook(trainer, event)`` with event ``"before_epoch"``, ``"after_step"``,
+            ``"after_epoch"`` or ``"after_train"``.
+
+    Call :meth:`train`; it returns ``{"best": {...}, "final": results of the test (or val) split}``. Use it
+    under ``torchrun`` after :func:`pce.engine.distributed.init_distributed` for DDP.
+    """
+
+    def __init__(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None] = None,
+                 hooks: Sequence[Callable[["Trainer", str], None]] = ()) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.hooks = list(hooks)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.is_main = self.rank == 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world_size > 1 else 0
+        self.device = resolve_device(cfg.runtime.device, self.local_rank)
+        if cfg.runtime.num_threads > 0:
+            torch.set_num_threads(cfg.runtime.num_threads)
+        self.work_dir = Path(cfg.runtime.work_dir)
+        setup_logger(self.work_dir if self.is_main else None, self.rank)
+        seed_everything(cfg.runtime.seed + self.rank, cfg.runtime.deterministic)
+        self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
+        if cfg.runtime.amp != "none" and self.amp_dtype is None:
+            logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
+        self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
+        if self.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.work_dir / "config.py")
+
+        # data
+        self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))
+        if "train" not in self.datasets:
+            raise ValueError("the config defines no data.train dataset")
+        self.train_sampler = DistributedSampler(self.datasets["train"], num_replicas=self.world_size, rank=self.rank,
+                                                shuffle=True, seed=cfg.runtime.seed)
+        self._loader_gen = torch.Generator()
+        self.train_loader = DataLoader(
+            self.datasets["train"], batch_size=cfg.data.batch_size, sampler=self.train_sampler,
+            num_workers=cfg.data.num_workers, collate_fn=getattr(task, "collate_fn", None),
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda", drop_last=cfg.data.drop_last,
+            generator=self._loader_gen)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"the training set ({len(self.datasets['train'])} samples on this rank's share) gives no "
+                             f"batch of data.batch_size={cfg.data.batch_size} with drop_last={cfg.data.drop_last}")
+        self.iters_per_epoch = len(self.train_loader)
+        if cfg.schedule.iters_per_epoch:
+            self.iters_per_epoch = min(self.iters_per_epoch, cfg.schedule.iters_per_epoch)
+
+        # model, optimisation
+        self.model = task.build_model(cfg).to(self.device)
+        if cfg.runtime.channels_last:
+            to_channels_last(self.model)
+        if cfg.model.pretrained:
+            load_model_weights(self.model, cfg.model.pretrained, strict=False)
+            logger.info("loaded pretrained weights from %s", cfg.model.pretrained)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.phases = build_phases(cfg.phases, cfg.schedule.epochs)
+        self.phase_ctl = PhaseController(self.phases, cfg.runtime.kmeans_init_batches, seed=cfg.runtime.seed)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.schedule, self.phase_ctl.phase_epochs,
+                                            self.phase_ctl.lr_multipliers, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = build_ema(self.model, cfg.runtime.ema) if cfg.runtime.ema > 0 else None
+        self.ddp_model: Optional[DDP] = None
+        self.routing = RoutingStatsCollector(self.model)
+        self.writer: Optional[MetricWriter] = None
+
+        self.total_epochs = cfg.schedule.epochs
+        self.epoch = 0          # completed epochs
+        self.iteration = 0      # completed iterations
+        self.best: Dict[str, Any] = {"metric": cfg.eval.metric, "value": None, "epoch": -1}
+        self.loss_history: List[float] = []   # total loss of every iteration of this process (tests, debugging)
+        self.last_val: Dict[str, Any] = {}
+        if resume:
+            path = self.checkpoints.find_resume(resume)
+            self.load_state(path)
+
+    # ---------------------------------------------------------------------------------- properties
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def train_model(self) -> nn.Module:
+        return self.ddp_model if self.ddp_model is not None else self.model
+
+    def _models(self) -> List[nn.Module]:
+        """The trained model and its EMA copy: both get the phase settings."""
+        return [self.model] + ([self.ema.module] if self.ema is not None else [])
+
+    def register_hook(self, hook: Callable[["Trainer", str], None]) -> None:
+        self.hooks.append(hook)
+
+    def _call_hooks(self, event: str) -> None:
+        for h in self.hooks:
+            h(self, event)
+
+    # -------------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything :meth:`load_state` needs (tensors and primitive containers only)."""
+        rng = all_gather_object(capture_rng_state())
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "phase": self.phase_ctl.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "rng": rng,
+            "best": dict(self.best),
+            "config": format_config(self.cfg),
+            "meta": {"torch": str(torch.__version__), "world_size": self.world_size, "time": time.time()},
+        }
+
+    def load_state(self, path: Union[str, os.PathLike]) -> None:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        unwrap_model(self.model).load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                logger.warning("%s has no EMA weights: the EMA restarts from the current weights", path)
+                self.ema = build_ema(self.model, self.cfg.runtime.ema)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.phase_ctl.load_state_dict(ckpt.get("phase", {}))
+        self.epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt["iteration"])
+        self.best = dict(ckpt.get("best") or self.best)
+        rng = ckpt.get("rng") or []
+        if rng:
+            if self.rank >= len(rng):
+                logger.warning("checkpoint has RNG states of %d ranks; rank %d reuses rank 0's", len(rng), self.rank)
+            restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        logger.info("resumed from %s: %d epoch(s), %d iteration(s) done", path, self.epoch, self.iteration)
+
+    def save_checkpoint(self, save_latest: bool = True, save_best: bool = False) -> None:
+        state = self.state_dict()  # collective (RNG of every rank): all ranks call it
+        if not self.is_main:
+            return
+        if save_latest:
+            self.checkpoints.save(state, "latest.pth")
+            if save_best:
+                self.checkpoints.copy(self.checkpoints.latest, "best.pth")
+        elif save_best:
+            self.checkpoints.save(state, "best.pth")
+
+    # --------------------------------------------------------------------------------------- data
+    def _thread_limit(self):
+        """Limit the OpenMP / BLAS pools of scikit-learn's K-Means to runtime.num_threads."""
+        n = self.cfg.runtime.num_threads
+        if n > 0:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - a scikit-learn dependency
+                return contextlib.nullcontext()
+            return threadpool_limits(limits=n)
+        return contextlib.nullcontext()
+
+    def _kmeans_batches(self) -> List[torch.Tensor]:
+        n = self.cfg.runtime.kmeans_init_batches
+        ds = self.datasets["train"]
+        bs = self.cfg.data.batch_size
+        sub = Subset(ds, list(range(min(len(ds), n * bs))))
+        loader = DataLoader(sub, batch_size=bs, shuffle=False, num_workers=self.cfg.data.num_workers,
+                            collate_fn=getattr(self.task, "collate_fn", None),
+                            generator=torch.Generator().manual_seed(self.cfg.runtime.seed))
+        batches = [_batch_images(self.task, b) for b in loader]
+        if self.cfg.runtime.channels_last:
+            batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        return batches
+
+    def _wrap_ddp(self) -> None:
+        if self.world_size == 1:
+            return
+        self.ddp_model = DDP(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                             find_unused_parameters=self.cfg.runtime.find_unused_parameters)
+
+    def _begin_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        self._loader_gen.manual_seed(self.cfg.runtime.seed * 100003 + epoch * 1009 + self.rank)
+        if hasattr(self.task, "set_epoch"):
+            self.task.set_epoch(epoch)
+        with self._thread_limit():
+            info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches)
+        if info["kmeans_routers"] and self.world_size > 1:
+            from ..routers.cosine import CosineRouter
+
+            keys = [m.keys for mod in self._models() for m in mod.modules() if isinstance(m, CosineRouter)]
+            broadcast_parameters(keys)
+        if info["started"] and self.writer is not None:
+            ph = info["phase"]
+            self.writer.write({"type": "phase", "epoch": epoch + 1, "iter": self.iteration, "phase": info["index"],
+                               "name": ph.name, "router_override": ph.router_override,
+                               "keys_trainable": ph.keys_trainable, "attention": ph.attention, "lr_mult": ph.lr_mult,
+                               "kmeans_routers": info["kmeans_routers"]}, step=self.iteration, prefix="phase")
+        if self.world_size > 1 and (self.ddp_model is None or info["requires_grad_changed"]):
+            self._wrap_ddp()
+
+    # -------------------------------------------------------------------------------------- train
+    def _nonfinite(self, epoch: int, i: int, names: List[str], values: List[float]) -> None:
+        terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(names + ["total"], values))
+        latest = self.checkpoints.latest
+        kept = (f"the last good checkpoint {latest} (epoch {self.epoch}) is kept" if latest.is_file()
+                else "no checkpoint was written yet")
+        msg = (f"non-finite loss at epoch {epoch + 1}, iteration {i + 1}/{self.iters_per_epoch} (global step "
+               f"{self.iteration + 1}): {terms}. Training stopped; {kept}. Lower optimizer.lr, set "
+               f"optimizer.grad_clip, or check the data.")
+        logger.error(msg)
+        raise NonFiniteLossError(msg)
+
+    def _max_iters_reached(self) -> bool:
+        m = self.cfg.schedule.max_iters
+        return bool(m) and self.iteration >= m
+
+    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg = self.cfg
+        model = self.train_model
+        model.train()
+        bar = ProgressBar(self.iters_per_epoch, f"epoch {epoch + 1}/{self.total_epochs}",
+                          enabled=self.is_main and cfg.runtime.progress_bar)
+        window: Dict[str, float] = {}
+        count, images, t_window = 0, 0, time.perf_counter()
+        epoch_sum, epoch_n = 0.0, 0
+        phase = self.phase_ctl.phase_at(epoch)
+        try:
+            for i, batch in enumerate(self.train_loader):
+                if i >= self.iters_per_epoch or self._max_iters_reached():
+                    break
+                log_now = (self.iteration + 1) % cfg.runtime.log_interval == 0 or i + 1 == self.iters_per_epoch
+                self.routing.active = log_now and self.is_main
+                with _autocast(self.amp_dtype):
+                    losses = self.task.train_step(model, batch, self.device)
+                self.routing.active = False
+                if not losses:
+                    raise ValueError(f"{type(self.task).__name__}.train_step returned no loss terms")
+                names = list(losses)
+                total = sum(losses.values())
+                values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]
+                                     + [total.detach().float().reshape(())]).tolist()
+                bad = not all(math.isfinite(v) for v in values)
+                if self.world_size > 1:
+                    bad = all_reduce_max(1.0 if bad else 0.0) > 0
+                if bad:
+                    self._nonfinite(epoch, i, names, values)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(total).backward()
+                grad_norm = None
+                if cfg.optimizer.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = clip_gradients(self.model.parameters(), cfg.optimizer.grad_clip)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                sync_router_keys(self.model)
+                self.iteration += 1
+                self.loss_history.append(values[-1])
+                n = _batch_size(self.task, batch)
+                images += n
+                count += 1
+                epoch_sum += values[-1]
+                epoch_n += 1
+                for k, v in zip(names + ["loss"], values):
+                    window[k] = window.get(k, 0.0) + v
+                now = time.perf_counter()
+                ips = images * self.world_size / max(now - t_window, 1e-9)
+                bar.update(window["loss"] / count, lr, ips)
+                if log_now:
+                    means = all_reduce_mean({k: v / count for k, v in window.items()})
+                    rec: Dict[str, Any] = {"type": "train", "epoch": epoch + 1, "iter": self.iteration, "lr": lr,
+                                           **means, "images_per_s": ips, "phase": phase.name}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = grad_norm
+                    routing = self.routing.pop()
+                    if routing:
+                        rec["routing"] = routing
+                    if self.writer is not None:
+                        self.writer.write(rec, step=self.iteration)
+                    logger.info("epoch %d/%d iter %d/%d (step %d) loss %.4f %s lr %.4g %.0f img/s", epoch + 1,
+                                self.total_epochs, i + 1, self.iters_per_epoch, self.iteration, means["loss"],
+                                " ".join(f"{k} {means[k]:.4f}" for k in names), lr, ips)
+                    window, count, images, t_window = {}, 0, 0, time.perf_counter()
+                self._call_hooks("after_step")
+        finally:
+            self.routing.active = False
+            bar.close()
+        return {"loss": epoch_sum / max(epoch_n, 1)}
+
+    def evaluate(self, split: str = "val", model: Optional[nn.Module] = None) -> Dict[str, Any]:
+        """Evaluate ``split`` with the EMA model (when enabled) or the trained one; ``{}`` without that split."""
+        ds = self.datasets.get(split)
+        if ds is None:
+            return {}
+        return evaluate_model(model or self.eval_model, self.task, self.cfg, ds, self.device, self.amp_dtype)
+
+    def _is_better(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        cur = self.best.get("value")
+        if cur is None:
+            return True
+        return value > cur if self.cfg.eval.mode == "max" else value < cur
+
+    def train(self) -> Dict[str, Any]:
+        """Run the remaining epochs; returns ``{"best": ..., "final": test/val results, "epochs": n}``."""
+        cfg = self.cfg
+        self.writer = MetricWriter(self.work_dir, enabled=self.is_main, tensorboard=cfg.runtime.tensorboard)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.info("task %s | model %s (%.2fM params) | train %d, %s | %d iter/epoch x %d epochs | device %s x %d",
+                    getattr(self.task, "name", type(self.task).__name__), cfg.model.backbone, n_params / 1e6,
+                    len(self.datasets["train"]),
+                    ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items() if k != "train") or "no eval set",
+                    self.iters_per_epoch, self.total_epochs, self.device, self.world_size)
+        try:
+            for epoch in range(self.epoch, self.total_epochs):
+                if self._max_iters_reached():
+                    break
+                self._begin_epoch(epoch)
+                self._call_hooks("before_epoch")
+                stats = self.train_one_epoch(epoch)
+                self.epoch = epoch + 1
+                last = self.epoch == self.total_epochs or self._max_iters_reached()
+                results: Dict[str, Any] = {}
+                interval = cfg.runtime.eval_interval
+                if "val" in self.datasets and ((interval and self.epoch % interval == 0) or last):
+                    results = self.evaluate("val")
+                    self.last_val = results
+                    if self.writer is not None:
+                        self.writer.write({"type": "val", "epoch": self.epoch, "iter": self.iteration,
+                                           **scalar_metrics(results)}, step=self.iteration)
+                    logger.info("epoch %d val: %s", self.epoch, ", ".join(
+                        f"{k} {v:.4f}" for k, v in scalar_metrics(results).items()))
+                better = False
+                if results:
+                    if cfg.eval.metric not in results:
+                        raise KeyError(f"eval.metric={cfg.eval.metric!r} is not among the evaluator's results: "
+                                       f"{sorted(scalar_metrics(results))}")
+                    value = float(results[cfg.eval.metric])
+                    better = self._is_better(value)
+                    if better:
+                        self.best = {"metric": cfg.eval.metric, "value": value, "epoch": self.epoch}
+                ci = cfg.runtime.checkpoint_interval
+                save_latest = last or (ci > 0 and self.epoch % ci == 0)
+                if save_latest or better:
+                    self.save_checkpoint(save_latest=save_latest, save_best=better)
+                logger.info("epoch %d/%d done: train loss %.4f%s", self.epoch, self.total_epochs, stats["loss"],
+                            f", best {cfg.eval.metric} {self.best['value']:.4f} (epoch {self.best['epoch']})"
+                            if self.best.get("value") is not None else "")
+                self._call_hooks("after_epoch")
+            # the settings of the last phase (also after resuming a finished run)
+            self.phase_ctl.apply(self.phase_ctl.phase_at(max(self.epoch - 1, 0)), self._models())
+            final_split = "test" if "test" in self.datasets else "val"
+            final = self.evaluate(final_split) if final_split in self.datasets else {}
+            if final:
+                final.setdefault("split", final_split)
+                if self.writer is not None:
+                    self.writer.write({"type": "test", "split": final_split, "epoch": self.epoch,
+                                       "iter": self.iteration, **scalar_metrics(final)}, step=self.iteration)
+            self._call_hooks("after_train")
+            return {"best": dict(self.best), "final": final, "epochs": self.epoch, "iterations": self.iteration}
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None

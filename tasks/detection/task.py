@@ -1,0 +1,204 @@
+"""The detection task adapter: Faster R-CNN + FPN on a PCE backbone, VOC-format data, COCO / VOC AP evaluation.
+
+Config (see :mod:`pce.engine.defaults`)::
+
+    task = "detection"
+    model = dict(backbone="pce_tiny", num_classes=5,               # classes + background
+                 backbone_overrides=dict(...),
+                 head=dict(fpn_channels=128, min_size=256, max_size=256, representation_size=256,
+                           box_score_thresh=0.01, ...))            # any build_detector option
+    data = dict(train=dict(name="voc_detection",
+                           kwargs=dict(root="data/demo_voc", year="2007", image_set="train",
+                                       demo=dict(num_train=400, num_val=100, image_size=128)),
+                           transform=dict(name="voc_detection", kwargs=dict(min_size=256, max_size=256))), ...)
+    eval = dict(metric="mAP", mode="max")                          # or "AP50", "AP50_voc07", "AP50_voc12"
+
+Dataset kwargs: ``demo`` (``True`` or a dict of :func:`~pce.datasets.demo_voc.make_demo_voc` options) generates
+the procedural demo dataset under ``root`` first when it is missing, and makes its classes
+(:data:`~pce.datasets.demo_voc.DEMO_CLASSES`) the default ``classes``. The transform gets ``train=True`` on
+the train split unless its kwargs say otherwise, and the train transform is re-seeded every epoch.
+
+Batches are ``(list of images [3, H_i, W_i] in [0, 1], list of target dicts)`` (:func:`detection_collate`).
+Training drops ``difficult`` and degenerate boxes (the evaluator ignores difficult objects); the losses are
+torchvision's four plus ``loss_router``. ``predict`` returns ``(detections, targets)`` for
+:meth:`DetectionEvaluator.update`, in the coordinates of the transformed images.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
+from pce.datasets.collate import detection_collate
+from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
+
+from ..registry import register_task
+from .evaluator import DetectionEvaluator
+from .model import PCEFasterRCNN, build_detector
+
+__all__ = ["DetectionTask"]
+
+_TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
+
+
+def _plain(x: Any) -> Any:
+    """CfgNode -> dict (recursively)."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@register_task("detection")
+class DetectionTask:
+    """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`); see the module doc."""
+
+    name = "detection"
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self) -> None:
+        self._transform: Optional[nn.Module] = None   # the model's GeneralizedRCNNTransform (for batch_images)
+        self._train: Optional[Tuple[Any, Any, int]] = None
+
+    # ------------------------------------------------------------------------------------- model
+    def build_model(self, cfg: Any) -> PCEFasterRCNN:
+        head = _plain(cfg.model.head)
+        for k in _TUPLE_OPTIONS:
+            if isinstance(head.get(k), list):
+                head[k] = tuple(head[k])
+        if isinstance(head.get("anchor_sizes"), list):
+            head["anchor_sizes"] = tuple(tuple(s) if isinstance(s, list) else s for s in head["anchor_sizes"])
+        for k in ("backbone", "num_classes", "backbone_overrides", "router_loss_weights"):
+            if k in head:
+                raise ValueError(f"model.head.{k}: set model.{k} instead")
+        try:
+            model = build_detector(cfg.model.backbone, num_classes=int(cfg.model.num_classes),
+                                   backbone_overrides=_plain(cfg.model.backbone_overrides),
+                                   router_loss_weights=dict(cfg.model.router_loss_weights), **head)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"model (backbone={cfg.model.backbone!r}, backbone_overrides, head): "
+                             f"{e.args[0] if e.args else e}") from e
+        self._transform = copy.deepcopy(model.transform).eval()
+        return model
+
+    # -------------------------------------------------------------------------------------- data
+    def _build_transform(self, split: str, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:
+        name = split_cfg.transform.name
+        if not name:
+            return None
+        kwargs = _plain(split_cfg.transform.kwargs)
+        if "train" not in kwargs and _accepts(TRANSFORMS.get(name), "train"):
+            kwargs["train"] = split == "train"
+        kwargs.update(extra or {})
+        return build_transform(name, **kwargs)
+
+    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
+        out = {}
+        for split in splits:
+            sc = cfg.data[split]
+            if not sc.name:
+                continue
+            kwargs = _plain(sc.kwargs)
+            if cfg.data.root and _accepts(DATASETS.get(sc.name), "root"):
+                kwargs["root"] = cfg.data.root
+            demo = kwargs.pop("demo", None)
+            if demo:
+                if "root" not in kwargs:
+                    raise ValueError(f"data.{split}.kwargs.demo needs a root (data.root or data.{split}.kwargs.root)")
+                ensure_demo_voc(kwargs["root"], **(demo if isinstance(demo, Mapping) else {}))
+                kwargs.setdefault("classes", DEMO_CLASSES)
+            if isinstance(kwargs.get("classes"), list):
+                kwargs["classes"] = tuple(kwargs["classes"])
+            extra = {}
+            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
+                    and _accepts(TRANSFORMS.get(sc.transform.name), "seed")):
+                extra["seed"] = int(cfg.runtime.seed)
+            transform = self._build_transform(split, sc, extra)
+            try:
+                ds = build_dataset(sc.name, transforms=transform, **kwargs)
+            except FileNotFoundError as e:
+                hint = cfg.data.obtain_hint or "point data.root (or the dataset's kwargs.root) at a copy of the data"
+                raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
+                                        f"{hint}") from e
+            classes = getattr(ds, "classes", None)
+            if classes is not None and len(classes) + 1 != cfg.model.num_classes:
+                raise ValueError(f"data.{split} ({sc.name}) has {len(classes)} classes, so model.num_classes must be "
+                                 f"{len(classes) + 1} (background included), got {cfg.model.num_classes}")
+            if split == "train" and "seed" in extra:
+                self._train = (ds, sc, extra["seed"])
+            out[split] = ds
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """A fresh, epoch-seeded augmentation stream, so a resumed run augments like an uninterrupted one."""
+        if self._train is None:
+            return
+        ds, sc, seed = self._train
+        if hasattr(ds, "transforms"):
+            ds.transforms = self._build_transform("train", sc, {"seed": seed * 1000003 + epoch})
+
+    # -------------------------------------------------------------------------------- train / eval
+    @staticmethod
+    def _train_targets(targets: Sequence[Mapping[str, Any]], device: torch.device) -> List[Dict[str, torch.Tensor]]:
+        out = []
+        for t in targets:
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if "difficult" in t:
+                keep &= ~torch.as_tensor(t["difficult"], dtype=torch.bool).reshape(-1)
+            out.append({"boxes": boxes[keep].to(device, non_blocking=True),
+                        "labels": labels[keep].to(device, non_blocking=True)})
+        return out
+
+    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        """torchvision's losses + ``loss_router``, computed inside ``model(...)`` (DDP-safe)."""
+        images, targets = batch[0], batch[1]
+        images = [im.to(device, non_blocking=True) for im in images]
+        losses = model(images, self._train_targets(targets, device))
+        return {k: v.float() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[List[Dict[str, torch.Tensor]], list]:
+        images, targets = batch[0], batch[1]
+        dets = model([im.to(device, non_blocking=True) for im in images])
+        preds = [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(),
+                  "labels": d["labels"].cpu()} for d in dets]
+        return preds, list(targets)
+
+    def build_evaluator(self, cfg: Any, dataset: Any = None) -> DetectionEvaluator:
+        names = getattr(dataset, "classes", None)
+        if names is None and hasattr(dataset, "dataset"):  # a Subset
+            names = getattr(dataset.dataset, "classes", None)
+        if names is None or len(names) + 1 != cfg.model.num_classes:
+            names = [f"class{i}" for i in range(1, int(cfg.model.num_classes))]
+        return DetectionEvaluator(list(names))
+
+    # ------------------------------------------------------------------------------------- helpers
+    def batch_images(self, batch: Any) -> torch.Tensor:
+        """The batch as the backbone sees it (normalised, resized, padded ``[B, 3, H, W]``), for K-Means."""
+        if self._transform is None:
+            raise RuntimeError("DetectionTask.batch_images needs build_model(cfg) first (it uses the model's "
+                               "preprocessing)")
+        with torch.no_grad():
+            return self._transform([im.float().cpu() for im in batch[0]])[0].tensors
+
+    def batch_size(self, batch: Any) -> int:
+        return len(batch[0])
+
+    def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
+        """A ``[B, C, H, W]`` batch (the detector iterates it as a list of images) of ``model.input_shape``."""
+        return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)

@@ -1,0 +1,200 @@
+"""The semantic-segmentation task adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`).
+
+Config (``task = "segmentation"``):
+
+* ``model.backbone``: a PCE preset usable as an smp encoder (``pce_tiny``, ``dense_small``, ...);
+  ``model.backbone_overrides``: its backbone options; ``model.num_classes`` (VOC: 21, background included);
+  ``model.router_loss_weights`` and ``model.label_smoothing`` as for classification.
+* ``model.head`` (all optional): ``arch`` (smp architecture, default ``"FPN"``), ``decoder`` (dict of
+  ``smp.create_model`` keyword arguments: ``encoder_depth``, ``decoder_channels``, ``encoder_output_stride``,
+  ...), ``ce_weight`` / ``dice_weight`` / ``lovasz_weight``, ``class_weights``, ``ignore_index`` (255),
+  ``size_divisibility``, and the evaluation inference ``inference`` (``"whole"`` or ``"slide"``) with
+  ``slide_window`` / ``slide_stride`` (int or ``[h, w]``).
+* ``data.{train,val,test}``: registered datasets (``voc_segmentation``) and transforms (``voc_segmentation``:
+  :class:`pce.datasets.SegmentationTransform`); batches are collated by
+  :class:`pce.datasets.SegmentationCollate` (padding to the batch's largest image, masks with ``ignore_index``).
+* ``eval.metric``: a key of :meth:`SegmentationEvaluator.compute`, normally ``"mIoU"`` (mode ``max``).
+
+Batches are ``(images [B, 3, H, W], masks int64 [B, H, W])``. Losses: ``loss_ce`` (+ ``loss_dice`` /
+``loss_lovasz`` when weighted) and ``loss_router``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pce.datasets import DATASETS, TRANSFORMS, SegmentationCollate, build_dataset, build_transform
+
+from ..registry import register_task
+from .evaluator import SegmentationEvaluator
+from .model import SegmentationModel, build_segmentation_model
+
+__all__ = ["SegmentationTask", "HEAD_OPTIONS"]
+
+HEAD_OPTIONS = ("arch", "decoder", "ce_weight", "dice_weight", "lovasz_weight", "class_weights", "ignore_index",
+                "size_divisibility", "inference", "slide_window", "slide_stride")
+
+
+def _plain(x: Any) -> Any:
+    """CfgNode -> dict (recursively)."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The :class:`SegmentationModel` inside DDP / EMA (``AveragedModel``) wrappers."""
+    while not isinstance(model, SegmentationModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _num_classes(ds: Any) -> Optional[int]:
+    n = getattr(ds, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    classes = getattr(ds, "classes", None)
+    return len(classes) if classes is not None else None
+
+
+@register_task("segmentation")
+class SegmentationTask:
+    """Adapter: :func:`build_segmentation_model` from the config, registered datasets + transforms,
+    :class:`SegmentationCollate`, whole-image or sliding-window inference, :class:`SegmentationEvaluator`."""
+
+    name = "segmentation"
+
+    def __init__(self) -> None:
+        self.channels_last = False
+        self.ignore_index = 255
+        self.inference: Dict[str, Any] = {"mode": "whole", "window": None, "stride": None}
+        self.collate_fn = SegmentationCollate(size_divisibility=None, ignore_index=self.ignore_index)
+        self._train: Optional[Tuple[Any, Any, int]] = None  # (train dataset, its data.train config, seed)
+
+    # ------------------------------------------------------------------------------------- model
+    def build_model(self, cfg: Any) -> SegmentationModel:
+        head = _plain(cfg.model.head)
+        unknown = set(head) - set(HEAD_OPTIONS)
+        if unknown:
+            raise ValueError(f"model.head: unknown segmentation head option(s) {sorted(unknown)}; "
+                             f"known: {list(HEAD_OPTIONS)}")
+        arch = head.pop("arch", "FPN")
+        decoder = dict(head.pop("decoder", None) or {})
+        mode = head.pop("inference", "whole")
+        window, stride = head.pop("slide_window", None), head.pop("slide_stride", None)
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"model.head.inference must be 'whole' or 'slide', got {mode!r}")
+        if mode == "slide" and window is None:
+            raise ValueError("model.head.inference='slide' needs model.head.slide_window")
+        self.inference = {"mode": mode, "window": window, "stride": stride}
+        self.ignore_index = int(head.get("ignore_index", 255))
+        self.collate_fn = SegmentationCollate(size_divisibility=None, ignore_index=self.ignore_index)
+        self.channels_last = bool(cfg.runtime.channels_last)
+        try:
+            return build_segmentation_model(
+                arch, cfg.model.backbone, int(cfg.model.num_classes),
+                encoder_overrides=_plain(cfg.model.backbone_overrides),
+                router_loss_weights=dict(cfg.model.router_loss_weights),
+                label_smoothing=float(cfg.model.label_smoothing), **head, **decoder)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"model.backbone={cfg.model.backbone!r} / model.backbone_overrides / model.head "
+                             f"(arch={arch!r}): {e.args[0] if e.args else e}") from e
+
+    # -------------------------------------------------------------------------------------- data
+    def _transform(self, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:
+        name = split_cfg.transform.name
+        if not name:
+            return None
+        kwargs = _plain(split_cfg.transform.kwargs)
+        kwargs.update(extra or {})
+        return build_transform(name, **kwargs)
+
+    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
+        out = {}
+        for split in splits:
+            sc = cfg.data[split]
+            if not sc.name:
+                continue
+            kwargs = _plain(sc.kwargs)
+            if cfg.data.root and _accepts(DATASETS.get(sc.name), "root"):
+                kwargs["root"] = cfg.data.root
+            extra = {}
+            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
+                    and _accepts(TRANSFORMS.get(sc.transform.name), "seed")):
+                extra["seed"] = int(cfg.runtime.seed)
+            transform = self._transform(sc, extra)
+            try:
+                ds = build_dataset(sc.name, transforms=transform, **kwargs)
+            except FileNotFoundError as e:
+                hint = cfg.data.obtain_hint or "point data.root (or the dataset's kwargs.root) at a copy of the data"
+                raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
+                                        f"{hint}") from e
+            n = _num_classes(ds)
+            if n is not None and n != cfg.model.num_classes:
+                raise ValueError(f"data.{split} ({sc.name}) has {n} classes (background included) but "
+                                 f"model.num_classes is {cfg.model.num_classes}")
+            if split == "train" and "seed" in extra:
+                self._train = (ds, sc, extra["seed"])
+            out[split] = ds
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """A fresh, epoch-seeded augmentation stream, so a resumed run augments like an uninterrupted one."""
+        if self._train is None:
+            return
+        ds, sc, seed = self._train
+        if hasattr(ds, "transforms"):
+            ds.transforms = self._transform(sc, {"seed": seed * 1000003 + epoch})
+
+    # -------------------------------------------------------------------------------- train / eval
+    def _inputs(self, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        images, masks = batch[0], batch[1]
+        images = images.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, torch.as_tensor(masks).to(device, non_blocking=True)
+
+    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        """One forward through ``model(...)`` (so DDP synchronises gradients), then the losses of the wrapped
+        :class:`SegmentationModel` on those logits and that forward's routing."""
+        images, masks = self._inputs(batch, device)
+        logits = model(images)
+        return _unwrap(model).loss_terms(logits, masks)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(labels [B, H, W], masks [B, H, W])`` with the configured whole-image / sliding-window inference."""
+        images, masks = self._inputs(batch, device)
+        inf = self.inference
+        labels = _unwrap(model).predict(images, mode=inf["mode"], window=inf["window"], stride=inf["stride"])
+        return labels, masks
+
+    def build_evaluator(self, cfg: Any, dataset: Any = None) -> SegmentationEvaluator:
+        n = int(cfg.model.num_classes)
+        classes = list(getattr(dataset, "classes", None) or [])
+        if len(classes) == n - 1:
+            classes = ["background"] + classes
+        names = classes if len(classes) == n else None
+        return SegmentationEvaluator(n, ignore_index=self.ignore_index, class_names=names)
+
+    def batch_images(self, batch: Any) -> torch.Tensor:
+        return batch[0]
+
+    def batch_size(self, batch: Any) -> int:
+        return int(batch[0].shape[0])
+
+    def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
+        return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Parameters and FLOPs per module of the model a config builds (fvcore; 1 FLOP = 1 multiply-add).
+
+    python tools/analyze_model.py configs/fmnist_cls_pce.py [--input-shape 1 28 28] [--max-depth 4]
+
+The input shape defaults to model.input_shape. With top-k routing the count is of the experts a random input
+actually activates (the active FLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from pce.engine import ConfigError, load_config
+from pce.engine.analysis import analyze_model
+from pce.tasks import get_task
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="default: model.input_shape")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--max-depth", type=int, default=4)
+    ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    overrides = list(args.cfg_options)
+    if args.input_shape:
+        overrides.append(("model.input_shape", list(args.input_shape)))
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    task = get_task(cfg.task)
+    model = task.build_model(cfg)
+    torch.manual_seed(0)
+    if hasattr(task, "dummy_inputs"):
+        inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x for x in
+                       task.dummy_inputs(cfg, args.batch_size))
+    else:
+        inputs = (torch.randn(args.batch_size, *cfg.model.input_shape),)
+    res = analyze_model(model, inputs, max_depth=args.max_depth)
+    print(f"model {cfg.model.backbone} ({cfg.task}), input {[tuple(x.shape) for x in inputs]}")
+    print(res["table"])
+    print(f"total: {res['total_params'] / 1e6:.3f} M parameters, {res['total_flops'] / 1e6:.2f} M FLOPs "
+          f"(multiply-adds) per batch of {args.batch_size}")
+    if res["uncounted_ops"]:
+        print("not counted by fvcore (elementwise, data movement, selection): " +
+              ", ".join(f"{k} x{v}" for k, v in sorted(res["uncounted_ops"].items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the test split (the val split when the config has no test split).
+
+    python tools/eval.py configs/demo_cls_digits.py --checkpoint work_dirs/demo_cls_digits/best.pth --out metrics.json
+
+Classification writes top1 / top5 (fractions), per_class_acc, mean_class_acc, confusion_matrix and num_samples.
+Works under torchrun too (each rank evaluates a shard; rank 0 writes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from pce.engine import (ConfigError, cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process,
+                        load_config)
+from pce.tasks import get_task
+
+
+def _json_ready(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--checkpoint", required=True, help="a .pth written by tools/train.py (best.pth, latest.pth)")
+    ap.add_argument("--split", default="test", choices=["test", "val", "train"])
+    ap.add_argument("--out", help="write the metrics as JSON here (NaN -> null)")
+    ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+        init_distributed(device=cfg.runtime.device)
+        results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup_distributed()
+    if not is_main_process():
+        return 0
+    for k, v in results.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_json_ready(results), indent=2))
+        print(f"metrics written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
