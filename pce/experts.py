@@ -24,7 +24,13 @@ from .registry import EXPERTS
 
 
 class StackedConv2d(nn.Module):
-    """E convolutions ``C_in -> C_out`` (``k x k``, 'same' padding) with weight ``[E, C_out, C_in, k, k]``."""
+    """E convolutions ``C_in -> C_out`` (``k x k``, 'same' padding).
+
+    Each expert owns its parameters (``weights[e]`` ``[C_out, C_in, k, k]``), so an expert that receives no
+    token gets no gradient and costs nothing in the backward pass or the optimizer step; the fused path
+    stacks them into ``weight`` ``[E, C_out, C_in, k, k]`` on the fly (a copy of the weights, not of
+    activations).
+    """
 
     def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
                  bias: bool = False) -> None:
@@ -33,11 +39,21 @@ class StackedConv2d(nn.Module):
             raise ValueError(f"expert kernel_size must be odd, got {kernel_size}")
         self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
         self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(num_experts, out_channels)) if bias else None
-        self._split: Optional[tuple] = None
-        for w in self.weight:
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size)) for _ in range(num_experts)])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.zeros(out_channels)) for _ in range(num_experts)]) if bias else None
+        for w in self.weights:
             nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All experts' kernels stacked: ``[E, C_out, C_in, k, k]``."""
+        return torch.stack(list(self.weights))
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return torch.stack(list(self.biases)) if self.biases is not None else None
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, {self.in_channels}->{self.out_channels}, k={self.kernel_size}"
@@ -45,31 +61,22 @@ class StackedConv2d(nn.Module):
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Shared input ``[N, C_in, h, w]`` or per-expert input ``[N, E*C_in, h, w]`` -> ``[N, E*C_out, h, w]``."""
         E, k = self.num_experts, self.kernel_size
-        w = self.weight.reshape(E * self.out_channels, self.in_channels, k, k)
-        b = self.bias.reshape(-1) if self.bias is not None else None
         if x.shape[1] == self.in_channels:  # shared input: one convolution with E * C_out outputs
-            return F.conv2d(x, w, b, padding=k // 2)
+            b = torch.cat(list(self.biases)) if self.biases is not None else None
+            return F.conv2d(x, torch.cat(list(self.weights)), b, padding=k // 2)
         if x.shape[1] != E * self.in_channels:
             raise ValueError(f"expected {self.in_channels} or {E * self.in_channels} channels, got {x.shape[1]}")
         if x.device.type == "cpu" and E > 1:
             # Measured on CPU (oneDNN): E plain convolutions beat one grouped convolution by 1.5-3.5x
-            # (tools/benchmark.py); cuDNN's grouped convolution is used elsewhere.
-            bs = b.split(self.out_channels) if b is not None else [None] * E
-            return torch.cat([F.conv2d(xi, wi, bi, padding=k // 2) for xi, wi, bi in
-                              zip(x.split(self.in_channels, 1), w.split(self.out_channels, 0), bs)], 1)
-        return F.conv2d(x, w, b, padding=k // 2, groups=E)
+            # (see docs/BENCHMARKS.md); cuDNN's grouped convolution is used elsewhere.
+            return torch.cat([self.forward_one(xi, e) for e, xi in enumerate(x.split(self.in_channels, 1))], 1)
+        b = torch.cat(list(self.biases)) if self.biases is not None else None
+        return F.conv2d(x, torch.cat(list(self.weights)), b, padding=k // 2, groups=E)
 
     def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert ``e`` on ``[n, C_in, h, w]`` -> ``[n, C_out, h, w]``."""
-        if self._split is not None:
-            w, b = self._split[0][e], (self._split[1][e] if self._split[1] is not None else None)
-        else:
-            w, b = self.weight[e], (self.bias[e] if self.bias is not None else None)
-        return F.conv2d(x, w, b, padding=self.kernel_size // 2)
-
-    def split(self, on: bool) -> None:
-        """Cache per-expert views made by one ``unbind`` (one gradient buffer instead of E zero-filled ones)."""
-        self._split = (self.weight.unbind(0), self.bias.unbind(0) if self.bias is not None else None) if on else None
+        b = self.biases[e] if self.biases is not None else None
+        return F.conv2d(x, self.weights[e], b, padding=self.kernel_size // 2)
 
 
 class StackedBatchNorm2d(nn.BatchNorm2d):
@@ -81,7 +88,7 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         self._split: Optional[tuple] = None
 
     def split(self, on: bool) -> None:
-        """Cache per-expert affine parameters made by one ``split`` (see :meth:`StackedConv2d.split`)."""
+        """Cache per-expert affine parameters made by one ``split`` (see :meth:`ExpertBank.per_expert`)."""
         self._split = (self.weight.split(self.channels), self.bias.split(self.channels)) if on else None
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,9 +167,9 @@ class ExpertBank(nn.Module):
 
     @contextmanager
     def per_expert(self) -> Iterator["ExpertBank"]:
-        """Within this context :meth:`forward_one` reads per-expert views taken once, so running several
-        experts costs one weight-gradient buffer per layer rather than one zero-filled buffer per expert."""
-        layers = [m for m in self.modules() if isinstance(m, (StackedConv2d, StackedBatchNorm2d))]
+        """Within this context :meth:`forward_one` reads batch-norm affine views taken once per layer, so
+        running several experts costs one gradient buffer per layer rather than one zero-filled buffer each."""
+        layers = [m for m in self.modules() if isinstance(m, StackedBatchNorm2d)]
         for m in layers:
             m.split(True)
         try:

@@ -29,17 +29,31 @@ class RoutingResult:
         weights: ``[B, P, E]`` mixing weights used by the layer (zeros = expert skipped for that patch).
         probs: ``[B, P, E]`` the router's probabilities before top-k / threshold / capacity.
         logits: ``[B, P, E]`` pre-softmax scores, or ``None`` for routers without logits.
-        aux_losses: unweighted differentiable losses (``entropy``, ``balance``, ``z``, ``collapse``).
-        stats: detached metrics (``entropy``, ``usage`` [E], ``dropped_fraction``, ``collapsed_experts``).
+        aux_losses: unweighted differentiable losses (``entropy``, ``balance``, ``z``, ``collapse``),
+            computed on first access (inference that never asks pays nothing).
+        stats: detached metrics (``entropy``, ``usage`` [E], ``dropped_fraction``, ``collapsed_experts``),
+            computed on first access.
         grid: ``(grid_h, grid_w)`` of the patch grid (set by the layer).
     """
 
     weights: torch.Tensor
     probs: torch.Tensor
     logits: Optional[torch.Tensor] = None
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
     grid: Optional[tuple] = None
+    _aux: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+    _stats: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def aux_losses(self) -> Dict[str, torch.Tensor]:
+        if self._aux is None:
+            self._aux = routing_aux_losses(self)
+        return self._aux
+
+    @property
+    def stats(self) -> Dict[str, torch.Tensor]:
+        if self._stats is None:
+            self._stats = routing_statistics(self)
+        return self._stats
 
     @property
     def num_experts(self) -> int:
@@ -49,7 +63,7 @@ class RoutingResult:
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask ``[..., E]`` of the ``k`` largest entries of the last dimension."""
     idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, torch.ones_like(idx, dtype=torch.bool))
 
 
 def capacity_mask(assigned: torch.Tensor, priority: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -126,7 +140,4 @@ class Router(nn.Module):
             weights = weights * keep
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        result = RoutingResult(weights=weights, probs=probs, logits=logits)
-        result.aux_losses = routing_aux_losses(result)
-        result.stats = routing_statistics(result)
-        return result
+        return RoutingResult(weights=weights, probs=probs, logits=logits)

@@ -213,20 +213,21 @@ class Trainer:
         if cfg.runtime.num_threads > 0:
             torch.set_num_threads(cfg.runtime.num_threads)
         self.work_dir = Path(cfg.runtime.work_dir)
-        setup_logger(self.work_dir if self.is_main else None, self.rank)
+        setup_logger(None, self.rank)
         seed_everything(cfg.runtime.seed + self.rank, cfg.runtime.deterministic)
         self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
-        if cfg.runtime.amp != "none" and self.amp_dtype is None:
-            logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
-        if self.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.work_dir / "config.py")
 
-        # data
+        # data (first: a missing dataset fails before anything is written)
         self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))
         if "train" not in self.datasets:
             raise ValueError("the config defines no data.train dataset")
+        if self.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.work_dir / "config.py")
+            setup_logger(self.work_dir, self.rank)
+        if cfg.runtime.amp != "none" and self.amp_dtype is None:
+            logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
         self.train_sampler = DistributedSampler(self.datasets["train"], num_replicas=self.world_size, rank=self.rank,
                                                 shuffle=True, seed=cfg.runtime.seed)
         self._loader_gen = torch.Generator()

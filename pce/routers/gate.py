@@ -84,7 +84,7 @@ class ExpertChoiceRouter(Router):
         c = min(N, math.ceil(self.choice_capacity_factor * N / E))
         flat = probs.reshape(N, E)
         idx = flat.detach().topk(c, dim=0).indices  # [c, E]
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True)
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, torch.ones_like(idx, dtype=torch.bool))
         weights = (flat * keep).reshape(B, P, E)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
