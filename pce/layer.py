@@ -68,10 +68,14 @@ class PCELayer(nn.Module):
     # -- phases ----------------------------------------------------------------------------------
     def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
         """Route with a parameter-free router (e.g. ``"uniform"``, ``"positional"``) instead of the learned one,
-        e.g. during the stabilisation phase; ``None`` restores the learned router. Not saved in checkpoints."""
+        e.g. during the stabilisation phase; ``None`` restores the learned router. Not saved in checkpoints.
+        The learned router's ``top_k`` carries over unless given, so stabilisation costs what routing costs."""
         if name is None:
             self._override = None
             return
+        if getattr(self.router, "top_k", None) is not None:
+            # keep the compute budget: uniform picks top_k random experts, positional keeps its top_k
+            kwargs.setdefault("top_k", self.router.top_k)
         r = build_router(name, self.router_in_channels, self.num_experts, **kwargs)
         if any(True for _ in r.parameters()):
             raise ValueError(f"router override {name!r} has parameters; use a parameter-free router")

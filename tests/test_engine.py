@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -234,7 +235,10 @@ def _ddp_worker(rank: int, world: int, port: int, work_dir: str, out_dir: str) -
 
     info = init_distributed()
     try:
-        cfg = tiny_cfg(Path(work_dir), ("runtime.device", "cpu"), epochs=3, iters=2)
+        # keys trainable then frozen again: DDP is rebuilt at each change, and the last epoch's EMA-updated keys
+        # must be kept equal across ranks by the engine (DDP only all-reduces gradients)
+        phases = [PHASES[0], dict(PHASES[2], epochs=1), dict(PHASES[1], epochs=-1)]
+        cfg = tiny_cfg(Path(work_dir), ("runtime.device", "cpu"), ("phases", phases), epochs=3, iters=2)
         trainer = Trainer(cfg, get_task("classification"))
         out = trainer.train()
         flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
@@ -257,7 +261,26 @@ def test_ddp_two_processes_gloo(tmp_path: Path):
     assert [r["world"] for r in res] == [2, 2] and res[0]["backend"] == "gloo" and all(r["ddp"] for r in res)
     assert all(r["same_params"] for r in res)  # gradients all-reduced, EMA-updated router keys synchronised
     assert res[0]["final"] == res[1]["final"] and res[0]["final"]["num_samples"] == 450  # merged over ranks
+    # the merged result is the model of the checkpoint evaluated in one process (same BatchNorm statistics)
+    cfg = load_config(tmp_path / "wd/config.py")
+    single = evaluate_checkpoint(cfg, get_task("classification"), tmp_path / "wd/latest.pth", split="val")
+    assert single["top1"] == res[0]["final"]["top1"]
     ckpt = load_checkpoint(tmp_path / "wd/latest.pth")
     assert len(ckpt["rng"]) == 2 and ckpt["epoch"] == 3 and ckpt["iteration"] == 6
     assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == sorted(
         ["best.pth", "config.py", "latest.pth", "metrics.jsonl", "train.log"])
+
+
+def test_param_scheduler_warmup_cosine_multistep():
+    from pce.engine import build_param_scheduler
+
+    cos = build_param_scheduler(dict(type="cosine", warmup_epochs=1.0, warmup_factor=0.1, min_lr_factor=0.0), 10)
+    assert cos(0.0) == pytest.approx(0.1)                       # warmup starts at warmup_factor
+    assert cos(0.05) == pytest.approx(0.1 + 0.5 * (cos(0.1) - 0.1))  # linear warmup ...
+    assert cos(0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # ... to the cosine curve (global time)
+    assert cos(0.999) < 1e-3
+    ms = build_param_scheduler(dict(type="multistep", milestones=[4, 8], gamma=0.1), 10)
+    assert [round(ms(e / 10), 6) for e in range(10)] == [1.0] * 4 + [0.1] * 4 + [0.01] * 2
+    assert build_param_scheduler(dict(type="constant"), 10)(0.7) == 1.0
+    with pytest.raises(ValueError, match="milestones"):
+        build_param_scheduler(dict(type="multistep", milestones=[12]), 10)

@@ -104,8 +104,12 @@ def test_router_override_and_restore():
     layer = PCELayer(4, patch_size=2, num_experts=4, router="cosine", top_k=1)
     x = torch.randn(1, 4, 4, 4)
     layer.set_router_override("uniform")
+    layer.eval()
     _, r = layer(x, return_routing=True)
-    assert torch.allclose(r.weights, torch.full_like(r.weights, 0.25))
+    assert torch.allclose(r.weights, torch.full_like(r.weights, 0.25))  # eval: all experts averaged
+    layer.train()
+    _, r = layer(x, return_routing=True)
+    assert ((r.weights > 0).sum(-1) == 1).all()  # training: one random expert (the router's top_k)
     assert "_override" not in dict(layer.named_modules())
     layer.set_router_override(None)
     _, r = layer(x, return_routing=True)

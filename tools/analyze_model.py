@@ -1,29 +1,34 @@
 #!/usr/bin/env python
-"""Parameters and FLOPs per module of the model a config builds (fvcore; 1 FLOP = 1 multiply-add).
+"""Parameters and FLOPs per module of the model a config builds (fvcore via :mod:`pce.flops`;
+1 FLOP = 1 fused multiply-add).
 
     python tools/analyze_model.py configs/fmnist_cls_pce.py [--input-shape 1 28 28] [--max-depth 4]
 
-The input shape defaults to model.input_shape. With top-k routing the count is of the experts a random input
-actually activates (the active FLOPs).
+The input shape defaults to model.input_shape. The model is traced in eval mode on a random input, so with
+top-k routing the count covers the experts that input activates (active FLOPs). Operators fvcore does not
+count are handled by pce.flops (scaled_dot_product_attention, grid_sampler, index_add, upsampling, ...);
+free ones (indexing, elementwise) are skipped silently, anything else is listed once at the end.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
 from pce.engine import ConfigError, load_config
-from pce.engine.analysis import analyze_model
+from pce.flops import active_params_per_token, count_flops
 from pce.tasks import get_task
 
 
 def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # fvcore's import
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="default: model.input_shape")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--max-depth", type=int, default=4)
+    ap.add_argument("--max-depth", type=int, default=4, help="module depth of the table")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     overrides = list(args.cfg_options)
@@ -35,21 +40,20 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     task = get_task(cfg.task)
-    model = task.build_model(cfg)
+    model = task.build_model(cfg).eval()
     torch.manual_seed(0)
     if hasattr(task, "dummy_inputs"):
-        inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x for x in
-                       task.dummy_inputs(cfg, args.batch_size))
+        inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x
+                       for x in task.dummy_inputs(cfg, args.batch_size))
     else:
         inputs = (torch.randn(args.batch_size, *cfg.model.input_shape),)
-    res = analyze_model(model, inputs, max_depth=args.max_depth)
+    res = count_flops(model, inputs, max_depth=args.max_depth)
     print(f"model {cfg.model.backbone} ({cfg.task}), input {[tuple(x.shape) for x in inputs]}")
     print(res["table"])
-    print(f"total: {res['total_params'] / 1e6:.3f} M parameters, {res['total_flops'] / 1e6:.2f} M FLOPs "
-          f"(multiply-adds) per batch of {args.batch_size}")
-    if res["uncounted_ops"]:
-        print("not counted by fvcore (elementwise, data movement, selection): " +
-              ", ".join(f"{k} x{v}" for k, v in sorted(res["uncounted_ops"].items())))
+    print(f"total: {res['params'] / 1e6:.3f} M parameters ({active_params_per_token(model) / 1e6:.3f} M active per "
+          f"patch), {res['total'] / 1e6:.2f} M FLOPs per batch of {args.batch_size}")
+    if res["unsupported"]:
+        print("operators not counted: " + ", ".join(f"{k} x{v}" for k, v in sorted(res["unsupported"].items())))
     return 0
 
 

@@ -41,12 +41,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.cfg_options)
         init_distributed(device=cfg.runtime.device)
         results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)
+        main_process = is_main_process()  # before the process group goes away
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         cleanup_distributed()
-    if not is_main_process():
+    if not main_process:
         return 0
     for k, v in results.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

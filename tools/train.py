@@ -50,13 +50,14 @@ def main(argv=None) -> int:
         init_distributed(device=cfg.runtime.device)
         trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume)
         result = trainer.train()
+        main_process = is_main_process()  # before the process group goes away
     except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         cleanup_distributed()
     final = result.get("final") or {}
-    if is_main_process():
+    if main_process:
         metric = cfg.eval.metric
         value = final.get(metric)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):

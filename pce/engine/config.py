@@ -23,7 +23,7 @@ import os
 import pprint
 import runpy
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 import yaml
 from fvcore.common.config import CfgNode
@@ -71,23 +71,27 @@ def _drop_origins(origins: Dict[str, str], key: str) -> None:
         del origins[k]
 
 
-def _merge(base: Dict[str, Any], child: Mapping[str, Any], origins: Dict[str, str], src: str, prefix: str) -> None:
+def _merge(base: Dict[str, Any], child: Mapping[str, Any], origins: Dict[str, str],
+           src: Union[str, Mapping[str, str]], prefix: str = "") -> None:
+    """Merge ``child`` into ``base`` in place, recording in ``origins`` the file that set each key. ``src`` is
+    that file, or the origins map of an already merged base tree."""
     for k, v in child.items():
         if not isinstance(k, str):
             raise ConfigError(f"config key {prefix}{k!r} (set in {src}) must be a string")
         key = prefix + k
+        where = src if isinstance(src, str) else _origin(src, key)
         if isinstance(v, dict):
             v = dict(v)
             delete = bool(v.pop("_delete_", False))
             if delete or not isinstance(base.get(k), dict):
                 _drop_origins(origins, key)
                 base[k] = {}
-            origins.setdefault(key, src)
+            origins.setdefault(key, where)
             _merge(base[k], v, origins, src, key + ".")
         else:
             _drop_origins(origins, key)
             base[k] = copy.deepcopy(v)
-            origins[key] = src
+            origins[key] = where
 
 
 def _load_tree(path: Path, stack: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Dict[str, str]]:
@@ -108,12 +112,8 @@ def _load_tree(path: Path, stack: Tuple[Path, ...]) -> Tuple[Dict[str, Any], Dic
         if not bpath.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {b!r} (resolved to {bpath.resolve()})")
         bdata, borigins = _load_tree(bpath, stack + (path,))
-        _merge(merged, bdata, origins, "?", "")
-        # keep the origin files of the base (the merge above recorded '?')
-        for k in list(origins):
-            if origins[k] == "?":
-                origins[k] = borigins.get(k, _origin(borigins, k))
-    _merge(merged, data, origins, str(path), "")
+        _merge(merged, bdata, origins, borigins)
+    _merge(merged, data, origins, str(path))
     return merged, origins
 
 

@@ -1,7 +1,6 @@
 """Exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -58,16 +58,16 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def scalar_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
-    """The plain numbers of an evaluator's results (drops tables and matrices)."""
-    out = {}
+def scalar_metrics(results: Mapping[str, Any]) -> Dict[str, Any]:
+    """The plain numbers of an evaluator's results (drops tables and matrices; ints stay ints)."""
+    out: Dict[str, Any] = {}
     for k, v in results.items():
         if isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
-            out[k] = float(v)
+            out[k] = v
         elif isinstance(v, torch.Tensor) and v.numel() == 1:
-            out[k] = float(v)
+            out[k] = v.item()
     return out
 
 

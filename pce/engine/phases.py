@@ -68,8 +68,11 @@ class Phase:
         return self.router_override is None
 
     def describe(self) -> str:
-        return (f"router={self.router_override or 'learned'}, keys_trainable={self.keys_trainable}, "
-                f"attention={self.attention}, lr_mult={self.lr_mult:g}")
+        def show(v: Optional[bool]) -> str:
+            return "unchanged" if v is None else str(v)
+
+        return (f"router={self.router_override or 'learned'}, keys_trainable={show(self.keys_trainable)}, "
+                f"attention={show(self.attention)}, lr_mult={self.lr_mult:g}")
 
 
 def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List[Phase]:

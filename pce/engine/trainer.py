@@ -38,7 +38,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -106,6 +106,10 @@ def to_channels_last(model: nn.Module) -> nn.Module:
             if t.dim() == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
     return model
+
+
+def _format_metrics(results: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scalar_metrics(results).items())
 
 
 def _batch_images(task: Any, batch: Any) -> torch.Tensor:
@@ -217,6 +221,7 @@ class Trainer:
         seed_everything(cfg.runtime.seed + self.rank, cfg.runtime.deterministic)
         self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
+        resume_path = self.checkpoints.find_resume(resume)  # fail before anything is written
 
         # data (first: a missing dataset fails before anything is written)
         self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))
@@ -243,8 +248,10 @@ class Trainer:
         if cfg.schedule.iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.schedule.iters_per_epoch)
 
-        # model, optimisation
+        # model (same initial weights on every rank), optimisation
+        torch.manual_seed(cfg.runtime.seed)
         self.model = task.build_model(cfg).to(self.device)
+        torch.manual_seed(cfg.runtime.seed + self.rank)
         if cfg.runtime.channels_last:
             to_channels_last(self.model)
         if cfg.model.pretrained:
@@ -267,9 +274,8 @@ class Trainer:
         self.best: Dict[str, Any] = {"metric": cfg.eval.metric, "value": None, "epoch": -1}
         self.loss_history: List[float] = []   # total loss of every iteration of this process (tests, debugging)
         self.last_val: Dict[str, Any] = {}
-        if resume:
-            path = self.checkpoints.find_resume(resume)
-            self.load_state(path)
+        if resume_path is not None:
+            self.load_state(resume_path)
 
     # ---------------------------------------------------------------------------------- properties
     @property
@@ -361,7 +367,9 @@ class Trainer:
         n = self.cfg.runtime.kmeans_init_batches
         ds = self.datasets["train"]
         bs = self.cfg.data.batch_size
-        sub = Subset(ds, list(range(min(len(ds), n * bs))))
+        # a fixed random subset (datasets are often sorted by class)
+        g = torch.Generator().manual_seed(self.cfg.runtime.seed)
+        sub = Subset(ds, torch.randperm(len(ds), generator=g)[: n * bs].tolist())
         loader = DataLoader(sub, batch_size=bs, shuffle=False, num_workers=self.cfg.data.num_workers,
                             collate_fn=getattr(self.task, "collate_fn", None),
                             generator=torch.Generator().manual_seed(self.cfg.runtime.seed))
@@ -494,7 +502,12 @@ class Trainer:
         ds = self.datasets.get(split)
         if ds is None:
             return {}
-        return evaluate_model(model or self.eval_model, self.task, self.cfg, ds, self.device, self.amp_dtype)
+        model = model or self.eval_model
+        if self.world_size > 1:
+            # every rank evaluates a shard with rank 0's model: DDP keeps parameters equal, but each rank's last
+            # forward updated its own BatchNorm statistics (and the EMA averages its own buffers)
+            broadcast_parameters(list(model.buffers()))
+        return evaluate_model(model, self.task, self.cfg, ds, self.device, self.amp_dtype)
 
     def _is_better(self, value: float) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -531,8 +544,7 @@ class Trainer:
                     if self.writer is not None:
                         self.writer.write({"type": "val", "epoch": self.epoch, "iter": self.iteration,
                                            **scalar_metrics(results)}, step=self.iteration)
-                    logger.info("epoch %d val: %s", self.epoch, ", ".join(
-                        f"{k} {v:.4f}" for k, v in scalar_metrics(results).items()))
+                    logger.info("epoch %d val: %s", self.epoch, _format_metrics(results))
                 better = False
                 if results:
                     if cfg.eval.metric not in results:

@@ -26,16 +26,15 @@ torchvision's four plus ``loss_router``. ``predict`` returns ``(detections, targ
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
+from pce.datasets import TRANSFORMS, build_dataset, build_transform
 from pce.datasets.collate import detection_collate
-from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
 
+from ..common import accepts, dataset_kwargs, to_plain
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector
@@ -45,21 +44,8 @@ __all__ = ["DetectionTask"]
 _TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
 
 
-def _plain(x: Any) -> Any:
-    """CfgNode -> dict (recursively)."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_plain(v) for v in x]
-    return x
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @register_task("detection")
@@ -75,7 +61,7 @@ class DetectionTask:
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> PCEFasterRCNN:
-        head = _plain(cfg.model.head)
+        head = to_plain(cfg.model.head)
         for k in _TUPLE_OPTIONS:
             if isinstance(head.get(k), list):
                 head[k] = tuple(head[k])
@@ -86,7 +72,7 @@ class DetectionTask:
                 raise ValueError(f"model.head.{k}: set model.{k} instead")
         try:
             model = build_detector(cfg.model.backbone, num_classes=int(cfg.model.num_classes),
-                                   backbone_overrides=_plain(cfg.model.backbone_overrides),
+                                   backbone_overrides=to_plain(cfg.model.backbone_overrides),
                                    router_loss_weights=dict(cfg.model.router_loss_weights), **head)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"model (backbone={cfg.model.backbone!r}, backbone_overrides, head): "
@@ -99,8 +85,8 @@ class DetectionTask:
         name = split_cfg.transform.name
         if not name:
             return None
-        kwargs = _plain(split_cfg.transform.kwargs)
-        if "train" not in kwargs and _accepts(TRANSFORMS.get(name), "train"):
+        kwargs = to_plain(split_cfg.transform.kwargs)
+        if "train" not in kwargs and accepts(TRANSFORMS.get(name), "train"):
             kwargs["train"] = split == "train"
         kwargs.update(extra or {})
         return build_transform(name, **kwargs)
@@ -111,20 +97,10 @@ class DetectionTask:
             sc = cfg.data[split]
             if not sc.name:
                 continue
-            kwargs = _plain(sc.kwargs)
-            if cfg.data.root and _accepts(DATASETS.get(sc.name), "root"):
-                kwargs["root"] = cfg.data.root
-            demo = kwargs.pop("demo", None)
-            if demo:
-                if "root" not in kwargs:
-                    raise ValueError(f"data.{split}.kwargs.demo needs a root (data.root or data.{split}.kwargs.root)")
-                ensure_demo_voc(kwargs["root"], **(demo if isinstance(demo, Mapping) else {}))
-                kwargs.setdefault("classes", DEMO_CLASSES)
-            if isinstance(kwargs.get("classes"), list):
-                kwargs["classes"] = tuple(kwargs["classes"])
+            kwargs = dataset_kwargs(cfg, split)
             extra = {}
             if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
-                    and _accepts(TRANSFORMS.get(sc.transform.name), "seed")):
+                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
                 extra["seed"] = int(cfg.runtime.seed)
             transform = self._build_transform(split, sc, extra)
             try:

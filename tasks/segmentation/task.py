@@ -20,14 +20,14 @@ Batches are ``(images [B, 3, H, W], masks int64 [B, H, W])``. Losses: ``loss_ce`
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from pce.datasets import DATASETS, TRANSFORMS, SegmentationCollate, build_dataset, build_transform
+from pce.datasets import TRANSFORMS, SegmentationCollate, build_dataset, build_transform
 
+from ..common import accepts, dataset_kwargs, to_plain, unwrap
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
@@ -38,28 +38,10 @@ HEAD_OPTIONS = ("arch", "decoder", "ce_weight", "dice_weight", "lovasz_weight", 
                 "size_divisibility", "inference", "slide_window", "slide_stride")
 
 
-def _plain(x: Any) -> Any:
-    """CfgNode -> dict (recursively)."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The :class:`SegmentationModel` inside DDP / EMA (``AveragedModel``) wrappers."""
-    while not isinstance(model, SegmentationModel) and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _num_classes(ds: Any) -> Optional[int]:
@@ -86,7 +68,7 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> SegmentationModel:
-        head = _plain(cfg.model.head)
+        head = to_plain(cfg.model.head)
         unknown = set(head) - set(HEAD_OPTIONS)
         if unknown:
             raise ValueError(f"model.head: unknown segmentation head option(s) {sorted(unknown)}; "
@@ -106,7 +88,7 @@ class SegmentationTask:
         try:
             return build_segmentation_model(
                 arch, cfg.model.backbone, int(cfg.model.num_classes),
-                encoder_overrides=_plain(cfg.model.backbone_overrides),
+                encoder_overrides=to_plain(cfg.model.backbone_overrides),
                 router_loss_weights=dict(cfg.model.router_loss_weights),
                 label_smoothing=float(cfg.model.label_smoothing), **head, **decoder)
         except (KeyError, TypeError) as e:
@@ -118,7 +100,7 @@ class SegmentationTask:
         name = split_cfg.transform.name
         if not name:
             return None
-        kwargs = _plain(split_cfg.transform.kwargs)
+        kwargs = to_plain(split_cfg.transform.kwargs)
         kwargs.update(extra or {})
         return build_transform(name, **kwargs)
 
@@ -128,12 +110,10 @@ class SegmentationTask:
             sc = cfg.data[split]
             if not sc.name:
                 continue
-            kwargs = _plain(sc.kwargs)
-            if cfg.data.root and _accepts(DATASETS.get(sc.name), "root"):
-                kwargs["root"] = cfg.data.root
+            kwargs = dataset_kwargs(cfg, split)
             extra = {}
             if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
-                    and _accepts(TRANSFORMS.get(sc.transform.name), "seed")):
+                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
                 extra["seed"] = int(cfg.runtime.seed)
             transform = self._transform(sc, extra)
             try:
@@ -172,14 +152,14 @@ class SegmentationTask:
         :class:`SegmentationModel` on those logits and that forward's routing."""
         images, masks = self._inputs(batch, device)
         logits = model(images)
-        return _unwrap(model).loss_terms(logits, masks)
+        return unwrap(model, SegmentationModel).loss_terms(logits, masks)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(labels [B, H, W], masks [B, H, W])`` with the configured whole-image / sliding-window inference."""
         images, masks = self._inputs(batch, device)
         inf = self.inference
-        labels = _unwrap(model).predict(images, mode=inf["mode"], window=inf["window"], stride=inf["stride"])
+        labels = unwrap(model, SegmentationModel).predict(images, mode=inf["mode"], window=inf["window"], stride=inf["stride"])
         return labels, masks
 
     def build_evaluator(self, cfg: Any, dataset: Any = None) -> SegmentationEvaluator:
