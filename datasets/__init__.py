@@ -15,3 +15,13 @@ from .voc import (VOC_CLASSES, VOC_PALETTE, VOCDetection, VOCSegmentation, find_
 from .voc_transforms import DetectionTransform, SegmentationTransform
 from .collate import SegmentationCollate, detection_collate, segmentation_collate
 from .demo_voc import DEMO_CLASSES, demo_voc_is_complete, ensure_demo_voc, make_demo_voc
+
+__all__ = [
+    "DATASETS", "TRANSFORMS", "Registry", "build_dataset", "build_transform",
+    "MNIST", "FashionMNIST", "read_idx", "CIFAR10", "CIFAR100", "TinyImageNet", "Digits",
+    "ClassificationTransform", "RaiseOneChannel",
+    "VOC_CLASSES", "VOC_PALETTE", "VOCDetection", "VOCSegmentation", "find_voc_root", "load_index_mask",
+    "parse_voc_xml", "DetectionTransform", "SegmentationTransform",
+    "SegmentationCollate", "detection_collate", "segmentation_collate",
+    "DEMO_CLASSES", "demo_voc_is_complete", "ensure_demo_voc", "make_demo_voc",
+]

@@ -146,6 +146,7 @@ class ExpertBank(nn.Module):
     """
 
     receptive_radius = 0
+    fusable_pairs: tuple = ()  # (conv, batch norm) attribute pairs that pce.fuse may fold for inference
 
     def __init__(self, num_experts: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -184,6 +185,8 @@ class ExpertBank(nn.Module):
 
 class TwoConvExpert(ExpertBank):
     """Shared body of the two-convolution experts: conv1, bn1, dropout, conv2, bn2 (stacked over E)."""
+
+    fusable_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("skip", "skip_bn"))
 
     def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
                  dropout: float = 0.0) -> None:
@@ -230,6 +233,8 @@ class DoubleConvExpert(TwoConvExpert):
 @EXPERTS.register("conv_bn_relu")
 class ConvBNReLUExpert(ExpertBank):
     """Seeds 003/004: a single Conv-BN-ReLU."""
+
+    fusable_pairs = (("conv", "bn"),)
 
     def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: int = 3,
                  dropout: float = 0.0) -> None:

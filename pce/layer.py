@@ -9,6 +9,7 @@ from torch import nn
 from .dispatch import DISPATCHERS
 from .experts import build_expert_bank
 from .patches import PatchExtractor
+from .pointwise import PointwiseConv
 from .positional import PositionalEncoding, patch_centers
 from .routers import build_router
 from .routing import Router, RoutingResult
@@ -59,7 +60,7 @@ class PCELayer(nn.Module):
         self.experts_see_position = experts_see_position
         expert_in = routed_channels if experts_see_position else channels
         self.experts = build_expert_bank(expert, num_experts, expert_in, channels, **(expert_kwargs or {}))
-        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+        self.proj = PointwiseConv(channels, channels, bias=False)
         self._override: Optional[Router] = None
 
     def extra_repr(self) -> str:
@@ -159,7 +160,7 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.channels = channels
         self.experts = build_expert_bank(expert, 1, channels, channels, **(expert_kwargs or {}))
-        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+        self.proj = PointwiseConv(channels, channels, bias=False)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -1,14 +1,18 @@
 """Helpers shared by the task adapters: config nodes to plain values, signature checks, model unwrapping,
-and the dataset keyword arguments of a config split (``data.root``, the built-in ``demo`` data)."""
+the dataset keyword arguments of a config split (``data.root``, the built-in ``demo`` data), and
+:class:`SplitDatasetsMixin` (``build_datasets`` / ``set_epoch`` / ``dummy_inputs`` of every adapter)."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Mapping, Type
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type
 
+import torch
 from torch import nn
 
-from pce.datasets import DATASETS
+from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
 from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
+
+__all__ = ["to_plain", "accepts", "unwrap", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin"]
 
 
 def to_plain(x: Any) -> Any:
@@ -36,6 +40,15 @@ def unwrap(model: nn.Module, cls: Type[nn.Module]) -> nn.Module:
     return model
 
 
+def head_options(cfg: Any, known: Sequence[str], task: str) -> Dict[str, Any]:
+    """``model.head`` as a plain dict; ``ValueError`` naming the options not in ``known``."""
+    head = to_plain(cfg.model.head)
+    unknown = set(head) - set(known)
+    if unknown:
+        raise ValueError(f"model.head: unknown {task} head option(s) {sorted(unknown)}; known: {list(known)}")
+    return head
+
+
 def dataset_kwargs(cfg: Any, split: str) -> Dict[str, Any]:
     """Keyword arguments for ``data.<split>``'s dataset.
 
@@ -56,3 +69,72 @@ def dataset_kwargs(cfg: Any, split: str) -> Dict[str, Any]:
     if isinstance(kwargs.get("classes"), list):
         kwargs["classes"] = tuple(kwargs["classes"])
     return kwargs
+
+
+def image_batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A ``[B, C, H, W]`` image batch on ``device`` (``channels_last`` memory format when asked)."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+class SplitDatasetsMixin:
+    """``build_datasets`` / ``set_epoch`` / ``dummy_inputs`` shared by the task adapters.
+
+    ``data.<split>``: a registered dataset (keyword arguments from :func:`dataset_kwargs`) with its registered
+    transform; the train transform gets ``seed=runtime.seed`` when it takes one and the config does not set it,
+    and :meth:`set_epoch` re-seeds it every epoch. A missing dataset raises ``FileNotFoundError`` naming the split,
+    the dataset and ``data.obtain_hint``. Subclasses check the class count in :meth:`_check_classes` and may add
+    transform options in :meth:`_build_transform`.
+    """
+
+    _train: Optional[Tuple[Any, Any, int]] = None  # (train dataset, its data.train config, seed)
+
+    def _build_transform(self, split: str, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:
+        name = split_cfg.transform.name
+        if not name:
+            return None
+        kwargs = to_plain(split_cfg.transform.kwargs)
+        kwargs.update(extra or {})
+        return build_transform(name, **kwargs)
+
+    def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:
+        """Raise ``ValueError`` when ``dataset``'s classes do not fit ``model.num_classes``."""
+
+    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
+        """The configured ones of ``splits`` (a split without ``data.<split>.name`` is left out)."""
+        out = {}
+        for split in splits:
+            sc = cfg.data[split]
+            if not sc.name:
+                continue
+            kwargs = dataset_kwargs(cfg, split)
+            extra = {}
+            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
+                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
+                extra["seed"] = int(cfg.runtime.seed)
+            transform = self._build_transform(split, sc, extra)
+            try:
+                ds = build_dataset(sc.name, transforms=transform, **kwargs)
+            except FileNotFoundError as e:
+                hint = cfg.data.obtain_hint or "point data.root (or the dataset's kwargs.root) at a copy of the data"
+                raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
+                                        f"{hint}") from e
+            self._check_classes(cfg, split, sc.name, ds)
+            if split == "train" and "seed" in extra:
+                self._train = (ds, sc, extra["seed"])
+            out[split] = ds
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """A fresh, epoch-seeded augmentation stream, so a resumed run augments like an uninterrupted one."""
+        if self._train is None:
+            return
+        ds, sc, seed = self._train
+        if hasattr(ds, "transforms"):
+            ds.transforms = self._build_transform("train", sc, {"seed": seed * 1000003 + epoch})
+
+    def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
+        """A zero ``[B, C, H, W]`` batch of ``model.input_shape`` (FLOP counting, tracing)."""
+        return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pce.engine.phases import find_backbones
-from pce.layer import PCELayer
 from pce.tasks.detection import PCEFasterRCNN, PCEFPNBackbone, build_detector, default_anchor_sizes
 from pce.tasks.visualize import draw_detections, overlay_mask, palette_colors, save_png, to_uint8_image
 

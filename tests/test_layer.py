@@ -114,3 +114,16 @@ def test_router_override_and_restore():
     layer.set_router_override(None)
     _, r = layer(x, return_routing=True)
     assert ((r.weights > 0).sum(-1) == 1).all()
+
+
+def test_pointwise_conv_equals_conv2d():
+    from pce.pointwise import PointwiseConv
+
+    pw = PointwiseConv(6, 4)
+    conv = torch.nn.Conv2d(6, 4, 1)
+    conv.load_state_dict(pw.state_dict())
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    torch.testing.assert_close(pw(x), conv(x), atol=1e-5, rtol=1e-5)
+    g1, = torch.autograd.grad(pw(x).sum(), x)
+    g2, = torch.autograd.grad(conv(x).sum(), x)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)

@@ -36,11 +36,11 @@ def main(argv=None) -> int:
         overrides.append(("model.input_shape", list(args.input_shape)))
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        task = get_task(cfg.task)
+        model = task.build_model(cfg).eval()
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
-    task = get_task(cfg.task)
-    model = task.build_model(cfg).eval()
     torch.manual_seed(0)
     if hasattr(task, "dummy_inputs"):
         inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x

@@ -2,8 +2,8 @@
 """Write pictures of a config's dataset samples with their annotations, after the configured transforms
 (so the training split shows the augmentations), to check data and transforms by eye.
 
-    python tools/browse_dataset.py configs/demo_det_voc.py --out vis/train --num 8
-    python tools/browse_dataset.py configs/demo_seg_voc.py --split val --out vis/val --alpha 0.6
+    python tools/browse_dataset.py configs/demo_det_pce.py --out vis/train --num 8
+    python tools/browse_dataset.py configs/demo_seg_pce.py --split val --out vis/val --alpha 0.6
 
 Detection: ground-truth boxes with class names; segmentation: the mask as a colour overlay (VOC palette;
 void 255 in cream); classification: the class name. Writes ``OUT/<split>_<index>.png``.
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         if args.split not in datasets:
             raise ValueError(f"the config defines no data.{args.split} dataset")
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     ds = datasets[args.split]
     names = getattr(ds, "classes", None) or class_names_from_config(cfg)

@@ -42,8 +42,8 @@ def main(argv=None) -> int:
         init_distributed(device=cfg.runtime.device)
         results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)
         main_process = is_main_process()  # before the process group goes away
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     finally:
         cleanup_distributed()

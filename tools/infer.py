@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a trained model on image files and write pictures of its predictions.
 
-    python tools/infer.py configs/demo_det_voc.py --checkpoint work_dirs/demo_det_voc/best.pth \\
+    python tools/infer.py configs/demo_det_pce.py --checkpoint work_dirs/demo_det_pce/best.pth \\
         data/demo_voc/VOCdevkit/VOC2007/JPEGImages/000001.jpg --out vis/ --score-thr 0.5
 
 IMAGES are files or folders (their .jpg / .jpeg / .png / .bmp files). Each image goes through the config's
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.cfg_options)
         task = get_task(cfg.task)
         device = resolve_device(args.device or cfg.runtime.device)
+        if not Path(args.checkpoint).is_file():  # fail before building the model
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
         model = task.build_model(cfg)
         ckpt = load_model_weights(model, args.checkpoint, prefer_ema=True)
         ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
         transform = eval_transform(cfg)
         paths = list_images(args.images)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     names = class_names_from_config(cfg)
     collate = getattr(task, "collate_fn", None) or default_collate

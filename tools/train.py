@@ -48,7 +48,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, build_overrides(args))
         init_distributed(device=cfg.runtime.device)
-        trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume)
+        try:
+            trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume)
+        except (KeyError, ValueError) as e:  # a config whose parts do not fit (unknown dataset, class count, ...)
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            return 1
         result = trainer.train()
         main_process = is_main_process()  # before the process group goes away
     except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
         metric = cfg.eval.metric
         value = final.get(metric)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            n = final.get("num_samples")
+            n = final.get("num_samples", final.get("num_images"))  # classification / detection
             split = "test" if final.get("split", "test") == "test" else final["split"]
             print(f"final {split} {metric}: {value:.4f}" + (f" ({n} images)" if n is not None else ""), flush=True)
         best = result.get("best") or {}

@@ -172,6 +172,8 @@ def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike]
                         device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
     the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured)."""
+    if not Path(checkpoint).is_file():  # fail before building the data and the model
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
     if split == "test" and not cfg.data.test.name:
         split = "val"
@@ -222,6 +224,8 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
         resume_path = self.checkpoints.find_resume(resume)  # fail before anything is written
+        if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+            raise FileNotFoundError(f"model.pretrained: checkpoint not found: {cfg.model.pretrained}")
 
         # data (first: a missing dataset fails before anything is written)
         self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..registry import ROUTERS
 from ..routing import Router, RoutingResult
+from ..pointwise import PointwiseConv
 from ..spp import SpatialPyramidPooling
 from .threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 
@@ -42,7 +43,7 @@ class CosineRouter(Router):
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         self.in_channels = in_channels
-        self.proj = nn.Conv2d(in_channels, proj_channels, kernel_size=1)
+        self.proj = PointwiseConv(in_channels, proj_channels)
         self.spp = SpatialPyramidPooling(spp_levels, spp_mode)
         self.embed_dim = self.spp.output_dim(proj_channels)
         self.temperature = temperature

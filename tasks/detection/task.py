@@ -31,10 +31,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from pce.datasets import TRANSFORMS, build_dataset, build_transform
+from pce.datasets import TRANSFORMS
 from pce.datasets.collate import detection_collate
 
-from ..common import accepts, dataset_kwargs, to_plain
+from ..common import SplitDatasetsMixin, accepts, to_plain
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector
@@ -44,12 +44,8 @@ __all__ = ["DetectionTask"]
 _TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
 
 
-
-
-
-
 @register_task("detection")
-class DetectionTask:
+class DetectionTask(SplitDatasetsMixin):
     """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`); see the module doc."""
 
     name = "detection"
@@ -82,49 +78,17 @@ class DetectionTask:
 
     # -------------------------------------------------------------------------------------- data
     def _build_transform(self, split: str, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:
+        """The split's transform, with ``train=(split == "train")`` unless its kwargs set ``train``."""
         name = split_cfg.transform.name
-        if not name:
-            return None
-        kwargs = to_plain(split_cfg.transform.kwargs)
-        if "train" not in kwargs and accepts(TRANSFORMS.get(name), "train"):
-            kwargs["train"] = split == "train"
-        kwargs.update(extra or {})
-        return build_transform(name, **kwargs)
+        if name and "train" not in split_cfg.transform.kwargs and accepts(TRANSFORMS.get(name), "train"):
+            extra = {"train": split == "train", **(extra or {})}
+        return super()._build_transform(split, split_cfg, extra)
 
-    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
-        out = {}
-        for split in splits:
-            sc = cfg.data[split]
-            if not sc.name:
-                continue
-            kwargs = dataset_kwargs(cfg, split)
-            extra = {}
-            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
-                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
-                extra["seed"] = int(cfg.runtime.seed)
-            transform = self._build_transform(split, sc, extra)
-            try:
-                ds = build_dataset(sc.name, transforms=transform, **kwargs)
-            except FileNotFoundError as e:
-                hint = cfg.data.obtain_hint or "point data.root (or the dataset's kwargs.root) at a copy of the data"
-                raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
-                                        f"{hint}") from e
-            classes = getattr(ds, "classes", None)
-            if classes is not None and len(classes) + 1 != cfg.model.num_classes:
-                raise ValueError(f"data.{split} ({sc.name}) has {len(classes)} classes, so model.num_classes must be "
-                                 f"{len(classes) + 1} (background included), got {cfg.model.num_classes}")
-            if split == "train" and "seed" in extra:
-                self._train = (ds, sc, extra["seed"])
-            out[split] = ds
-        return out
-
-    def set_epoch(self, epoch: int) -> None:
-        """A fresh, epoch-seeded augmentation stream, so a resumed run augments like an uninterrupted one."""
-        if self._train is None:
-            return
-        ds, sc, seed = self._train
-        if hasattr(ds, "transforms"):
-            ds.transforms = self._build_transform("train", sc, {"seed": seed * 1000003 + epoch})
+    def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:
+        classes = getattr(dataset, "classes", None)
+        if classes is not None and len(classes) + 1 != cfg.model.num_classes:
+            raise ValueError(f"data.{split} ({name}) has {len(classes)} classes, so model.num_classes must be "
+                             f"{len(classes) + 1} (background included), got {cfg.model.num_classes}")
 
     # -------------------------------------------------------------------------------- train / eval
     @staticmethod
@@ -174,7 +138,3 @@ class DetectionTask:
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[0])
-
-    def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
-        """A ``[B, C, H, W]`` batch (the detector iterates it as a list of images) of ``model.input_shape``."""
-        return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)

@@ -20,14 +20,14 @@ Batches are ``(images [B, 3, H, W], masks int64 [B, H, W])``. Losses: ``loss_ce`
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from pce.datasets import TRANSFORMS, SegmentationCollate, build_dataset, build_transform
+from pce.datasets import SegmentationCollate
 
-from ..common import accepts, dataset_kwargs, to_plain, unwrap
+from ..common import SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
@@ -36,12 +36,6 @@ __all__ = ["SegmentationTask", "HEAD_OPTIONS"]
 
 HEAD_OPTIONS = ("arch", "decoder", "ce_weight", "dice_weight", "lovasz_weight", "class_weights", "ignore_index",
                 "size_divisibility", "inference", "slide_window", "slide_stride")
-
-
-
-
-
-
 
 
 def _num_classes(ds: Any) -> Optional[int]:
@@ -53,7 +47,7 @@ def _num_classes(ds: Any) -> Optional[int]:
 
 
 @register_task("segmentation")
-class SegmentationTask:
+class SegmentationTask(SplitDatasetsMixin):
     """Adapter: :func:`build_segmentation_model` from the config, registered datasets + transforms,
     :class:`SegmentationCollate`, whole-image or sliding-window inference, :class:`SegmentationEvaluator`."""
 
@@ -68,11 +62,7 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> SegmentationModel:
-        head = to_plain(cfg.model.head)
-        unknown = set(head) - set(HEAD_OPTIONS)
-        if unknown:
-            raise ValueError(f"model.head: unknown segmentation head option(s) {sorted(unknown)}; "
-                             f"known: {list(HEAD_OPTIONS)}")
+        head = head_options(cfg, HEAD_OPTIONS, "segmentation")
         arch = head.pop("arch", "FPN")
         decoder = dict(head.pop("decoder", None) or {})
         mode = head.pop("inference", "whole")
@@ -96,56 +86,16 @@ class SegmentationTask:
                              f"(arch={arch!r}): {e.args[0] if e.args else e}") from e
 
     # -------------------------------------------------------------------------------------- data
-    def _transform(self, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:
-        name = split_cfg.transform.name
-        if not name:
-            return None
-        kwargs = to_plain(split_cfg.transform.kwargs)
-        kwargs.update(extra or {})
-        return build_transform(name, **kwargs)
-
-    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
-        out = {}
-        for split in splits:
-            sc = cfg.data[split]
-            if not sc.name:
-                continue
-            kwargs = dataset_kwargs(cfg, split)
-            extra = {}
-            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
-                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
-                extra["seed"] = int(cfg.runtime.seed)
-            transform = self._transform(sc, extra)
-            try:
-                ds = build_dataset(sc.name, transforms=transform, **kwargs)
-            except FileNotFoundError as e:
-                hint = cfg.data.obtain_hint or "point data.root (or the dataset's kwargs.root) at a copy of the data"
-                raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
-                                        f"{hint}") from e
-            n = _num_classes(ds)
-            if n is not None and n != cfg.model.num_classes:
-                raise ValueError(f"data.{split} ({sc.name}) has {n} classes (background included) but "
-                                 f"model.num_classes is {cfg.model.num_classes}")
-            if split == "train" and "seed" in extra:
-                self._train = (ds, sc, extra["seed"])
-            out[split] = ds
-        return out
-
-    def set_epoch(self, epoch: int) -> None:
-        """A fresh, epoch-seeded augmentation stream, so a resumed run augments like an uninterrupted one."""
-        if self._train is None:
-            return
-        ds, sc, seed = self._train
-        if hasattr(ds, "transforms"):
-            ds.transforms = self._transform(sc, {"seed": seed * 1000003 + epoch})
+    def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:
+        n = _num_classes(dataset)
+        if n is not None and n != cfg.model.num_classes:
+            raise ValueError(f"data.{split} ({name}) has {n} classes (background included) but "
+                             f"model.num_classes is {cfg.model.num_classes}")
 
     # -------------------------------------------------------------------------------- train / eval
     def _inputs(self, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        images, masks = batch[0], batch[1]
-        images = images.to(device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, torch.as_tensor(masks).to(device, non_blocking=True)
+        images = image_batch_to(batch[0], device, self.channels_last)
+        return images, torch.as_tensor(batch[1]).to(device, non_blocking=True)
 
     def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
         """One forward through ``model(...)`` (so DDP synchronises gradients), then the losses of the wrapped
@@ -159,7 +109,8 @@ class SegmentationTask:
         """``(labels [B, H, W], masks [B, H, W])`` with the configured whole-image / sliding-window inference."""
         images, masks = self._inputs(batch, device)
         inf = self.inference
-        labels = unwrap(model, SegmentationModel).predict(images, mode=inf["mode"], window=inf["window"], stride=inf["stride"])
+        labels = unwrap(model, SegmentationModel).predict(images, mode=inf["mode"], window=inf["window"],
+                                                          stride=inf["stride"])
         return labels, masks
 
     def build_evaluator(self, cfg: Any, dataset: Any = None) -> SegmentationEvaluator:
@@ -175,6 +126,3 @@ class SegmentationTask:
 
     def batch_size(self, batch: Any) -> int:
         return int(batch[0].shape[0])
-
-    def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
-        return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)
