@@ -1,0 +1,27 @@
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("summarize_runs", ROOT / "tools" / "summarize_runs.py")
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+
+
+def test_summary_picks_best_and_final(tmp_path, capsys):
+    rows = [
+        {"type": "train", "epoch": 1, "images_per_s": 10.0, "time": 100.0,
+         "routing": {"l0": {"entropy": 0.5, "usage": [0.5, 0.5]}, "l1": {"entropy": 1.5, "usage": [1.0, 0.0]}}},
+        {"type": "val", "epoch": 1, "top1": 0.8, "time": 160.0},
+        {"type": "train", "epoch": 2, "images_per_s": 30.0, "time": 200.0},
+        {"type": "val", "epoch": 2, "top1": 0.7, "time": 220.0},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = tool.summarize(tmp_path / "run", "top1")
+    assert (s["best"], s["best_epoch"], s["final"], s["epochs"]) == (0.8, 1, 0.7, 2)
+    assert s["minutes"] == 2.0 and s["images_per_s"] == 20.0 and s["entropy"] == 1.0
+    assert tool.main([str(tmp_path / "run")]) == 0
+    assert "| run | 0.8000 (1) | 0.7000 |" in capsys.readouterr().out
+    assert tool.main([str(tmp_path / "missing")]) == 1
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Summarise training runs (their metrics.jsonl) as a Markdown table: best and final metric, wall time,
+throughput and the routers' entropy / expert usage at the end of training.
+
+    python tools/summarize_runs.py work_dirs/demo_det_pce work_dirs/demo_det_dense --metric AP50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def summarize(work_dir: Path, metric: str) -> dict:
+    path = work_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {work_dir} a tools/train.py work dir?)")
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    vals = [r for r in rows if r.get("type") == "val" and metric in r]
+    if not vals:
+        raise KeyError(f"{path}: no validation rows with metric {metric!r}")
+    train = [r for r in rows if r.get("type") == "train"]
+    best = max(vals, key=lambda r: r[metric])
+    times = [r["time"] for r in rows if "time" in r]
+    routing = next((r["routing"] for r in reversed(train) if r.get("routing")), None)
+    out = {"run": work_dir.name, "best": best[metric], "best_epoch": best["epoch"], "final": vals[-1][metric],
+           "epochs": vals[-1]["epoch"], "minutes": (max(times) - min(times)) / 60 if times else float("nan"),
+           "images_per_s": statistics.median(r["images_per_s"] for r in train if "images_per_s" in r) if train else 0}
+    if routing:
+        out["entropy"] = statistics.mean(v["entropy"] for v in routing.values())
+        out["usage"] = "; ".join("/".join(f"{u:.2f}" for u in v["usage"]) for v in routing.values())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work_dirs", nargs="+", type=Path)
+    ap.add_argument("--metric", default="top1")
+    args = ap.parse_args(argv)
+    try:
+        rows = [summarize(d, args.metric) for d in args.work_dirs]
+    except (FileNotFoundError, KeyError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    print(f"| run | best {args.metric} (epoch) | final | epochs | wall min | median img/s | router entropy | expert usage per layer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['run']} | {r['best']:.4f} ({r['best_epoch']}) | {r['final']:.4f} | {r['epochs']} | "
+              f"{r['minutes']:.1f} | {r['images_per_s']:.0f} | {r.get('entropy', float('nan')):.3f} | {r.get('usage', '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
