@@ -97,9 +97,19 @@ def einsum_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return math.prod(sizes.values())
 
 
+def matmul_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::matmul`` with broadcasting (fvcore's counter assumes plain 2-d / equal-rank operands):
+    one multiply-add per output element per reduced index, ``numel(out) * K``."""
+    a = _shape(inputs[0])
+    if not a:
+        return 0
+    return _numel(outputs[0]) * a[-1]
+
+
 #: Handles added to fvcore's defaults (fvcore's own handle wins where it has one, see ``_FALLBACKS``).
 EXTRA_HANDLES: Dict[str, Handle] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::matmul": matmul_flop_jit,
     "aten::index_add": index_add_flop_jit,
     "aten::index_add_": index_add_flop_jit,
     "aten::upsample_nearest1d": elementwise_output(0),
