@@ -12,6 +12,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts seeded and on one thread (a Trainer run may change the thread count)."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(1)

@@ -15,14 +15,6 @@ TV_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box
 SMALL = dict(num_classes=3, fpn_channels=32, representation_size=64, min_size=96, max_size=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are small: one thread is much faster than two on a busy machine (OpenMP barriers)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _batch():
     g = torch.Generator().manual_seed(1)

@@ -36,13 +36,6 @@ eval = dict(metric="AP50", mode="max")
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory):

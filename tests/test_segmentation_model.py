@@ -16,14 +16,6 @@ ENCODERS = ["pce_tiny", "dense_tiny"]
 SIZES = [(64, 64), (96, 64), (70, 50)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # many tiny ops: one thread is much faster than two on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def router_params(model):
     return [p for l in model.backbone.pce_layers() for p in l.router.parameters() if p.requires_grad]

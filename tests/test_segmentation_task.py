@@ -11,13 +11,6 @@ from pce.tasks import get_task, list_tasks
 from pce.tasks.segmentation import SegmentationModel, SegmentationTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
