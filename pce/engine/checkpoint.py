@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -42,15 +42,14 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it onto ``path``;
+    on any failure the temp file is removed and ``path`` keeps its previous content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -60,20 +59,19 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return _atomic_write(Path(path), write)
+
+
 def atomic_copy(src: PathLike, dst: PathLike) -> Path:
     """Copy ``src`` to ``dst`` atomically."""
-    dst = Path(dst)
-    tmp = _tmp_name(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+    return _atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
