@@ -8,4 +8,4 @@ _base_ = [
 ]
 model = dict(label_smoothing=0.1)
 data = dict(num_workers=1)
-runtime = dict(ema=0.999, num_threads=2, log_interval=50)
+runtime = dict(ema=0.999, num_threads=2, log_interval=50, eval_interval=3)

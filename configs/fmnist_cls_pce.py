@@ -15,4 +15,4 @@ phases = [
     dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True),
 ]
 data = dict(num_workers=1)
-runtime = dict(ema=0.999, num_threads=2, log_interval=50)
+runtime = dict(ema=0.999, num_threads=2, log_interval=50, eval_interval=3)

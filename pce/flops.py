@@ -129,6 +129,8 @@ EXTRA_HANDLES: Dict[str, Handle] = {
     "aten::adaptive_max_pool2d": elementwise_input(1),
     "aten::avg_pool2d": elementwise_input(1),
     "aten::max_pool2d": elementwise_input(1),
+    # pce.dispatch's row permutation (an autograd.Function): data movement only, like aten::index_select
+    "prim::PythonOp._PermuteRows": lambda inputs, outputs: 0,
 }
 
 #: Counters used only when fvcore has none for the operator.
