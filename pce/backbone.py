@@ -163,9 +163,18 @@ class PCEBackbone(nn.Module):
             r.set_keys_trainable(flag)
 
     def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        """Route every PCE layer with a parameter-free router (``"uniform"``, ``"positional"``) or ``None``."""
+        """Route every PCE layer with a parameter-free router (``"uniform"``, ``"positional"``, ``"shared"``)
+        or ``None`` (the learned routers)."""
         for l in self.pce_layers():
             l.set_router_override(name, **kwargs)
+
+    def upcycle_experts(self, source: int = 0) -> int:
+        """Copy expert ``source`` into the other experts of every PCE layer (after a stabilisation phase with
+        the ``"shared"`` router). Returns the number of layers changed."""
+        layers = list(self.pce_layers())
+        for l in layers:
+            l.experts.upcycle(source)
+        return len(layers)
 
     def set_attention_enabled(self, flag: bool) -> None:
         for m in self.modules():

@@ -78,6 +78,13 @@ class StackedConv2d(nn.Module):
         b = self.biases[e] if self.biases is not None else None
         return F.conv2d(x, self.weights[e], b, padding=self.kernel_size // 2)
 
+    @torch.no_grad()
+    def copy_expert(self, src: int, dst: int) -> None:
+        """Overwrite expert ``dst``'s kernel (and bias) with expert ``src``'s."""
+        self.weights[dst].copy_(self.weights[src])
+        if self.biases is not None:
+            self.biases[dst].copy_(self.biases[src])
+
 
 class StackedBatchNorm2d(nn.BatchNorm2d):
     """E batch norms over C channels each, stored as one ``BatchNorm2d(E * C)``."""
@@ -93,6 +100,14 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
+
+    @torch.no_grad()
+    def copy_expert(self, src: int, dst: int) -> None:
+        """Overwrite expert ``dst``'s affine parameters and running statistics with expert ``src``'s."""
+        c = self.channels
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if t is not None:
+                t[dst * c:(dst + 1) * c] = t[src * c:(src + 1) * c].clone()
 
     def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         s = slice(e * self.channels, (e + 1) * self.channels)
@@ -181,6 +196,17 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x)
+
+    def upcycle(self, source: int = 0) -> None:
+        """Copy expert ``source`` into every other expert (sparse upcycling): all stacked layers, parameters and
+        batch-norm statistics. Optimizer state is not touched (the copies start with fresh moments)."""
+        if not 0 <= source < self.num_experts:
+            raise ValueError(f"source expert must be in [0, {self.num_experts}), got {source}")
+        for m in self.modules():
+            if isinstance(m, (StackedConv2d, StackedBatchNorm2d)):
+                for e in range(self.num_experts):
+                    if e != source:
+                        m.copy_expert(source, e)
 
 
 class TwoConvExpert(ExpertBank):

@@ -106,6 +106,11 @@ def test_override_list_index(tmp_path: Path):
     assert cfg.phases[1]["lr_mult"] == 0.5 and cfg.phases[1]["keys_trainable"] is None
     with pytest.raises(ConfigError, match="index 5 out of range"):
         load_config(cfg_path, ["phases.5.epochs=1"])
+    assert cfg.phases[1]["upcycle"] is False and load_config(cfg_path, ["phases.1.upcycle=True"]).phases[1]["upcycle"]
+    with pytest.raises(ConfigError, match=r"'phases.1.upcycle' .* expects bool"):
+        load_config(cfg_path, ["phases.1.upcycle='yes'"])
+    with pytest.raises(ConfigError, match=r"'phases.0.router_override' .* must be one of"):
+        load_config(cfg_path, ["phases.0.router_override='sharde'"])
 
 
 def test_unknown_key_names_key_and_file(tree: Path, tmp_path: Path):

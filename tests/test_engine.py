@@ -284,3 +284,73 @@ def test_param_scheduler_warmup_cosine_multistep():
     assert build_param_scheduler(dict(type="constant"), 10)(0.7) == 1.0
     with pytest.raises(ValueError, match="milestones"):
         build_param_scheduler(dict(type="multistep", milestones=[12]), 10)
+
+
+def _expert_kernels(trainer):
+    """The first stacked convolution of the first PCE layer: a list of E kernels."""
+    layer = next(trainer.model.backbone.pce_layers())
+    return [w.detach().clone() for w in next(m for m in layer.experts.modules() if hasattr(m, "weights")).weights]
+
+
+def test_shared_phase_then_upcycle_trains_expert0_and_copies_it(tmp_path: Path):
+    """A "shared" stabilisation phase sends every patch to expert 0 (the others get no gradient); the next phase
+    with upcycle=True copies expert 0 into every expert, once: a resume inside that phase does not copy again."""
+    phases = [dict(name="shared", epochs=1, router_override="shared", keys_trainable=False),
+              dict(name="route", epochs=-1, router_override=None, keys_trainable=False, upcycle=True)]
+    cfg = tiny_cfg(tmp_path, ("phases", phases), epochs=3)
+    start, end = {}, {}
+
+    def hook(trainer, event):
+        if event == "before_epoch":      # runs after the phase settings (and the upcycle) were applied
+            start[trainer.epoch] = _expert_kernels(trainer)
+        if event == "after_epoch":
+            end[trainer.epoch] = _expert_kernels(trainer)
+            if trainer.epoch == 2:
+                raise Stop()
+
+    first = Trainer(cfg, get_task("classification"), hooks=[hook])
+    init = _expert_kernels(first)
+    with pytest.raises(Stop):
+        first.train()
+    shared = end[1]
+    assert not torch.equal(shared[0], init[0])                        # expert 0 trained on every patch...
+    assert all(torch.equal(shared[e], init[e]) for e in range(1, len(init)))  # ...the others on none
+    assert all(torch.equal(w, shared[0]) for w in start[1])            # 'route' starts from E copies of it
+    assert not all(torch.equal(w, shared[0]) for w in end[2])          # and routing trains them apart
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["upcycled_layers"]) for r in records if r["type"] == "phase"] == [("shared", 0),
+                                                                                             ("route", 2)]
+    resumed = Trainer(cfg, get_task("classification"), resume=True, hooks=[hook])
+    resumed.train()
+    assert all(torch.equal(a, b) for a, b in zip(start[2], end[2]))   # resume in the phase: no second copy
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("upcycled_layers", 0) for r in records if r["type"] == "phase") == 2
+
+
+def test_upcycle_makes_routing_irrelevant():
+    """After upcycling, all experts are the same function: any routing gives the output of expert 0."""
+    from pce.backbone import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone("pce_fmnist", stem_channels=8, stages=[dict(channels=8, depth=1, patch_size=7, stride=2),
+                                                               dict(channels=16, depth=1, patch_size=2, stride=2)])
+    x = torch.randn(4, 1, 28, 28)
+    bb.train()
+    bb.set_router_override("shared")
+    bb(x)                                   # BN statistics of expert 0 only
+    assert bb.upcycle_experts(0) == 2
+    bb.eval()
+    ref = {k: v.clone() for k, v in bb(x).items()}
+    for layer in bb.pce_layers():
+        bank = layer.experts
+        for m in bank.modules():
+            if hasattr(m, "weights"):
+                for w in m.weights:
+                    assert torch.equal(w, m.weights[0])
+    bb.set_router_override("uniform")        # eval: every expert with weight 1/E: still expert 0's function
+    routed, routing = bb(x, return_routing=True)
+    assert all(bool((r.weights > 0).all()) for r in routing)
+    for k in ref:
+        torch.testing.assert_close(routed[k], ref[k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="source expert"):
+        next(bb.pce_layers()).experts.upcycle(7)

@@ -295,6 +295,8 @@ def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
         for k in ("keys_trainable", "attention"):
             if full[k] is not None and not isinstance(full[k], bool):
                 raise ConfigError(f"config key '{key}.{k}' (set in {src}) expects bool or None, got {full[k]!r}")
+        if not isinstance(full["upcycle"], bool):
+            raise ConfigError(f"config key '{key}.upcycle' (set in {src}) expects bool, got {full['upcycle']!r}")
         for k, allowed in PHASE_CHOICES.items():
             if full[k] not in allowed:
                 raise ConfigError(f"config key '{key}.{k}' (set in {src}) must be one of {list(allowed)}, "

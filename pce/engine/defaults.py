@@ -13,7 +13,7 @@ Sections::
     data        train / val / test: {name, kwargs{}, transform: {name, kwargs{}}}, batch sizes, workers
     optimizer   type (sgd | adamw | adam), lr, weight_decay, momentum, betas, grad_clip, ...
     schedule    epochs, lr_scheduler (fvcore param scheduler: warmup + cosine | multistep | constant)
-    phases      list of {name, epochs, router_override, keys_trainable, attention, lr_mult}
+    phases      list of {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}
     runtime     work_dir, seed, deterministic, amp, channels_last, ema, intervals, kmeans_init_batches
     eval        metric used to pick best.pth, its mode, topk
 """
@@ -94,7 +94,7 @@ _C.schedule.lr_scheduler.milestones = []         # multistep: epochs at which lr
 _C.schedule.lr_scheduler.gamma = 0.1
 
 # --------------------------------------------------------------------------------------------- phases
-# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult}; see PHASE_DEFAULTS.
+# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}; see PHASE_DEFAULTS.
 # Empty: one phase over all epochs that changes nothing. The phase epochs must add up to schedule.epochs;
 # the last phase may say epochs=-1 ("the rest").
 _C.phases = []
@@ -123,7 +123,7 @@ _C.eval.metric = "top1"                   # key of the evaluator's results that 
 _C.eval.mode = "max"                      # max | min
 _C.eval.topk = (1, 5)
 
-ROUTER_OVERRIDES = (None, "uniform", "positional")
+ROUTER_OVERRIDES = (None, "uniform", "positional", "shared")
 
 # Allowed values of string options (checked after merging, errors name the key and the file).
 CHOICES: Dict[str, Tuple[Any, ...]] = {
@@ -139,10 +139,11 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
 PHASE_DEFAULTS: Dict[str, Any] = {
     "name": "",
     "epochs": 1,
-    "router_override": None,      # None (learned routers) | "uniform" | "positional"
+    "router_override": None,      # None (learned routers) | "uniform" | "positional" | "shared"
     "keys_trainable": None,       # None | bool
     "attention": None,            # None | bool
     "lr_mult": 1.0,
+    "upcycle": False,             # at the phase start, copy expert 0 into the others (after a "shared" phase)
 }
 PHASE_CHOICES: Dict[str, Tuple[Any, ...]] = {"router_override": ROUTER_OVERRIDES}
 

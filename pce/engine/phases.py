@@ -7,6 +7,9 @@ A PCE run is a list of phases (config ``phases``), each a number of epochs with 
 * ``keys_trainable``: cosine-router keys outside the graph (EMA-updated) or trained by the optimizer.
 * ``attention``: deformable attention blocks on or off.
 * ``lr_mult``: multiplier of the base learning rate during the phase (applied by :class:`PCEScheduler`).
+* ``upcycle``: when the phase starts, copy expert 0 into every other expert (sparse upcycling after a
+  ``router_override="shared"`` phase that trained expert 0 on every patch). Runs once, before the K-Means
+  initialisation, and not again when a run resumes inside the phase.
 
 ``None`` for ``keys_trainable`` / ``attention`` leaves the setting as it is. The K-Means initialisation of the
 router keys (``backbone.init_keys``) runs once, right before the first phase that uses the learned routers.
@@ -57,6 +60,7 @@ class Phase:
     keys_trainable: Optional[bool] = None
     attention: Optional[bool] = None
     lr_mult: float = 1.0
+    upcycle: bool = False
     start_epoch: int = 0
 
     @property
@@ -72,7 +76,8 @@ class Phase:
             return "unchanged" if v is None else str(v)
 
         return (f"router={self.router_override or 'learned'}, keys_trainable={show(self.keys_trainable)}, "
-                f"attention={show(self.attention)}, lr_mult={self.lr_mult:g}")
+                f"attention={show(self.attention)}, lr_mult={self.lr_mult:g}"
+                + (", experts upcycled from expert 0" if self.upcycle else ""))
 
 
 def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List[Phase]:
@@ -84,7 +89,8 @@ def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List
     for i, (p, e) in enumerate(zip(phases, epochs)):
         out.append(Phase(name=p.get("name") or f"phase{i}", epochs=e, router_override=p.get("router_override"),
                          keys_trainable=p.get("keys_trainable"), attention=p.get("attention"),
-                         lr_mult=float(p.get("lr_mult", 1.0)), start_epoch=start))
+                         lr_mult=float(p.get("lr_mult", 1.0)), upcycle=bool(p.get("upcycle", False)),
+                         start_epoch=start))
         start += e
     return out
 
@@ -255,13 +261,17 @@ class PhaseController:
 
     def on_epoch_start(self, epoch: int, models: Sequence[nn.Module],
                        kmeans_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None) -> Dict[str, Any]:
-        """Apply the phase of ``epoch``. Returns ``{"phase": Phase, "started": bool, "requires_grad_changed":
-        bool, "kmeans_routers": int}``."""
+        """Apply the phase of ``epoch``. Returns ``{"phase": Phase, "index": int, "started": bool,
+        "requires_grad_changed": bool, "kmeans_routers": int, "upcycled_layers": int}``."""
         idx = self.phase_index(epoch)
         phase = self.phases[idx]
         started = idx != self.current
-        kmeans = 0
+        kmeans = upcycled = 0
         models = [m for m in models if m is not None]
+        if started and phase.upcycle:
+            for m in models:
+                upcycled = sum(bb.upcycle_experts(0) for bb in find_backbones(m))
+            logger.info("upcycled the experts of %d PCE layer(s) from expert 0 before phase '%s'", upcycled, phase.name)
         if self.needs_kmeans(phase, models[0]) and kmeans_batches is not None:
             # the learned routers take over: initialise their keys on real patches first
             for m in models:
@@ -277,7 +287,7 @@ class PhaseController:
                 self.history.append({"epoch": epoch, "phase": idx, "name": phase.name})
         self.current = idx
         return {"phase": phase, "index": idx, "started": started, "requires_grad_changed": changed,
-                "kmeans_routers": kmeans}
+                "kmeans_routers": kmeans, "upcycled_layers": upcycled}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"current": -1 if self.current is None else self.current, "keys_initialized": self.keys_initialized,

@@ -405,6 +405,7 @@ class Trainer:
             self.writer.write({"type": "phase", "epoch": epoch + 1, "iter": self.iteration, "phase": info["index"],
                                "name": ph.name, "router_override": ph.router_override,
                                "keys_trainable": ph.keys_trainable, "attention": ph.attention, "lr_mult": ph.lr_mult,
+                               "upcycle": ph.upcycle, "upcycled_layers": info["upcycled_layers"],
                                "kmeans_routers": info["kmeans_routers"]}, step=self.iteration, prefix="phase")
         if self.world_size > 1 and (self.ddp_model is None or info["requires_grad_changed"]):
             self._wrap_ddp()

@@ -1,4 +1,4 @@
-"""Routers without learned scores: Gumbel sampling over cosine scores, positional, uniform."""
+"""Routers without learned scores: Gumbel sampling over cosine scores, positional, uniform, shared."""
 from __future__ import annotations
 
 import math
@@ -101,3 +101,26 @@ class UniformRouter(Router):
             pick = torch.rand(B, P, E, device=patches.device).topk(self.subset, dim=-1).indices
             weights = torch.zeros_like(probs).scatter_(-1, pick, 1.0 / self.subset)
         return self.finalize(weights, probs, None)
+
+
+@ROUTERS.register("shared")
+class SharedRouter(Router):
+    """Every patch to expert 0 with weight 1, in training and eval: the experts act as one shared dense block.
+
+    The stabilisation router of sparse upcycling: train expert 0 on every patch at the cost of one expert, then
+    copy it into the others (phase option ``upcycle``, :meth:`pce.backbone.PCEBackbone.upcycle_experts`) before
+    the learned routers take over, so that every expert starts from weights trained on all the data."""
+
+    def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, top_k: Optional[int] = None,
+                 **_: object) -> None:
+        super().__init__(num_experts)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.num_experts > 1
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        B, P = patches.shape[:2]
+        weights = patches.new_zeros(B, P, self.num_experts)
+        weights[..., 0] = 1.0
+        return RoutingResult(weights=weights, probs=weights, logits=None)
