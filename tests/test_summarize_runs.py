@@ -25,3 +25,20 @@ def test_summary_picks_best_and_final(tmp_path, capsys):
     assert "| run | 0.8000 (1) | 0.7000 |" in capsys.readouterr().out
     assert tool.main([str(tmp_path / "missing")]) == 1
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_seed_groups_mean_and_std(tmp_path, capsys):
+    for name, acc in [("pce_s0", 0.90), ("pce_s1", 0.92), ("pce_s2", 0.94), ("dense_seed0", 0.95), ("other", 0.5)]:
+        (tmp_path / name).mkdir()
+        rows = [{"type": "train", "epoch": 1, "images_per_s": 100.0, "time": 0.0},
+                {"type": "val", "epoch": 1, "top1": acc, "time": 60.0}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    names = ["pce_s0", "pce_s1", "pce_s2", "dense_seed0", "other"]
+    rows = [tool.summarize(tmp_path / n, "top1") for n in names]
+    groups = tool.group_by_seed(rows)
+    assert sorted(groups) == ["dense", "pce"] and len(groups["pce"]) == 3
+    assert tool.main([str(tmp_path / n) for n in names]) == 0
+    out = capsys.readouterr().out
+    # mean 0.92, sample std 0.02 (statistics.stdev of 0.90, 0.92, 0.94)
+    assert "| pce | 0,1,2 | 0.9200 ± 0.0200 | 0.9200 ± 0.0200 | 1.0 ± 0.0 | 100 ± 0 |" in out
+    assert "| dense | 0 | 0.9500 |" in out

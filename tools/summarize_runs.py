@@ -1,15 +1,23 @@
 """Summarise training runs (their metrics.jsonl) as a Markdown table: best and final metric, wall time,
-throughput and the routers' entropy / expert usage at the end of training.
+throughput and the routers' entropy / expert usage at the end of training. Runs whose names differ only
+by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second table: mean +- sample std over
+the seeds of the final and best metric, wall time and throughput.
 
     python tools/summarize_runs.py work_dirs/demo_det_pce work_dirs/demo_det_dense --metric AP50
+    python tools/summarize_runs.py work_dirs/fmnist_*_s[012] --metric top1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import Dict, List
+
+_SEED = re.compile(r"^(?P<group>.+?)_(?:s|seed)(?P<seed>\d+)$")
 
 
 def summarize(work_dir: Path, metric: str) -> dict:
@@ -33,6 +41,27 @@ def summarize(work_dir: Path, metric: str) -> dict:
     return out
 
 
+def group_by_seed(rows: List[dict]) -> Dict[str, List[dict]]:
+    """Runs named ``<group>_s<N>`` / ``<group>_seed<N>`` by group (groups of one run included)."""
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for r in rows:
+        m = _SEED.match(r["run"])
+        if m:
+            groups[m.group("group")].append(r)
+    return dict(groups)
+
+
+def _entropy(row: dict) -> str:
+    return f"{row['entropy']:.3f}" if "entropy" in row else "-"
+
+
+def _mean_std(values: List[float], digits: int) -> str:
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work_dirs", nargs="+", type=Path)
@@ -47,7 +76,16 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['run']} | {r['best']:.4f} ({r['best_epoch']}) | {r['final']:.4f} | {r['epochs']} | "
-              f"{r['minutes']:.1f} | {r['images_per_s']:.0f} | {r.get('entropy', float('nan')):.3f} | {r.get('usage', '-')} |")
+              f"{r['minutes']:.1f} | {r['images_per_s']:.0f} | {_entropy(r)} | {r.get('usage', '-')} |")
+    groups = group_by_seed(rows)
+    if any(len(g) > 1 for g in groups.values()):
+        print()
+        print(f"| runs | seeds | final {args.metric} (mean ± std) | best {args.metric} | wall min | median img/s |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, g in groups.items():
+            seeds = ",".join(_SEED.match(r["run"]).group("seed") for r in g)
+            print(f"| {name} | {seeds} | {_mean_std([r['final'] for r in g], 4)} | {_mean_std([r['best'] for r in g], 4)} | "
+                  f"{_mean_std([r['minutes'] for r in g], 1)} | {_mean_std([r['images_per_s'] for r in g], 0)} |")
     return 0
 
 
