@@ -96,7 +96,7 @@ def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tenso
     if not outs:
         return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:])
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    y = y * weights[token_idx, expert_idx].view(-1, 1, 1, 1)
+    y = y * weights[token_idx, expert_idx].to(y.dtype).view(-1, 1, 1, 1)
     if permutation:
         return _PermuteRows.apply(y, inverse, token_idx)
     return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:]).index_add(0, token_idx, y)

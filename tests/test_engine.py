@@ -286,9 +286,9 @@ def test_param_scheduler_warmup_cosine_multistep():
         build_param_scheduler(dict(type="multistep", milestones=[12]), 10)
 
 
-def _expert_kernels(trainer):
+def _expert_kernels(trainer, model=None):
     """The first stacked convolution of the first PCE layer: a list of E kernels."""
-    layer = next(trainer.model.backbone.pce_layers())
+    layer = next((model or trainer.model).backbone.pce_layers())
     return [w.detach().clone() for w in next(m for m in layer.experts.modules() if hasattr(m, "weights")).weights]
 
 
@@ -297,12 +297,13 @@ def test_shared_phase_then_upcycle_trains_expert0_and_copies_it(tmp_path: Path):
     with upcycle=True copies expert 0 into every expert, once: a resume inside that phase does not copy again."""
     phases = [dict(name="shared", epochs=1, router_override="shared", keys_trainable=False),
               dict(name="route", epochs=-1, router_override=None, keys_trainable=False, upcycle=True)]
-    cfg = tiny_cfg(tmp_path, ("phases", phases), epochs=3)
-    start, end = {}, {}
+    cfg = tiny_cfg(tmp_path, ("phases", phases), ("runtime.ema", 0.5), epochs=3)
+    start, end, ema_start = {}, {}, {}
 
     def hook(trainer, event):
         if event == "before_epoch":      # runs after the phase settings (and the upcycle) were applied
             start[trainer.epoch] = _expert_kernels(trainer)
+            ema_start[trainer.epoch] = _expert_kernels(trainer, trainer.ema.module)
         if event == "after_epoch":
             end[trainer.epoch] = _expert_kernels(trainer)
             if trainer.epoch == 2:
@@ -317,6 +318,7 @@ def test_shared_phase_then_upcycle_trains_expert0_and_copies_it(tmp_path: Path):
     assert all(torch.equal(shared[e], init[e]) for e in range(1, len(init)))  # ...the others on none
     assert all(torch.equal(w, shared[0]) for w in start[1])            # 'route' starts from E copies of it
     assert not all(torch.equal(w, shared[0]) for w in end[2])          # and routing trains them apart
+    assert all(torch.equal(w, ema_start[1][0]) for w in ema_start[1])  # the EMA copy was upcycled too
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["name"], r["upcycled_layers"]) for r in records if r["type"] == "phase"] == [("shared", 0),
                                                                                              ("route", 2)]

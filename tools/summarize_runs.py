@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     groups = group_by_seed(rows)
     if any(len(g) > 1 for g in groups.values()):
         print()
-        print(f"| runs | seeds | final {args.metric} (mean ± std) | best {args.metric} | wall min | median img/s |")
+        print(f"| runs | seeds | final {args.metric} (mean ± std) | best {args.metric} | wall min | img/s (run medians) |")
         print("| --- | --- | --- | --- | --- | --- |")
         for name, g in groups.items():
             seeds = ",".join(_SEED.match(r["run"]).group("seed") for r in g)

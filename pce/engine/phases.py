@@ -269,8 +269,8 @@ class PhaseController:
         kmeans = upcycled = 0
         models = [m for m in models if m is not None]
         if started and phase.upcycle:
-            for m in models:
-                upcycled = sum(bb.upcycle_experts(0) for bb in find_backbones(m))
+            # every model (the trained one and its EMA copy) copies its own expert 0; report the first's count
+            upcycled = [sum(bb.upcycle_experts(0) for bb in find_backbones(m)) for m in models][0]
             logger.info("upcycled the experts of %d PCE layer(s) from expert 0 before phase '%s'", upcycled, phase.name)
         if self.needs_kmeans(phase, models[0]) and kmeans_batches is not None:
             # the learned routers take over: initialise their keys on real patches first
