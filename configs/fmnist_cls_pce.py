@@ -1,7 +1,8 @@
 # PCE classifier on Fashion-MNIST: the budget recipe of docs/RESULTS.md (12 epochs, AdamW, cosine).
 #   python tools/train.py configs/fmnist_cls_pce.py --seed 0
-# Phases: 1 epoch of stabilisation (each patch to one random expert), then learned cosine routing with
-# K-Means-initialised, EMA-updated keys, then trainable keys for the rest.
+# Phases (sparse upcycling): 4 epochs with every patch sent to expert 0 (the experts train as one shared block,
+# at the cost of one expert), then expert 0 is copied into all 4 experts and learned cosine routing takes over
+# (keys K-Means-initialised, EMA-updated for 2 epochs, then trainable).
 _base_ = [
     "_base_/models/pce_fmnist.py",
     "_base_/datasets/fmnist.py",
@@ -10,9 +11,9 @@ _base_ = [
 ]
 model = dict(label_smoothing=0.1)
 phases = [
-    dict(name="stabilise", epochs=1, router_override="uniform", keys_trainable=False, attention=False),
-    dict(name="route", epochs=3, router_override=None, keys_trainable=False),
-    dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True),
+    dict(name="shared", epochs=4, router_override="shared", keys_trainable=False, attention=False),
+    dict(name="route", epochs=2, upcycle=True, keys_trainable=False),
+    dict(name="finetune", epochs=-1, keys_trainable=True),
 ]
 data = dict(num_workers=1)
 runtime = dict(ema=0.999, num_threads=2, log_interval=50, eval_interval=3)
