@@ -11,9 +11,11 @@ model = dict(
 )
 optimizer = dict(type="adamw", lr=2e-3, weight_decay=1e-4, grad_clip=10.0)
 schedule = dict(epochs=32, lr_scheduler=dict(type="cosine", warmup_epochs=0.5))
+# Sparse upcycling: 16 epochs with every patch sent to expert 0 (one shared block, the cost of one expert), then
+# expert 0 is copied into all experts and the learned routers take over (keys EMA-updated, then trainable).
 phases = [
-    dict(name="stabilise", epochs=1, router_override="uniform", keys_trainable=False),
-    dict(name="route", epochs=10, keys_trainable=False),
+    dict(name="shared", epochs=16, router_override="shared", keys_trainable=False),
+    dict(name="route", epochs=6, upcycle=True, keys_trainable=False),
     dict(name="finetune", epochs=-1, keys_trainable=True),
 ]
 runtime = dict(kmeans_init_batches=8, log_interval=10)
