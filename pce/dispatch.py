@@ -14,7 +14,8 @@ weights outputs zeros.
 * :func:`dispatch_sparse`: sort the (token, expert) pairs by expert, one gather, each expert runs on its
   contiguous slice, one weighted scatter-add. One host synchronisation per layer, cost ~k x one expert.
   When every token goes to exactly one expert (top-1 without drops) the gather and the scatter are row
-  permutations, executed as :class:`_PermuteRows` (no zero-filled buffers in forward or backward).
+  permutations, executed as :class:`_PermuteRows` (no zero-filled buffers in forward or backward), and skipped
+  when every token goes to the same expert.
 """
 from __future__ import annotations
 
@@ -81,7 +82,11 @@ def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tenso
     stats = torch.cat([torch.bincount(expert_idx, minlength=bank.num_experts),
                        (per_token != 1).sum().view(1)]).tolist()
     counts, permutation = stats[:-1], stats[-1] == 0
-    if permutation:
+    # every token with one and the same expert (e.g. the "shared" router): the pairs are already in token order
+    identity = permutation and max(counts) == n
+    if identity:
+        gathered = tokens
+    elif permutation:
         inverse = torch.empty_like(token_idx)
         inverse[token_idx] = torch.arange(n, device=token_idx.device)
         gathered = _PermuteRows.apply(tokens, token_idx, inverse)
@@ -97,6 +102,8 @@ def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tenso
         return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:])
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
     y = y * weights[token_idx, expert_idx].to(y.dtype).view(-1, 1, 1, 1)
+    if identity:
+        return y
     if permutation:
         return _PermuteRows.apply(y, inverse, token_idx)
     return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:]).index_add(0, token_idx, y)

@@ -121,3 +121,15 @@ def test_bad_weights_shape():
         build_expert_bank("residual", 0, 3, 3)
     with pytest.raises(KeyError, match="unknown expert"):
         build_expert_bank("mlp", 2, 3, 3)
+
+
+@pytest.mark.parametrize("expert_id", [0, 2])
+def test_sparse_all_tokens_to_one_expert(expert_id):
+    """Every token to one expert (the "shared" router's case): the no-copy path equals the reference."""
+    bank = build_expert_bank("residual", 3, 5, 5)
+    tokens = torch.randn(10, 5, 4, 4)
+    weights = torch.zeros(10, 3)
+    weights[:, expert_id] = torch.rand(10) + 0.5
+    ref = _run(dispatch_reference, bank, tokens, weights)
+    fast = _run(dispatch_sparse, bank, tokens, weights)
+    _assert_same(ref, fast)
