@@ -11,17 +11,9 @@ from torch import nn
 
 from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
 from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
+from pce.engine.config import to_plain
 
 __all__ = ["to_plain", "accepts", "unwrap", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin"]
-
-
-def to_plain(x: Any) -> Any:
-    """CfgNode / tuples -> dicts and lists (recursively)."""
-    if isinstance(x, Mapping):
-        return {k: to_plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_plain(v) for v in x]
-    return x
 
 
 def accepts(fn: Any, name: str) -> bool:

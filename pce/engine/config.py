@@ -32,7 +32,7 @@ from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
 from .defaults import CHOICES, PHASE_CHOICES, PHASE_DEFAULTS, get_default_config
 
 __all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "dump_config", "format_config",
-           "config_to_dict", "OVERRIDE_SOURCE"]
+           "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
 
 OVERRIDE_SOURCE = "--cfg-options"
 _PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
@@ -371,11 +371,12 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _yaml_ready(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _yaml_ready(v) for k, v in x.items()}
+def to_plain(x: Any) -> Any:
+    """Mappings (CfgNode included) and tuples -> dicts and lists, recursively (YAML- and kwargs-ready)."""
+    if isinstance(x, Mapping):
+        return {k: to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_yaml_ready(v) for v in x]
+        return [to_plain(v) for v in x]
     return x
 
 
@@ -395,7 +396,7 @@ def dump_config(cfg: CfgNode, path: Union[str, os.PathLike]) -> Path:
     if path.suffix == ".py":
         text = format_config(cfg)
     elif path.suffix in (".yaml", ".yml"):
-        text = yaml.safe_dump(_yaml_ready(config_to_dict(cfg)), sort_keys=False)
+        text = yaml.safe_dump(to_plain(config_to_dict(cfg)), sort_keys=False)
     else:
         raise ConfigError(f"dump_config: unsupported file type {path.suffix!r}; use .py or .yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
