@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     if args.format == "py":
         print(format_config(cfg))
     else:
-        from pce.engine.config import _yaml_ready
+        from pce.engine.config import to_plain
 
-        print(yaml.safe_dump(_yaml_ready(config_to_dict(cfg)), sort_keys=False))
+        print(yaml.safe_dump(to_plain(config_to_dict(cfg)), sort_keys=False))
     return 0
 
 
