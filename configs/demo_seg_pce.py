@@ -5,7 +5,11 @@ task = "segmentation"
 model = dict(
     backbone="pce_tiny",
     num_classes=5,  # background + 4 demo classes
-    backbone_overrides=dict(num_experts=4, top_k=1, halo=1),  # 1 px of neighbour context per patch
+    # execution="context": every pixel computed by its patch's expert, convolutions reading across patch borders
+    # (dense-equal FLOPs; halo=1 gave the same accuracy at 1.9x the FLOPs). "straight_through": the top-1 weight
+    # is 1 in the forward pass (upcycled experts start as the shared block exactly), router gradients as usual.
+    backbone_overrides=dict(num_experts=4, top_k=1, execution="context",
+                            router_kwargs=dict(renormalize="straight_through")),
     head=dict(arch="FPN", decoder=dict(decoder_pyramid_channels=64, decoder_segmentation_channels=32)),
     input_shape=(3, 128, 128),
 )

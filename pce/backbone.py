@@ -61,7 +61,7 @@ class PCEBackbone(nn.Module):
         in_chans: input channels. stem_channels / stem_stride (1, 2 or 4): the convolutional stem.
         layer: ``"pce"`` or ``"dense"`` (the dense twin).
         num_experts, router, router_kwargs, top_k, expert, expert_kwargs, pos_encoding, num_frequencies,
-        experts_see_position, halo, padding, execution: passed to every :class:`~pce.layer.PCELayer`.
+        experts_see_position, halo, padding, execution, norm_stats: passed to every :class:`~pce.layer.PCELayer`.
         attention_kwargs: for :class:`~pce.attention.DeformableAttention` in stages with ``attention=True``.
         out_indices: which stages to return (default all).
     """
@@ -71,7 +71,7 @@ class PCEBackbone(nn.Module):
                  router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
                  expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
                  pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
-                 halo: int = 0, padding: str = "pad", execution: str = "auto",
+                 halo: int = 0, padding: str = "pad", execution: str = "auto", norm_stats: str = "expert",
                  attention_kwargs: Optional[Dict[str, Any]] = None,
                  out_indices: Optional[Sequence[int]] = None) -> None:
         super().__init__()
@@ -108,7 +108,7 @@ class PCEBackbone(nn.Module):
                 return PCELayer(c, p, num_experts=num_experts, router=router, router_kwargs=router_kwargs,
                                 top_k=top_k, expert=expert, expert_kwargs=expert_kwargs, pos_encoding=pos_encoding,
                                 num_frequencies=num_frequencies, experts_see_position=experts_see_position,
-                                halo=halo, padding=padding, execution=execution)
+                                halo=halo, padding=padding, execution=execution, norm_stats=norm_stats)
 
             attn = (lambda c=cout: DeformableAttention(c, **(attention_kwargs or {}))) if spec.get("attention") else None
             self.stages.append(Stage(cin, cout, s, depth, make_layer, attn))
@@ -168,12 +168,13 @@ class PCEBackbone(nn.Module):
         for l in self.pce_layers():
             l.set_router_override(name, **kwargs)
 
-    def upcycle_experts(self, source: int = 0) -> int:
+    def upcycle_experts(self, source: int = 0, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
         """Copy expert ``source`` into the other experts of every PCE layer (after a stabilisation phase with
-        the ``"shared"`` router). Returns the number of layers changed."""
+        the ``"shared"`` router), with its optimizer state when ``optimizer`` is given. Returns the number of
+        layers changed."""
         layers = list(self.pce_layers())
         for l in layers:
-            l.experts.upcycle(source)
+            l.experts.upcycle(source, optimizer)
         return len(layers)
 
     def set_attention_enabled(self, flag: bool) -> None:

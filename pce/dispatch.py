@@ -16,8 +16,12 @@ weights outputs zeros.
   When every token goes to exactly one expert (top-1 without drops) the gather and the scatter are row
   permutations, executed as :class:`_PermuteRows` (no zero-filled buffers in forward or backward), and skipped
   when every token goes to the same expert.
+* :func:`dispatch_context`: top-1 routing where each expert's convolutions read their neighbours' activations
+  across patch borders (each pixel computed once, by its patch's expert: a halo at no extra FLOPs).
 """
 from __future__ import annotations
+
+from typing import Callable, List, Optional
 
 import torch
 
@@ -72,42 +76,127 @@ def dispatch_dense(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor
     return out
 
 
+class _Plan:
+    """Where each routed (token, expert) pair goes: the pairs sorted by expert, tokens per expert, and whether
+    the sort is a permutation of the tokens (every token has exactly one expert) or even the identity (every
+    token has the same expert). Building it is the one host synchronisation of a layer."""
+
+    def __init__(self, weights: torch.Tensor, num_experts: int) -> None:
+        n = weights.shape[0]
+        pairs = (weights.detach().t() != 0).nonzero()  # [M, 2] (expert, token), sorted by expert
+        self.expert_idx, self.token_idx = pairs[:, 0], pairs[:, 1]
+        per_token = torch.bincount(self.token_idx, minlength=n)
+        stats = torch.cat([torch.bincount(self.expert_idx, minlength=num_experts),
+                           (per_token != 1).sum().view(1), (per_token > 1).sum().view(1)]).tolist()
+        self.counts: List[int] = stats[:-2]
+        self.num_tokens = n
+        self.permutation = stats[-2] == 0
+        self.multi = stats[-1] > 0  # some token has several experts
+        self.identity = self.permutation and max(self.counts) == n
+        self.inverse: Optional[torch.Tensor] = None
+        if self.permutation and not self.identity:
+            self.inverse = torch.empty_like(self.token_idx)
+            self.inverse[self.token_idx] = torch.arange(n, device=self.token_idx.device)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Token rows ``[N, ...]`` -> routed rows sorted by expert ``[M, ...]``."""
+        if self.identity:
+            return x
+        if self.permutation:
+            return _PermuteRows.apply(x, self.token_idx, self.inverse)
+        return x.index_select(0, self.token_idx)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """Routed rows ``[M, ...]`` -> token rows ``[N, ...]``, summed over a token's experts, zeros for a token
+        without any."""
+        if self.identity:
+            return y
+        if self.permutation:
+            return _PermuteRows.apply(y, self.inverse, self.token_idx)
+        return y.new_zeros(self.num_tokens, *y.shape[1:]).index_add(0, self.token_idx, y)
+
+    def weigh(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return y * weights[self.token_idx, self.expert_idx].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+
+
 def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     _check(tokens, weights, bank)
-    pairs = (weights.detach().t() != 0).nonzero()  # [M, 2] (expert, token), sorted by expert
-    expert_idx, token_idx = pairs[:, 0], pairs[:, 1]
-    n = tokens.shape[0]
-    # the one host sync: tokens per expert, and whether every token has exactly one expert
-    per_token = torch.bincount(token_idx, minlength=n)
-    stats = torch.cat([torch.bincount(expert_idx, minlength=bank.num_experts),
-                       (per_token != 1).sum().view(1)]).tolist()
-    counts, permutation = stats[:-1], stats[-1] == 0
-    # every token with one and the same expert (e.g. the "shared" router): the pairs are already in token order
-    identity = permutation and max(counts) == n
-    if identity:
-        gathered = tokens
-    elif permutation:
-        inverse = torch.empty_like(token_idx)
-        inverse[token_idx] = torch.arange(n, device=token_idx.device)
-        gathered = _PermuteRows.apply(tokens, token_idx, inverse)
-    else:
-        gathered = tokens.index_select(0, token_idx)
+    plan = _Plan(weights, bank.num_experts)
+    gathered = plan.gather(tokens)
     outs = []
     with bank.per_expert():
         # split, not slicing: its backward is one concatenation instead of a zero-filled buffer per expert
-        for e, chunk in enumerate(gathered.split(counts)):
+        for e, chunk in enumerate(gathered.split(plan.counts)):
             if chunk.shape[0]:
                 outs.append(bank.forward_one(chunk, e))
     if not outs:
-        return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:])
+        return tokens.new_zeros(tokens.shape[0], bank.out_channels, *tokens.shape[-2:])
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    y = y * weights[token_idx, expert_idx].to(y.dtype).view(-1, 1, 1, 1)
-    if identity:
-        return y
-    if permutation:
-        return _PermuteRows.apply(y, inverse, token_idx)
-    return tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:]).index_add(0, token_idx, y)
+    return plan.scatter(plan.weigh(y, weights))
 
 
+class StitchedExperts:
+    """Selection for :func:`dispatch_context`: every layer of an expert runs on the rows routed to it (sorted by
+    expert), and a ``k x k`` convolution reads its ``k // 2`` pixels of border context from the neighbouring
+    patches' activations of the previous layer (computed by *their* experts), re-tiled into a map."""
+
+    def __init__(self, plan: _Plan, to_windows: Callable[[torch.Tensor, int], torch.Tensor],
+                 tokens: torch.Tensor, norm_stats: str = "expert") -> None:
+        self.plan, self.to_windows, self.norm_stats = plan, to_windows, norm_stats
+        self.tokens = tokens  # the layer input, token order: context for convolutions reading the input
+        self.routed = plan.gather(tokens)  # the rows the experts run on
+
+    def _chunks(self, x: torch.Tensor):
+        return [(e, c) for e, c in enumerate(x.split(self.plan.counts)) if c.shape[0]]
+
+    def conv(self, layer, x: torch.Tensor) -> torch.Tensor:
+        r = layer.kernel_size // 2
+        if r:  # rows in token order -> map -> windows with r pixels of context -> sorted by expert
+            # the layer input exists at dropped patches too: read it, not the zeros a scatter would give
+            rows = self.tokens if x is self.routed else self.plan.scatter(x)
+            x = self.plan.gather(self.to_windows(rows, r))
+        outs = [layer.forward_one(c, e, padding=0) for e, c in self._chunks(x)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def norm(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_stats == "layer" and hasattr(layer, "forward_pooled"):
+            return layer.forward_pooled(x, self.plan.counts)
+        outs = [layer.forward_one(c, e) for e, c in self._chunks(x)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def identity(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        return x
+
+
+def dispatch_context(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor,
+                     to_windows: Callable[[torch.Tensor, int], torch.Tensor],
+                     norm_stats: str = "expert") -> torch.Tensor:
+    """Top-1 (or dropped) routing where experts see across patch borders at the cost of one expert per pixel.
+
+    Each pixel is computed by its patch's expert, layer by layer; a ``k x k`` convolution at a patch border
+    reads the neighbouring patch's previous-layer activations (zeros outside the map and, after the first
+    layer, for dropped patches; the first layer reads the input everywhere).
+    ``to_windows(rows [N, C, n, n], r)`` must return each patch with ``r`` pixels of such context,
+    ``[N, C, n + 2r, n + 2r]`` (see :meth:`pce.patches.PatchExtractor.extract_windows`). With every patch on
+    one expert this is exactly that expert applied to the whole map. Needs at most one expert per token.
+    ``norm_stats``: ``"expert"`` (each expert's batch norm uses the statistics of its own rows) or ``"layer"``
+    (statistics of all routed rows of the layer, per-expert affine: what a dense layer's batch norm sees).
+    """
+    if norm_stats not in ("expert", "layer"):
+        raise ValueError(f"norm_stats must be 'expert' or 'layer', got {norm_stats!r}")
+    _check(tokens, weights, bank)
+    plan = _Plan(weights, bank.num_experts)
+    if plan.multi:
+        raise ValueError("execution='context' needs at most one expert per patch (top-1 or capacity routing); "
+                         "use 'sparse' or 'map' for top-k > 1 and soft routing")
+    if not any(plan.counts):
+        return tokens.new_zeros(tokens.shape[0], bank.out_channels, *tokens.shape[-2:])
+    sel = StitchedExperts(plan, to_windows, tokens, norm_stats)
+    with bank.per_expert():
+        y = bank.run(sel.routed, sel)
+    return plan.scatter(plan.weigh(y, weights))
+
+
+# dispatchers with the common signature (bank, tokens, weights); dispatch_context also needs the patch geometry
 DISPATCHERS = {"reference": dispatch_reference, "fused": dispatch_fused, "dense": dispatch_dense,
                "sparse": dispatch_sparse}

@@ -14,7 +14,7 @@ So a new expert type is one class with stacked layers and a ``run`` method, plus
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,17 +73,26 @@ class StackedConv2d(nn.Module):
         b = torch.cat(list(self.biases)) if self.biases is not None else None
         return F.conv2d(x, torch.cat(list(self.weights)), b, padding=k // 2, groups=E)
 
-    def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert ``e`` on ``[n, C_in, h, w]`` -> ``[n, C_out, h, w]``."""
+    def forward_one(self, x: torch.Tensor, e: int, padding: Optional[int] = None) -> torch.Tensor:
+        """Expert ``e`` on ``[n, C_in, h, w]`` -> ``[n, C_out, h, w]`` ('same' padding by default;
+        ``padding=0`` gives the valid convolution ``[n, C_in, h + 2r, w + 2r] -> [n, C_out, h, w]``)."""
         b = self.biases[e] if self.biases is not None else None
-        return F.conv2d(x, self.weights[e], b, padding=self.kernel_size // 2)
+        return F.conv2d(x, self.weights[e], b, padding=self.kernel_size // 2 if padding is None else padding)
 
     @torch.no_grad()
-    def copy_expert(self, src: int, dst: int) -> None:
-        """Overwrite expert ``dst``'s kernel (and bias) with expert ``src``'s."""
-        self.weights[dst].copy_(self.weights[src])
+    def copy_expert(self, src: int, dst: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Overwrite expert ``dst``'s kernel (and bias) with expert ``src``'s, and their optimizer state
+        (e.g. Adam moments) when ``optimizer`` is given."""
+        pairs = [(self.weights[src], self.weights[dst])]
         if self.biases is not None:
-            self.biases[dst].copy_(self.biases[src])
+            pairs.append((self.biases[src], self.biases[dst]))
+        for a, b in pairs:
+            b.copy_(a)
+            if optimizer is not None:
+                if a in optimizer.state:
+                    optimizer.state[b] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[a].items()}
+                else:
+                    optimizer.state.pop(b, None)
 
 
 class StackedBatchNorm2d(nn.BatchNorm2d):
@@ -102,12 +111,44 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
     @torch.no_grad()
-    def copy_expert(self, src: int, dst: int) -> None:
-        """Overwrite expert ``dst``'s affine parameters and running statistics with expert ``src``'s."""
+    def copy_expert(self, src: int, dst: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Overwrite expert ``dst``'s affine parameters and running statistics with expert ``src``'s, and the
+        matching slices of their optimizer state when ``optimizer`` is given."""
         c = self.channels
+        a, b = slice(src * c, (src + 1) * c), slice(dst * c, (dst + 1) * c)
         for t in (self.weight, self.bias, self.running_mean, self.running_var):
             if t is not None:
-                t[dst * c:(dst + 1) * c] = t[src * c:(src + 1) * c].clone()
+                t[b] = t[a].clone()
+        for p in (self.weight, self.bias):
+            state = optimizer.state.get(p) if optimizer is not None and p is not None else None
+            for v in (state or {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:  # per-element state (moments); not the step count
+                    v[b] = v[a].clone()
+
+    def forward_pooled(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """Rows ``[sum(counts), C, h, w]`` sorted by expert (``counts[e]`` rows for expert e): normalised with
+        the statistics of all rows together, then each expert's affine. In training the batch statistics
+        update every expert's running statistics alike; in eval each expert uses its own."""
+        if self.training or self.running_mean is None:
+            c = self.channels
+            rm = self.running_mean[:c].clone() if self.running_mean is not None else None
+            rv = self.running_var[:c].clone() if self.running_var is not None else None
+            x = F.batch_norm(x, rm, rv, None, None, True, self.momentum if self.momentum is not None else 0.1,
+                             self.eps)
+            if rm is not None:
+                with torch.no_grad():
+                    E = self.num_experts
+                    self.running_mean.copy_(rm.repeat(E))  # every expert tracks the layer's statistics
+                    self.running_var.copy_(rv.repeat(E))
+                    if self.num_batches_tracked is not None:
+                        self.num_batches_tracked.add_(1)
+            weight, bias = (self._split if self._split is not None
+                            else (self.weight.split(c), self.bias.split(c)))
+            outs = [xe * weight[e].view(1, -1, 1, 1) + bias[e].view(1, -1, 1, 1)
+                    for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
+        else:
+            outs = [self.forward_one(xe, e) for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         s = slice(e * self.channels, (e + 1) * self.channels)
@@ -197,16 +238,17 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x)
 
-    def upcycle(self, source: int = 0) -> None:
+    def upcycle(self, source: int = 0, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Copy expert ``source`` into every other expert (sparse upcycling): all stacked layers, parameters and
-        batch-norm statistics. Optimizer state is not touched (the copies start with fresh moments)."""
+        batch-norm statistics, and, given the ``optimizer``, its state for them (so the copies continue with
+        ``source``'s Adam moments instead of fresh ones, whose first steps are full-size ``lr * sign(g)``)."""
         if not 0 <= source < self.num_experts:
             raise ValueError(f"source expert must be in [0, {self.num_experts}), got {source}")
         for m in self.modules():
             if isinstance(m, (StackedConv2d, StackedBatchNorm2d)):
                 for e in range(self.num_experts):
                     if e != source:
-                        m.copy_expert(source, e)
+                        m.copy_expert(source, e, optimizer)
 
 
 class TwoConvExpert(ExpertBank):

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .dispatch import DISPATCHERS
+from .dispatch import DISPATCHERS, dispatch_context
 from .experts import build_expert_bank
 from .patches import PatchExtractor
 from .pointwise import PointwiseConv
@@ -14,7 +14,7 @@ from .positional import PositionalEncoding, patch_centers
 from .routers import build_router
 from .routing import Router, RoutingResult
 
-EXECUTIONS = ("auto", "reference", "fused", "dense", "sparse", "map")
+EXECUTIONS = ("auto", "reference", "fused", "dense", "sparse", "context", "map")
 
 
 class PCELayer(nn.Module):
@@ -29,9 +29,13 @@ class PCELayer(nn.Module):
     ``execution``: ``"auto"`` (sparse dispatch when the router emits exact zeros; otherwise the fused pass on
     CUDA and the per-expert dense loop on CPU, the faster of the two on each as measured by
     ``tools/benchmark.py``), ``"reference"``, ``"fused"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.dispatch`),
-    or ``"map"``: all experts run on the
+    ``"context"``: top-1 routing where every pixel is computed by its patch's expert and each convolution reads
+    the neighbouring patches' activations across the border (a halo at no extra FLOPs; with every patch on one
+    expert it is exactly that expert on the whole map), or ``"map"``: all experts run on the
     whole map and per-patch weights are broadcast to pixels, so experts see their neighbours (a free halo;
-    cost E x one expert; not the seeds' isolated-patch semantics).
+    cost E x one expert). Neither is the seeds' isolated-patch semantics (the default).
+    ``norm_stats="layer"`` (context execution only): the experts' batch norms share the statistics of all
+    the layer's pixels (per-expert affine), as a dense layer's batch norm would, instead of each expert's own.
     """
 
     def __init__(self, channels: int, patch_size: int, num_experts: int = 4, router: str = "cosine",
@@ -39,16 +43,22 @@ class PCELayer(nn.Module):
                  expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
                  pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
                  halo: int = 0, patch_stride: Optional[int] = None, padding: str = "pad",
-                 execution: str = "auto") -> None:
+                 execution: str = "auto", norm_stats: str = "expert") -> None:
         super().__init__()
+        if norm_stats not in ("expert", "layer"):
+            raise ValueError(f"norm_stats must be 'expert' or 'layer', got {norm_stats!r}")
+        if norm_stats == "layer" and execution != "context":
+            raise ValueError("norm_stats='layer' (batch-norm statistics pooled over the layer's experts) needs "
+                             "execution='context'")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if execution == "map" and (halo or (patch_stride not in (None, patch_size))):
-            raise ValueError("execution='map' already gives experts their neighbours: use halo=0 and no overlap")
+        if execution in ("map", "context") and (halo or (patch_stride not in (None, patch_size))):
+            raise ValueError(f"execution={execution!r} already gives experts their neighbours: "
+                             "use halo=0 and no overlap")
         self.channels, self.patch_size, self.num_experts = channels, patch_size, num_experts
-        self.halo, self.execution = halo, execution
+        self.halo, self.execution, self.norm_stats = halo, execution, norm_stats
         self.extractor = PatchExtractor(patch_size, patch_stride, padding)
         self.pos = PositionalEncoding(pos_encoding, num_frequencies)
         routed_channels = channels + self.pos.num_channels
@@ -136,6 +146,15 @@ class PCELayer(nn.Module):
             wmap = wmap.repeat_interleave(n, dim=2).repeat_interleave(n, dim=3)  # [B, E, Hp, Wp]
             y_all = self.experts.forward_all(src)  # [B, E, C, Hp, Wp]
             mix = torch.einsum("bechw,behw->bchw", y_all, wmap.to(y_all.dtype))[:, :, :H, :W]
+        elif mode == "context":
+            tokens = (patches if self.experts_see_position else content).reshape(B * P, -1, n, n)
+
+            def to_windows(rows: torch.Tensor, r: int) -> torch.Tensor:  # [B*P, c, n, n] -> [B*P, c, n+2r, n+2r]
+                m = ext.reassemble(rows.reshape(B, P, -1, n, n), grid)
+                return ext.extract_windows(m, grid, r).reshape(B * P, -1, n + 2 * r, n + 2 * r)
+
+            out = dispatch_context(self.experts, tokens, weights.reshape(B * P, -1), to_windows, self.norm_stats)
+            mix = ext.reassemble(out.reshape(B, P, C, n, n), grid)
         else:
             if self.halo:
                 tokens = ext.extract_windows(src, grid, self.halo)

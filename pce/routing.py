@@ -5,7 +5,9 @@ A router maps patches ``[B, P, C, n, n]`` (content plus positional channels) and
 the logits/probabilities they came from, the router's auxiliary losses and detached statistics.
 
 The generic post-processing in :meth:`Router.finalize` gives every router the same options:
-``top_k`` (keep the k largest weights; exact zeros elsewhere), ``renormalize`` (kept weights sum to 1) and
+``top_k`` (keep the k largest weights; exact zeros elsewhere), ``renormalize`` (kept weights sum to 1; or
+``"straight_through"``: they sum to 1 in the forward pass, while gradients flow as if they were the raw
+probabilities, so a top-1 expert's output is not scaled down yet the router still learns from the task loss) and
 ``capacity_factor`` (each expert accepts at most ``ceil(capacity_factor * N * k / E)`` of the ``N = B * P``
 patches; the lowest-probability assignments beyond capacity are dropped).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -85,15 +87,18 @@ class Router(nn.Module):
     Args:
         num_experts: E >= 1.
         top_k: keep only the k largest weights per patch (``None``: keep all).
-        renormalize: rescale the kept weights to sum to 1.
+        renormalize: ``True``: rescale the kept weights to sum to 1; ``"straight_through"``: the same values,
+            gradients of the unrescaled weights; ``False``: keep the probabilities.
         capacity_factor: expert capacity ``ceil(cf * N * k / E)``; ``None`` disables dropping.
     """
 
     uses_keys = False
 
-    def __init__(self, num_experts: int, top_k: Optional[int] = None, renormalize: bool = False,
+    def __init__(self, num_experts: int, top_k: Optional[int] = None, renormalize: Union[bool, str] = False,
                  capacity_factor: Optional[float] = None) -> None:
         super().__init__()
+        if renormalize not in (True, False, "straight_through"):
+            raise ValueError(f"renormalize must be True, False or 'straight_through', got {renormalize!r}")
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
         if top_k is not None and not 1 <= top_k <= num_experts:
@@ -139,5 +144,6 @@ class Router(nn.Module):
         if keep is not None:
             weights = weights * keep
         if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+            unit = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+            weights = unit if self.renormalize is True else weights + (unit - weights).detach()
         return RoutingResult(weights=weights, probs=probs, logits=logits)

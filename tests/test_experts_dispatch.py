@@ -133,3 +133,30 @@ def test_sparse_all_tokens_to_one_expert(expert_id):
     ref = _run(dispatch_reference, bank, tokens, weights)
     fast = _run(dispatch_sparse, bank, tokens, weights)
     _assert_same(ref, fast)
+
+
+def test_upcycle_copies_parameters_statistics_and_optimizer_state():
+    bank = build_expert_bank("residual", 3, 4, 6)  # 4 -> 6 channels: has a skip conv + BN
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-2)
+    with bank.per_expert():
+        bank.forward_one(torch.randn(5, 4, 3, 3), 0).square().mean().backward()  # only expert 0 gets gradients
+    opt.step()
+    bank.upcycle(0, opt)
+    x = torch.randn(2, 4, 3, 3)
+    bank.eval()
+    for e in (1, 2):
+        torch.testing.assert_close(bank.forward_one(x, e), bank.forward_one(x, 0), rtol=0, atol=0)
+    for conv in (bank.conv1, bank.conv2, bank.skip):
+        s0 = opt.state[conv.weights[0]]
+        for e in (1, 2):
+            se = opt.state[conv.weights[e]]
+            assert torch.equal(se["exp_avg"], s0["exp_avg"]) and torch.equal(se["exp_avg_sq"], s0["exp_avg_sq"])
+            assert se["exp_avg"] is not s0["exp_avg"]  # copies, not shared tensors
+    for bn in (bank.bn1, bank.bn2, bank.skip_bn):
+        m = opt.state[bn.weight]["exp_avg"].view(3, -1)
+        assert m[0].abs().sum() > 0 and torch.equal(m[1], m[0]) and torch.equal(m[2], m[0])
+    # without an optimizer the state is left alone
+    bank2 = build_expert_bank("residual", 2, 4, 4)
+    opt2 = torch.optim.AdamW(bank2.parameters())
+    bank2.upcycle(0)
+    assert not opt2.state

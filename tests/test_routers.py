@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -136,6 +137,35 @@ def test_top_k_keeps_exactly_k(name, k):
     res = r(*_inputs())
     assert ((res.weights > 0).sum(-1) == k).all()
     assert r.is_sparse
+
+
+@pytest.mark.parametrize("name,k", [("cosine", 1), ("cosine", 2), ("gate", 1), ("expert_choice", None)])
+def test_renormalize_straight_through_values_and_gradients(name, k):
+    """Values of renormalize=True (kept weights sum to 1), gradients of renormalize=False (the raw weights)."""
+    kw = {} if k is None else {"top_k": k}
+    torch.manual_seed(0)
+    raw = build_router(name, C, E, renormalize=False, **kw)
+    unit = copy.deepcopy(raw)
+    unit.renormalize = True
+    st = copy.deepcopy(raw)
+    st.renormalize = "straight_through"
+    x, pos = _inputs()
+    res = {}
+    for key, r in (("raw", raw), ("unit", unit), ("st", st)):
+        torch.manual_seed(1)
+        res[key] = r(x, pos).weights
+    torch.testing.assert_close(res["st"], res["unit"])
+    kept = res["st"].sum(-1) > 0
+    torch.testing.assert_close(res["st"].sum(-1)[kept], torch.ones(int(kept.sum())))
+    g = torch.randn(res["raw"].shape)
+    grads = {}
+    for key, r in (("raw", raw), ("st", st)):
+        r.zero_grad()
+        (res[key] * g).sum().backward()
+        grads[key] = [p.grad.clone() for p in r.parameters() if p.grad is not None]
+    assert grads["raw"] and all(torch.allclose(a, b) for a, b in zip(grads["raw"], grads["st"]))
+    with pytest.raises(ValueError, match="renormalize"):
+        build_router(name, C, E, renormalize="yes", **kw)
 
 
 def test_expert_choice_balances_by_construction():

@@ -260,8 +260,10 @@ class PhaseController:
         return count
 
     def on_epoch_start(self, epoch: int, models: Sequence[nn.Module],
-                       kmeans_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None) -> Dict[str, Any]:
-        """Apply the phase of ``epoch``. Returns ``{"phase": Phase, "index": int, "started": bool,
+                       kmeans_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None,
+                       optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+        """Apply the phase of ``epoch`` (``models[0]`` is the trained model, whose ``optimizer`` state follows an
+        upcycling; the others, e.g. the EMA copy, follow the settings). Returns ``{"phase": Phase, "index": int, "started": bool,
         "requires_grad_changed": bool, "kmeans_routers": int, "upcycled_layers": int}``."""
         idx = self.phase_index(epoch)
         phase = self.phases[idx]
@@ -270,7 +272,8 @@ class PhaseController:
         models = [m for m in models if m is not None]
         if started and phase.upcycle:
             # every model (the trained one and its EMA copy) copies its own expert 0; report the first's count
-            upcycled = [sum(bb.upcycle_experts(0) for bb in find_backbones(m)) for m in models][0]
+            upcycled = [sum(bb.upcycle_experts(0, optimizer if i == 0 else None) for bb in find_backbones(m))
+                        for i, m in enumerate(models)][0]
             logger.info("upcycled the experts of %d PCE layer(s) from expert 0 before phase '%s'", upcycled, phase.name)
         if self.needs_kmeans(phase, models[0]) and kmeans_batches is not None:
             # the learned routers take over: initialise their keys on real patches first

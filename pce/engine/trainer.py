@@ -394,7 +394,7 @@ class Trainer:
         if hasattr(self.task, "set_epoch"):
             self.task.set_epoch(epoch)
         with self._thread_limit():
-            info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches)
+            info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches, self.optimizer)
         if info["kmeans_routers"] and self.world_size > 1:
             from ..routers.cosine import CosineRouter
 

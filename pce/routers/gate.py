@@ -86,6 +86,4 @@ class ExpertChoiceRouter(Router):
         idx = flat.detach().topk(c, dim=0).indices  # [c, E]
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, torch.ones_like(idx, dtype=torch.bool))
         weights = (flat * keep).reshape(B, P, E)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        return Router.finalize(self, weights, probs, logits)
+        return Router.finalize(self, weights, probs, logits)  # applies ``renormalize``
