@@ -71,7 +71,7 @@ class PCEBackbone(nn.Module):
                  router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
                  expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
                  pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
-                 halo: int = 0, padding: str = "pad", execution: str = "auto", norm_stats: str = "expert",
+                 halo: int = 0, padding: str = "fit", execution: str = "auto", norm_stats: str = "expert",
                  attention_kwargs: Optional[Dict[str, Any]] = None,
                  out_indices: Optional[Sequence[int]] = None) -> None:
         super().__init__()

@@ -20,7 +20,8 @@ EXECUTIONS = ("auto", "reference", "fused", "dense", "sparse", "context", "map")
 class PCELayer(nn.Module):
     """One Positional Convolution Experts layer, ``[B, C, H, W] -> [B, C, H, W]``.
 
-    1. pad to the patch grid (``padding="pad"``) or fail (``"error"``); add positional channels;
+    1. fit the patch grid to the map (``padding="fit"``: shrink the patches to tile it when they can, else pad;
+       ``"pad"``: zero-pad; ``"error"``: fail, see :mod:`pce.patches`); add positional channels;
     2. extract patches ``[B, P, C + pos, n, n]`` and route them: weights ``[B, P, E]``;
     3. run the experts on the patches (isolated patches, as in the seeds, plus ``halo`` pixels of neighbour
        context when ``halo > 0``), routing-weighted sum, reassemble, crop;
@@ -42,7 +43,7 @@ class PCELayer(nn.Module):
                  router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
                  expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
                  pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
-                 halo: int = 0, patch_stride: Optional[int] = None, padding: str = "pad",
+                 halo: int = 0, patch_stride: Optional[int] = None, padding: str = "fit",
                  execution: str = "auto", norm_stats: str = "expert") -> None:
         super().__init__()
         if norm_stats not in ("expert", "layer"):
@@ -119,7 +120,7 @@ class PCELayer(nn.Module):
         ext = self.extractor
         grid = ext.grid(H, W)
         xp = ext.pad(x, grid)
-        n = self.patch_size
+        n = grid.patch_size  # the nominal patch_size, or smaller under padding="fit"
         P, Pc = grid.num_patches, self.pos.num_channels
         content, _ = ext.extract(xp, grid)  # [B, P, C, n, n]
         pos_map = self.pos(grid.grid_h, grid.grid_w, n, n, x.device, x.dtype)  # [1, Pc, gh*n, gw*n]

@@ -6,7 +6,11 @@ map and :meth:`PatchExtractor.reassemble` is the exact inverse of :meth:`PatchEx
 
 Policy for maps whose size does not fit the patch grid (``padding``):
 * ``"error"`` (default of the extractor): raise a ``ValueError`` naming the size and the patch size;
-* ``"pad"``: zero-pad bottom/right to the next size that fits, and :meth:`reassemble` crops back.
+* ``"pad"``: zero-pad bottom/right to the next size that fits, and :meth:`reassemble` crops back;
+* ``"fit"`` (non-overlapping patches): keep the number of patches ``ceil(size / n)`` per side and shrink the
+  patches to tile the map exactly when they can (a 56x56 map with ``n = 16``: 4x4 patches of 14, where
+  ``"pad"`` would compute on 64x64, 1.31x the pixels); otherwise, and for maps smaller than one patch, pad
+  as ``"pad"`` does. The grid's ``patch_size`` is the side actually used.
 Nothing is ever silently truncated.
 """
 from __future__ import annotations
@@ -68,8 +72,8 @@ class PatchExtractor(nn.Module):
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         if not 1 <= stride <= patch_size:
             raise ValueError(f"stride must be in [1, patch_size={patch_size}], got {stride}")
-        if padding not in ("error", "pad"):
-            raise ValueError(f"padding must be 'error' or 'pad', got {padding!r}")
+        if padding not in ("error", "pad", "fit"):
+            raise ValueError(f"padding must be 'error', 'pad' or 'fit', got {padding!r}")
         self.patch_size = patch_size
         self.stride = stride
         self.padding = padding
@@ -80,6 +84,11 @@ class PatchExtractor(nn.Module):
     def grid(self, height: int, width: int) -> PatchGrid:
         """The patch grid for a ``height x width`` map (raises under ``padding="error"`` if it does not fit)."""
         n, s = self.patch_size, self.stride
+        if self.padding == "fit" and s == n and (height % n or width % n) and min(height, width) >= n:
+            gh, gw = math.ceil(height / n), math.ceil(width / n)
+            if height % gh == 0 and width % gw == 0 and height // gh == width // gw:
+                m = height // gh
+                return PatchGrid(height, width, m, m, 0, 0, gh, gw)
         ph, pw = _fit(height, n, s), _fit(width, n, s)
         if (ph, pw) != (height, width) and self.padding == "error":
             raise ValueError(
@@ -101,19 +110,19 @@ class PatchExtractor(nn.Module):
         B, C, H, W = x.shape
         grid = grid or self.grid(H, W)
         x = self.pad(x, grid)
-        n = self.patch_size
+        n = grid.patch_size
         if not grid.overlapping:
             p = x.reshape(B, C, grid.grid_h, n, grid.grid_w, n).permute(0, 2, 4, 1, 3, 5)
             return p.reshape(B, grid.num_patches, C, n, n), grid
-        cols = F.unfold(x, kernel_size=n, stride=self.stride)  # [B, C*n*n, P]
+        cols = F.unfold(x, kernel_size=n, stride=grid.stride)  # [B, C*n*n, P]
         return cols.transpose(1, 2).reshape(B, grid.num_patches, C, n, n), grid
 
     def reassemble(self, patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
         """``[B, P, C, n, n] -> [B, C, H, W]``: exact inverse without overlap, mean of overlaps otherwise."""
         B, P, C, n, n2 = patches.shape
-        if P != grid.num_patches or n != self.patch_size or n2 != n:
+        if P != grid.num_patches or n != grid.patch_size or n2 != n:
             raise ValueError(
-                f"patches {tuple(patches.shape)} do not match grid {grid.grid_h}x{grid.grid_w} of size {self.patch_size}"
+                f"patches {tuple(patches.shape)} do not match grid {grid.grid_h}x{grid.grid_w} of size {grid.patch_size}"
             )
         Hp, Wp = grid.padded_size
         if not grid.overlapping:
@@ -121,9 +130,9 @@ class PatchExtractor(nn.Module):
             x = x.reshape(B, C, Hp, Wp)
         else:
             cols = patches.reshape(B, P, C * n * n).transpose(1, 2)
-            summed = F.fold(cols, (Hp, Wp), kernel_size=n, stride=self.stride)
+            summed = F.fold(cols, (Hp, Wp), kernel_size=n, stride=grid.stride)
             ones = torch.ones(1, n * n, P, device=patches.device, dtype=patches.dtype)
-            count = F.fold(ones, (Hp, Wp), kernel_size=n, stride=self.stride)
+            count = F.fold(ones, (Hp, Wp), kernel_size=n, stride=grid.stride)
             x = summed / count
         return x[:, :, : grid.height, : grid.width]
 
@@ -138,6 +147,6 @@ class PatchExtractor(nn.Module):
             return self.extract(x, grid)[0]
         B, C = x.shape[:2]
         x = F.pad(self.pad(x, grid), (halo, halo, halo, halo))
-        k = self.patch_size + 2 * halo
-        cols = F.unfold(x, kernel_size=k, stride=self.stride)
+        k = grid.patch_size + 2 * halo
+        cols = F.unfold(x, kernel_size=k, stride=grid.stride)
         return cols.transpose(1, 2).reshape(B, grid.num_patches, C, k, k)

@@ -50,6 +50,29 @@ def test_indivisible_size_errors_or_pads_and_crops():
     assert torch.equal(ext.reassemble(p, grid), x)
 
 
+@pytest.mark.parametrize("size,n,expect", [
+    ((56, 56), 16, (14, 4, 4, 0, 0)),   # 224 px input at stride 4: 4x4 patches of 14 instead of padding to 64
+    ((28, 42), 8, (7, 4, 6, 0, 0)),     # non-square map, same shrunken side on both axes
+    ((14, 14), 4, (4, 4, 4, 2, 2)),     # 14 is not 4 patches of an integer side: pad to 16 as "pad" does
+    ((16, 16), 4, (4, 4, 4, 0, 0)),     # fits already: unchanged
+    ((20, 12), 8, (8, 3, 2, 4, 4)),     # 20/3 and 12/2 differ: pad
+    ((1, 1), 2, (2, 1, 1, 1, 1)),       # smaller than one patch: padded, as "pad" does
+])
+def test_fit_shrinks_patches_to_tile_the_map(size, n, expect):
+    ext = PatchExtractor(n, padding="fit")
+    grid = ext.grid(*size)
+    assert (grid.patch_size, grid.grid_h, grid.grid_w, grid.pad_h, grid.pad_w) == expect
+    x = torch.randn(2, 3, *size)
+    p, _ = ext.extract(x, grid)
+    m = grid.patch_size
+    assert p.shape == (2, grid.num_patches, 3, m, m)
+    assert torch.equal(ext.reassemble(p, grid), x)
+    if not grid.pad_h:  # patch (1, 1) is the block at rows m:2m, columns m:2m
+        assert torch.equal(p[:, grid.grid_w + 1], x[:, :, m:2 * m, m:2 * m])
+    w = ext.extract_windows(x, grid, 1)
+    assert w.shape[-1] == m + 2 and torch.equal(w[:, :, :, 1:-1, 1:-1], p)
+
+
 def test_windows_have_neighbour_context():
     x = torch.randn(1, 2, 8, 8)
     ext = PatchExtractor(4)
