@@ -124,15 +124,26 @@ class PCELayer(nn.Module):
         P, Pc = grid.num_patches, self.pos.num_channels
         content, _ = ext.extract(xp, grid)  # [B, P, C, n, n]
         pos_map = self.pos(grid.grid_h, grid.grid_w, n, n, x.device, x.dtype)  # [1, Pc, gh*n, gw*n]
-        if Pc:
+        patches: Optional[torch.Tensor] = None  # content + positional channels, built only when needed
+
+        def with_position() -> torch.Tensor:
+            if not Pc:
+                return content
             pos_patches = pos_map.reshape(1, Pc, grid.grid_h, n, grid.grid_w, n).permute(0, 2, 4, 1, 3, 5)
             pos_patches = pos_patches.reshape(1, P, Pc, n, n).expand(B, -1, -1, -1, -1)
-            patches = torch.cat([content, pos_patches], dim=2)
-        else:
-            patches = content
+            return torch.cat([content, pos_patches], dim=2)
+
         positions = patch_centers(grid.grid_h, grid.grid_w, x.device, x.dtype)
         router = self.active_router
-        routing = router(patches, positions)
+        if getattr(router, "supports_map_projection", False) and not grid.overlapping:
+            # project the map, then cut patches of the few projected channels: no C + Pc channel patch copy
+            projected = ext.extract(router.project_map(xp, pos_map if Pc else None), grid)[0]
+            routing = router.forward_projected(projected, positions)
+        else:
+            patches = with_position()
+            routing = router(patches, positions)
+        if self.experts_see_position and patches is None:
+            patches = with_position()
         routing.grid = (grid.grid_h, grid.grid_w)
         weights = routing.weights
         mode = self.choose_execution(router, x.device)

@@ -116,11 +116,12 @@ def test_pce_layer_top1_flops_are_active_flops():
     pixels = B * H * H
     expert = 2 * pixels * C * C * 9  # two 3x3 convolutions
     proj = pixels * C * C
-    router = pixels * (C + layer.pos.num_channels) * layer.router.proj.out_channels
+    # the router projects the content map per image and the positional map once: W_x x + (W_pos pos + b)
+    router = (pixels * C + H * H * layer.pos.num_channels) * layer.router.proj.out_channels
     router += B * (H // n) ** 2 * layer.router.embed_dim * E  # cosine similarity to the keys
-    def conv_like(model):  # 1x1 convolutions run as batched matmuls (pce.pointwise)
+    def conv_like(model):  # 1x1 convolutions may run as matrix products (pce.pointwise)
         ops = count_flops(model, x)["by_operator"]
-        return ops["conv"] + ops.get("matmul", 0)
+        return ops["conv"] + ops.get("matmul", 0) + ops.get("linear", 0)
 
     assert conv_like(layer) == expert + proj + router
     assert conv_like(dense) == expert + proj

@@ -160,3 +160,4 @@ def test_upcycle_copies_parameters_statistics_and_optimizer_state():
     opt2 = torch.optim.AdamW(bank2.parameters())
     bank2.upcycle(0)
     assert not opt2.state
+

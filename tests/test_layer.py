@@ -122,8 +122,35 @@ def test_pointwise_conv_equals_conv2d():
     pw = PointwiseConv(6, 4)
     conv = torch.nn.Conv2d(6, 4, 1)
     conv.load_state_dict(pw.state_dict())
-    x = torch.randn(3, 6, 5, 7, requires_grad=True)
-    torch.testing.assert_close(pw(x), conv(x), atol=1e-5, rtol=1e-5)
-    g1, = torch.autograd.grad(pw(x).sum(), x)
-    g2, = torch.autograd.grad(conv(x).sum(), x)
-    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+    for shape in ((3, 6, 5, 7), (3, 6, 2, 3), (20, 6, 2, 2)):  # convolution, matrix product on a tiny map, conv
+        x = torch.randn(*shape, requires_grad=True)
+        y = pw(x)
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+        g1, = torch.autograd.grad((pw(x) * torch.arange(4.0).view(1, 4, 1, 1)).sum(), x)
+        g2, = torch.autograd.grad((conv(x) * torch.arange(4.0).view(1, 4, 1, 1)).sum(), x)
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(router="cosine", top_k=1), dict(router="cosine", pos_encoding="fourier"),
+                                dict(router="gumbel"), dict(router="cosine", pos_encoding="none"),
+                                dict(router="cosine", padding="pad", experts_see_position=True)])
+def test_router_on_projected_map_equals_router_on_patch_copies(kw):
+    """The layer routes from the projected map (no C + Pc channel copy); same weights, outputs and gradients as
+    routing the concatenated patches."""
+    torch.manual_seed(0)
+    fast = PCELayer(6, patch_size=4, num_experts=3, **kw)
+    slow = copy.deepcopy(fast)
+    slow.router.supports_map_projection = False  # instance attribute: the concatenating path
+    x = torch.randn(2, 6, 10, 12) if kw.get("padding") == "pad" else torch.randn(2, 6, 8, 12)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    ya, ra = fast(xa, return_routing=True)
+    torch.manual_seed(1)
+    yb, rb = slow(xb, return_routing=True)
+    torch.testing.assert_close(ra.weights, rb.weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    (ya.square().sum() + ra.weights.sum()).backward()
+    (yb.square().sum() + rb.weights.sum()).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.router.proj.weight.grad, slow.router.proj.weight.grad, atol=1e-5, rtol=1e-4)

@@ -95,8 +95,34 @@ class CosineRouter(Router):
         """Mixing weights from the similarity scores (subclasses change the sampling)."""
         return self.mask(probs)
 
+    # -- routing from a projected map (what PCELayer uses: no concatenated positional copy of the map) -------
+    supports_map_projection = True
+
+    def project_map(self, x: torch.Tensor, pos_map: Optional[torch.Tensor]) -> torch.Tensor:
+        """The 1x1 projection of ``cat([x, pos])`` computed without the concatenation:
+        ``W_x x + (W_pos pos + b)``, ``x [B, C, H, W]`` and ``pos_map [1, Pc, H, W]`` -> ``[B, proj_channels, H, W]``.
+        Exactly :meth:`embed`'s projection, so the patches of this map give the same embeddings."""
+        C = x.shape[1]
+        if C + (pos_map.shape[1] if pos_map is not None else 0) != self.in_channels:
+            raise ValueError(f"cosine router expects {self.in_channels} channels (content + positional), "
+                             f"got {C} + {0 if pos_map is None else pos_map.shape[1]}")
+        w = self.proj.weight  # [O, C + Pc, 1, 1]
+        y = F.conv2d(x, w[:, :C])
+        if pos_map is not None and pos_map.shape[1]:
+            return y + F.conv2d(pos_map, w[:, C:], self.proj.bias)
+        return y + self.proj.bias.view(1, -1, 1, 1) if self.proj.bias is not None else y
+
+    def forward_projected(self, projected: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        """Route from projected patches ``[B, P, proj_channels, n, n]`` (patches of :meth:`project_map`)."""
+        B, P = projected.shape[:2]
+        emb = self.spp(projected.reshape(B * P, *projected.shape[2:])).reshape(B, P, -1)
+        return self.route_embeddings(emb)
+
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
-        emb = self.embed(patches)
+        return self.route_embeddings(self.embed(patches))
+
+    def route_embeddings(self, emb: torch.Tensor) -> RoutingResult:
+        """Scores, weights, EMA step and K-Means collection from embeddings ``[B, P, D]``."""
         if self._collected is not None:
             self._collected.append(emb.detach().reshape(-1, emb.shape[-1]).float().cpu())
         logits = self.similarity_logits(emb)
