@@ -135,14 +135,15 @@ def test_pointwise_conv_equals_conv2d():
 @pytest.mark.parametrize("kw", [dict(router="cosine", top_k=1), dict(router="cosine", pos_encoding="fourier"),
                                 dict(router="gumbel"), dict(router="cosine", pos_encoding="none"),
                                 dict(router="cosine", padding="pad", experts_see_position=True)])
-def test_router_on_projected_map_equals_router_on_patch_copies(kw):
-    """The layer routes from the projected map (no C + Pc channel copy); same weights, outputs and gradients as
-    routing the concatenated patches."""
+@pytest.mark.parametrize("n", [4, 8, 6])
+def test_router_on_projected_map_equals_router_on_patch_copies(kw, n):
+    """The layer routes from the projected map cut into patches (no C + Pc channel patch copy); same weights,
+    outputs and gradients as routing the concatenated patches."""
     torch.manual_seed(0)
-    fast = PCELayer(6, patch_size=4, num_experts=3, **kw)
+    fast = PCELayer(6, patch_size=n, num_experts=3, **kw)
     slow = copy.deepcopy(fast)
     slow.router.supports_map_projection = False  # instance attribute: the concatenating path
-    x = torch.randn(2, 6, 10, 12) if kw.get("padding") == "pad" else torch.randn(2, 6, 8, 12)
+    x = torch.randn(2, 6, 2 * n + 2, 3 * n) if kw.get("padding") == "pad" else torch.randn(2, 6, 2 * n, 3 * n)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     torch.manual_seed(1)
     ya, ra = fast(xa, return_routing=True)
@@ -153,4 +154,4 @@ def test_router_on_projected_map_equals_router_on_patch_copies(kw):
     (ya.square().sum() + ra.weights.sum()).backward()
     (yb.square().sum() + rb.weights.sum()).backward()
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fast.router.proj.weight.grad, slow.router.proj.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.router.proj.weight.grad, slow.router.proj.weight.grad, atol=1e-4, rtol=1e-3)  # sums over all pixels, in another order
