@@ -119,19 +119,21 @@ class _Plan:
         return y * weights[self.token_idx, self.expert_idx].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
 
 
+def _per_expert(rows: torch.Tensor, counts: List[int],
+                fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``fn(chunk, e)`` on each non-empty chunk of rows sorted by expert (``counts[e]`` rows for e), results
+    concatenated. ``split``, not slicing: its backward is one concatenation, not a zero-filled buffer per expert."""
+    outs = [fn(chunk, e) for e, chunk in enumerate(rows.split(counts)) if chunk.shape[0]]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     _check(tokens, weights, bank)
     plan = _Plan(weights, bank.num_experts)
-    gathered = plan.gather(tokens)
-    outs = []
-    with bank.per_expert():
-        # split, not slicing: its backward is one concatenation instead of a zero-filled buffer per expert
-        for e, chunk in enumerate(gathered.split(plan.counts)):
-            if chunk.shape[0]:
-                outs.append(bank.forward_one(chunk, e))
-    if not outs:
+    if not any(plan.counts):
         return tokens.new_zeros(tokens.shape[0], bank.out_channels, *tokens.shape[-2:])
-    y = torch.cat(outs) if len(outs) > 1 else outs[0]
+    with bank.per_expert():
+        y = _per_expert(plan.gather(tokens), plan.counts, bank.forward_one)
     return plan.scatter(plan.weigh(y, weights))
 
 
@@ -146,23 +148,19 @@ class StitchedExperts:
         self.tokens = tokens  # the layer input, token order: context for convolutions reading the input
         self.routed = plan.gather(tokens)  # the rows the experts run on
 
-    def _chunks(self, x: torch.Tensor):
-        return [(e, c) for e, c in enumerate(x.split(self.plan.counts)) if c.shape[0]]
-
     def conv(self, layer, x: torch.Tensor) -> torch.Tensor:
         r = layer.kernel_size // 2
         if r:  # rows in token order -> map -> windows with r pixels of context -> sorted by expert
             # the layer input exists at dropped patches too: read it, not the zeros a scatter would give
             rows = self.tokens if x is self.routed else self.plan.scatter(x)
             x = self.plan.gather(self.to_windows(rows, r))
-        outs = [layer.forward_one(c, e, padding=0) for e, c in self._chunks(x)]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return _per_expert(x, self.plan.counts, lambda c, e: layer.forward_one(c, e, padding=0))
 
     def norm(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self.norm_stats == "layer" and hasattr(layer, "forward_pooled"):
-            return layer.forward_pooled(x, self.plan.counts)
-        outs = [layer.forward_one(c, e) for e, c in self._chunks(x)]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        if (self.norm_stats == "layer" and hasattr(layer, "normalize_pooled")
+                and (layer.training or layer.running_mean is None)):
+            return _per_expert(layer.normalize_pooled(x), self.plan.counts, layer.affine_one)
+        return _per_expert(x, self.plan.counts, layer.forward_one)
 
     def identity(self, x: torch.Tensor, channels: int) -> torch.Tensor:
         return x

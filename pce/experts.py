@@ -14,7 +14,7 @@ So a new expert type is one class with stacked layers and a ``run`` method, plus
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,8 @@ class StackedConv2d(nn.Module):
             b.copy_(a)
             if optimizer is not None:
                 if a in optimizer.state:
-                    optimizer.state[b] = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[a].items()}
+                    optimizer.state[b] = {k: v.clone() if torch.is_tensor(v) else v
+                                          for k, v in optimizer.state[a].items()}
                 else:
                     optimizer.state.pop(b, None)
 
@@ -125,30 +126,28 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
                 if torch.is_tensor(v) and v.shape == p.shape:  # per-element state (moments); not the step count
                     v[b] = v[a].clone()
 
-    def forward_pooled(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """Rows ``[sum(counts), C, h, w]`` sorted by expert (``counts[e]`` rows for expert e): normalised with
-        the statistics of all rows together, then each expert's affine. In training the batch statistics
-        update every expert's running statistics alike; in eval each expert uses its own."""
-        if self.training or self.running_mean is None:
-            c = self.channels
-            rm = self.running_mean[:c].clone() if self.running_mean is not None else None
-            rv = self.running_var[:c].clone() if self.running_var is not None else None
-            x = F.batch_norm(x, rm, rv, None, None, True, self.momentum if self.momentum is not None else 0.1,
-                             self.eps)
-            if rm is not None:
-                with torch.no_grad():
-                    E = self.num_experts
-                    self.running_mean.copy_(rm.repeat(E))  # every expert tracks the layer's statistics
-                    self.running_var.copy_(rv.repeat(E))
-                    if self.num_batches_tracked is not None:
-                        self.num_batches_tracked.add_(1)
-            weight, bias = (self._split if self._split is not None
-                            else (self.weight.split(c), self.bias.split(c)))
-            outs = [xe * weight[e].view(1, -1, 1, 1) + bias[e].view(1, -1, 1, 1)
-                    for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
-        else:
-            outs = [self.forward_one(xe, e) for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+    def normalize_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-mode normalisation of all experts' rows ``[N, C, h, w]`` with their joint batch statistics,
+        without the affine (apply each expert's with :meth:`affine_one`); every expert's running statistics
+        track the joint ones."""
+        c = self.channels
+        rm = self.running_mean[:c].clone() if self.running_mean is not None else None
+        rv = self.running_var[:c].clone() if self.running_var is not None else None
+        x = F.batch_norm(x, rm, rv, None, None, True, self.momentum if self.momentum is not None else 0.1, self.eps)
+        if rm is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(rm.repeat(self.num_experts))
+                self.running_var.copy_(rv.repeat(self.num_experts))
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+        return x
+
+    def affine_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s scale and shift on normalised rows."""
+        c = self.channels
+        weight, bias = (self._split[0][e], self._split[1][e]) if self._split is not None else (
+            self.weight[e * c:(e + 1) * c], self.bias[e * c:(e + 1) * c])
+        return x * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
 
     def forward_one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         s = slice(e * self.channels, (e + 1) * self.channels)

@@ -263,8 +263,8 @@ class PhaseController:
                        kmeans_batches: Optional[Callable[[], Iterable[torch.Tensor]]] = None,
                        optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
         """Apply the phase of ``epoch`` (``models[0]`` is the trained model, whose ``optimizer`` state follows an
-        upcycling; the others, e.g. the EMA copy, follow the settings). Returns ``{"phase": Phase, "index": int, "started": bool,
-        "requires_grad_changed": bool, "kmeans_routers": int, "upcycled_layers": int}``."""
+        upcycling; the others, e.g. the EMA copy, follow the settings). Returns ``{"phase": Phase, "index": int,
+        "started": bool, "requires_grad_changed": bool, "kmeans_routers": int, "upcycled_layers": int}``."""
         idx = self.phase_index(epoch)
         phase = self.phases[idx]
         started = idx != self.current
