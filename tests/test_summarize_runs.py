@@ -2,6 +2,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("summarize_runs", ROOT / "tools" / "summarize_runs.py")
 tool = importlib.util.module_from_spec(spec)
@@ -42,3 +44,28 @@ def test_seed_groups_mean_and_std(tmp_path, capsys):
     # mean 0.92, sample std 0.02 (statistics.stdev of 0.90, 0.92, 0.94)
     assert "| pce | 0,1,2 | 0.9200 ± 0.0200 | 0.9200 ± 0.0200 | 1.0 ± 0.0 | 100 ± 0 |" in out
     assert "| dense | 0 | 0.9500 |" in out
+
+
+def test_welch_comparison_matches_scipy(tmp_path, capsys):
+    from scipy import stats
+
+    a, b = [0.910, 0.903, 0.906, 0.906, 0.909], [0.929, 0.917, 0.921, 0.910, 0.917]
+    w = tool.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+    assert w["diff"] == pytest.approx(sum(a) / 5 - sum(b) / 5)
+    ci = ref.confidence_interval(0.95)
+    assert (w["low"], w["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        tool.welch([0.9], b)
+    for group, values in (("dense", b), ("pce", a)):
+        for seed, v in enumerate(values):
+            (tmp_path / f"{group}_s{seed}").mkdir()
+            rows = [{"type": "train", "epoch": 1, "images_per_s": 1.0, "time": 0.0},
+                    {"type": "val", "epoch": 1, "top1": v, "time": 60.0}]
+            (tmp_path / f"{group}_s{seed}" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dirs = [str(tmp_path / f"{g}_s{s}") for g in ("dense", "pce") for s in range(5)]
+    assert tool.main(dirs) == 0
+    out = capsys.readouterr().out
+    assert "| runs vs dense |" in out
+    assert f"| pce | {w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f} |" in out

@@ -1,7 +1,9 @@
 """Summarise training runs (their metrics.jsonl) as a Markdown table: best and final metric, wall time,
 throughput and the routers' entropy / expert usage at the end of training. Runs whose names differ only
 by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second table: mean +- sample std over
-the seeds of the final and best metric, wall time and throughput.
+the seeds of the final and best metric, wall time and throughput. With two or more seed groups of at least two
+runs, a third table compares every group with the first one: the difference of the means with its 95% Welch
+confidence interval and two-sided p-value (unequal variances), so "within noise" is a number, not a reading.
 
     python tools/summarize_runs.py work_dirs/demo_det_pce work_dirs/demo_det_dense --metric AP50
     python tools/summarize_runs.py work_dirs/fmnist_*_s[012] --metric top1
@@ -51,6 +53,31 @@ def group_by_seed(rows: List[dict]) -> Dict[str, List[dict]]:
     return dict(groups)
 
 
+def welch(a: List[float], b: List[float], level: float = 0.95) -> dict:
+    """Welch's two-sample comparison of ``mean(a) - mean(b)``: the difference, its ``level`` confidence
+    interval, t, the Welch-Satterthwaite degrees of freedom and the two-sided p-value. Needs >= 2 values each."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"Welch's test needs at least 2 runs per group, got {len(a)} and {len(b)}")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.mean(a) - statistics.mean(b)
+    se = (va + vb) ** 0.5
+    if se == 0:
+        return {"diff": diff, "low": diff, "high": diff, "t": float("inf") if diff else 0.0,
+                "df": float(len(a) + len(b) - 2), "p": 0.0 if diff else 1.0}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    t = diff / se
+    return {"diff": diff, "low": float(diff - half), "high": float(diff + half), "t": t, "df": df,
+            "p": float(2 * stats.t.sf(abs(t), df))}
+
+
+def _welch_cell(a: List[float], b: List[float]) -> str:
+    w = welch(a, b)
+    return f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}"
+
+
 def _entropy(row: dict) -> str:
     return f"{row['entropy']:.3f}" if "entropy" in row else "-"
 
@@ -86,6 +113,15 @@ def main(argv=None) -> int:
             seeds = ",".join(_SEED.match(r["run"]).group("seed") for r in g)
             print(f"| {name} | {seeds} | {_mean_std([r['final'] for r in g], 4)} | {_mean_std([r['best'] for r in g], 4)} | "
                   f"{_mean_std([r['minutes'] for r in g], 1)} | {_mean_std([r['images_per_s'] for r in g], 0)} |")
+    multi = {name: g for name, g in groups.items() if len(g) > 1}
+    if len(multi) > 1:
+        (ref, base), *others = multi.items()
+        print()
+        print(f"| runs vs {ref} | final {args.metric}: difference of means [95% CI], Welch p | best {args.metric} |")
+        print("| --- | --- | --- |")
+        for name, g in others:
+            print(f"| {name} | {_welch_cell([r['final'] for r in g], [r['final'] for r in base])} | "
+                  f"{_welch_cell([r['best'] for r in g], [r['best'] for r in base])} |")
     return 0
 
 
