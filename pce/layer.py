@@ -158,6 +158,8 @@ class PCELayer(nn.Module):
             wmap = wmap.repeat_interleave(n, dim=2).repeat_interleave(n, dim=3)  # [B, E, Hp, Wp]
             y_all = self.experts.forward_all(src)  # [B, E, C, Hp, Wp]
             mix = torch.einsum("bechw,behw->bchw", y_all, wmap.to(y_all.dtype))[:, :, :H, :W]
+        elif mode == "context" and (whole := self._sole_expert_on_map(x, pos_map, weights, grid)) is not None:
+            mix = whole
         elif mode == "context":
             tokens = (patches if self.experts_see_position else content).reshape(B * P, -1, n, n)
 
@@ -180,6 +182,26 @@ class PCELayer(nn.Module):
             mix = ext.reassemble(out.reshape(B, P, C, n, n), grid)
         y = x + self.proj(mix)
         return (y, routing) if return_routing else y
+
+
+    def _sole_expert_on_map(self, x: torch.Tensor, pos_map: torch.Tensor, weights: torch.Tensor,
+                            grid) -> Optional[torch.Tensor]:
+        """Context execution when every patch is routed to one and the same expert (the ``"shared"``
+        stabilisation phase): that expert on the whole map ``[B, C, H, W]``, times each patch's weight, which is
+        exactly what the stitched per-patch execution computes, without re-tiling the map for every
+        convolution. ``None`` when routing is mixed, a patch is dropped, or the grid pads the map."""
+        if grid.overlapping or grid.padded_size != (grid.height, grid.width):
+            return None  # stitched execution zeroes the padding after every layer; a whole-map pass would not
+        B, P, E = weights.shape
+        counts = (weights.detach() != 0).sum((0, 1)).tolist()  # the one host synchronisation, as in dispatch
+        if sum(counts) != B * P or max(counts) != B * P:
+            return None
+        e = counts.index(B * P)
+        src = torch.cat([x, pos_map.expand(B, -1, -1, -1)], 1) if self.experts_see_position else x
+        y = self.experts.forward_one(src, e)  # [B, C, H, W]
+        gh, gw, n = grid.grid_h, grid.grid_w, grid.patch_size
+        w = weights[..., e].to(y.dtype).reshape(B, 1, gh, 1, gw, 1)
+        return (y.reshape(B, -1, gh, n, gw, n) * w).reshape(y.shape)
 
 
 class DenseLayer(nn.Module):

@@ -155,3 +155,56 @@ def test_layer_norm_stats_share_running_statistics_and_need_context():
         PCELayer(4, patch_size=2, norm_stats="layer")
     with pytest.raises(ValueError, match="norm_stats"):
         PCELayer(4, patch_size=2, execution="context", norm_stats="batch")
+
+
+@pytest.mark.parametrize("see_position", [False, True])
+def test_sole_expert_shortcut_equals_stitched_execution(see_position):
+    """Every patch on one expert: the whole-map shortcut gives the stitched execution's outputs and gradients
+    (input, per-patch weights, expert parameters), and steps aside for mixed, dropped or padded routing."""
+    torch.manual_seed(0)
+    layer = PCELayer(5, patch_size=3, num_experts=3, top_k=1, execution="context", experts_see_position=see_position)
+    stitched = copy.deepcopy(layer)
+    B, H, W = 2, 6, 9
+    ext = layer.extractor
+    grid = ext.grid(H, W)
+    P, n = grid.num_patches, grid.patch_size
+    pos = layer.pos(grid.grid_h, grid.grid_w, n, n, torch.device("cpu"), torch.float32)
+    x = torch.randn(B, 5, H, W, requires_grad=True)
+    w = torch.zeros(B, P, 3)
+    w[..., 1] = torch.rand(B, P) + 0.5
+    w.requires_grad_(True)
+    fast = layer._sole_expert_on_map(x, pos, w, grid)
+    assert fast is not None
+
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    src = torch.cat([x2, pos.expand(B, -1, -1, -1)], 1) if see_position else x2
+    tokens = ext.extract(src, grid)[0].reshape(B * P, -1, n, n)
+
+    def to_windows(rows, r):
+        m = ext.reassemble(rows.reshape(B, P, -1, n, n), grid)
+        return ext.extract_windows(m, grid, r).reshape(B * P, -1, n + 2 * r, n + 2 * r)
+
+    out = dispatch_context(stitched.experts, tokens, w2.reshape(B * P, -1), to_windows)
+    ref = ext.reassemble(out.reshape(B, P, 5, n, n), grid)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    (fast * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+    for (name, p), p_ref in zip(layer.experts.named_parameters(), stitched.experts.parameters()):
+        if p_ref.grad is None or p_ref.grad.abs().max() == 0:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(layer.experts.bn1.running_mean, stitched.experts.bn1.running_mean)
+
+    mixed = w.detach().clone()
+    mixed[0, 0] = torch.tensor([0.7, 0.0, 0.0])
+    dropped = w.detach().clone()
+    dropped[1, 2] = 0
+    assert layer._sole_expert_on_map(x, pos, mixed, grid) is None
+    assert layer._sole_expert_on_map(x, pos, dropped, grid) is None
+    padded = ext.grid(7, 9)  # 7 rows do not tile with 3x3 patches: the grid pads
+    assert padded.padded_size != (7, 9)
+    assert layer._sole_expert_on_map(torch.randn(B, 5, 7, 9), pos, w.detach(), padded) is None
