@@ -57,7 +57,9 @@ class PCEBackbone(nn.Module):
 
     Args:
         stages: one dict per stage with ``channels``, ``depth``, ``patch_size``, ``stride`` (1 or 2) and
-            optionally ``attention`` (bool).
+            optionally ``attention`` (bool), ``layer`` (``"pce"`` or ``"dense"``: this stage's layers, default the
+            backbone's ``layer``) and ``num_experts`` (this stage's experts, default the backbone's), so experts
+            can be placed in some stages only (e.g. the deep ones, as V-MoE places MoE layers in the last blocks).
         in_chans: input channels. stem_channels / stem_stride (1, 2 or 4): the convolutional stem.
         layer: ``"pce"`` or ``"dense"`` (the dense twin).
         num_experts, router, router_kwargs, top_k, expert, expert_kwargs, pos_encoding, num_frequencies,
@@ -93,19 +95,24 @@ class PCEBackbone(nn.Module):
         cin, stride = stem_channels, stem_stride
         for i, spec in enumerate(stages):
             spec = dict(spec)
-            unknown = set(spec) - {"channels", "depth", "patch_size", "stride", "attention"}
+            unknown = set(spec) - {"channels", "depth", "patch_size", "stride", "attention", "layer", "num_experts"}
             if unknown:
                 raise ValueError(f"stage {i}: unknown key(s) {sorted(unknown)}")
             cout, depth, patch = spec["channels"], spec.get("depth", 1), spec["patch_size"]
             s = spec.get("stride", 2)
             if s not in (1, 2):
                 raise ValueError(f"stage {i}: stride must be 1 or 2, got {s}")
+            stage_layer, stage_experts = spec.get("layer", layer), spec.get("num_experts", num_experts)
+            if stage_layer not in ("pce", "dense"):
+                raise ValueError(f"stage {i}: layer must be 'pce' or 'dense', got {stage_layer!r}")
+            if not isinstance(stage_experts, int) or stage_experts < 1:
+                raise ValueError(f"stage {i}: num_experts must be an integer >= 1, got {stage_experts!r}")
             stride *= s
 
-            def make_layer(c=cout, p=patch):
-                if layer == "dense":
+            def make_layer(c=cout, p=patch, kind=stage_layer, e=stage_experts):
+                if kind == "dense":
                     return DenseLayer(c, expert=expert, expert_kwargs=expert_kwargs)
-                return PCELayer(c, p, num_experts=num_experts, router=router, router_kwargs=router_kwargs,
+                return PCELayer(c, p, num_experts=e, router=router, router_kwargs=router_kwargs,
                                 top_k=top_k, expert=expert, expert_kwargs=expert_kwargs, pos_encoding=pos_encoding,
                                 num_frequencies=num_frequencies, experts_see_position=experts_see_position,
                                 halo=halo, padding=padding, execution=execution, norm_stats=norm_stats)
@@ -113,7 +120,7 @@ class PCEBackbone(nn.Module):
             attn = (lambda c=cout: DeformableAttention(c, **(attention_kwargs or {}))) if spec.get("attention") else None
             self.stages.append(Stage(cin, cout, s, depth, make_layer, attn))
             info.append({"name": f"stage{i + 1}", "channels": cout, "stride": stride, "patch_size": patch,
-                         "num_chs": cout, "reduction": stride, "module": f"stages.{i}"})
+                         "layer": stage_layer, "num_chs": cout, "reduction": stride, "module": f"stages.{i}"})
             cin = cout
         self.out_indices = tuple(range(len(stages))) if out_indices is None else tuple(out_indices)
         for i in self.out_indices:
@@ -130,8 +137,9 @@ class PCEBackbone(nn.Module):
         """Input sizes divisible by this give maps of exactly ``H / stride`` at every stage. With
         ``padding="error"`` they are also the only sizes whose every map fits the patch grid."""
         strides = [f["stride"] for f in self._all_info]
-        if self.padding == "error" and self.layer_type == "pce":
-            return math.lcm(*[f["stride"] * f["patch_size"] for f in self._all_info])
+        patched = [f["stride"] * f["patch_size"] for f in self._all_info if f["layer"] == "pce"]
+        if self.padding == "error" and patched:
+            return math.lcm(max(strides), *patched)
         return max(strides)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):

@@ -146,3 +146,40 @@ def test_classifier_head_and_errors():
     assert logits.shape == (2, 10) and len(routing) == 3
     with pytest.raises(ValueError, match="num_classes"):
         PCEClassifier("pce_cifar", 0)
+
+
+def _tiny_stages(**per_stage):
+    """pce_tiny's stages with per-stage overrides ``{index: {key: value}}``."""
+    from pce.backbone import backbone_config
+
+    stages = backbone_config("pce_tiny")["stages"]
+    for i, extra in per_stage.items():
+        stages[int(i)].update(extra)
+    return stages
+
+
+def test_experts_can_be_placed_in_some_stages_only():
+    stages = _tiny_stages(**{"0": dict(layer="dense"), "1": dict(layer="dense"), "3": dict(num_experts=2)})
+    b = build_backbone("pce_tiny", stages=stages, num_experts=4, execution="context")
+    kinds = [type(layer).__name__ for st in b.stages for layer in st.layers]
+    assert kinds == ["DenseLayer", "DenseLayer", "PCELayer", "PCELayer"]
+    assert [f["layer"] for f in b.feature_info] == ["dense", "dense", "pce", "pce"]
+    feats, routing = b(torch.randn(2, 3, 64, 64), return_routing=True)
+    assert [r.weights.shape[-1] for r in routing] == [4, 2]  # stage 3: the backbone's E, stage 4: its own
+    # a dense stage is the dense twin's stage: same weights -> same output
+    twin = build_backbone("dense_tiny")
+    b.stem.load_state_dict(twin.stem.state_dict())
+    b.stages[0].load_state_dict(twin.stages[0].state_dict())
+    b.eval(), twin.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(b.stages[0](b.stem(x)), twin.stages[0](twin.stem(x)))
+    # upcycling and router overrides reach the PCE stages only
+    assert b.upcycle_experts() == 2
+    # with every layer dense, padding="error" constrains nothing beyond the strides
+    all_dense = build_backbone("pce_tiny", padding="error", stages=_tiny_stages(**{str(i): dict(layer="dense") for i in range(4)}))
+    assert all_dense.size_divisibility == 32 and not list(all_dense.pce_layers())
+    with pytest.raises(ValueError, match="stage 2: layer must be 'pce' or 'dense'"):
+        build_backbone("pce_tiny", stages=_tiny_stages(**{"2": dict(layer="moe")}))
+    with pytest.raises(ValueError, match="stage 1: num_experts must be an integer >= 1"):
+        build_backbone("pce_tiny", stages=_tiny_stages(**{"1": dict(num_experts=0)}))
