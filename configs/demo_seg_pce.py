@@ -5,11 +5,20 @@ task = "segmentation"
 model = dict(
     backbone="pce_tiny",
     num_classes=5,  # background + 4 demo classes
+    # Experts in the two deep stages (128 and 256 channels: 94% of the expert weights), dense layers in the two
+    # early ones: routing the 32/64-channel stages splits the low-level features' training data four ways for 6%
+    # of the extra capacity, and cost 1.2 points of mIoU (docs/RESULTS.md; configs/demo_seg_pce_allstages.py).
     # execution="context": every pixel computed by its patch's expert, convolutions reading across patch borders
     # (dense-equal FLOPs; halo=1 gave the same accuracy at 1.9x the FLOPs). "straight_through": the top-1 weight
     # is 1 in the forward pass (upcycled experts start as the shared block exactly), router gradients as usual.
-    backbone_overrides=dict(num_experts=4, top_k=1, execution="context",
-                            router_kwargs=dict(renormalize="straight_through")),
+    backbone_overrides=dict(
+        num_experts=4, top_k=1, execution="context", router_kwargs=dict(renormalize="straight_through"),
+        stages=[
+            dict(channels=32, depth=1, patch_size=16, stride=1, layer="dense"),
+            dict(channels=64, depth=1, patch_size=8, stride=2, layer="dense"),
+            dict(channels=128, depth=1, patch_size=4, stride=2),
+            dict(channels=256, depth=1, patch_size=2, stride=2),
+        ]),
     head=dict(arch="FPN", decoder=dict(decoder_pyramid_channels=64, decoder_segmentation_channels=32)),
     input_shape=(3, 128, 128),
 )
