@@ -6,8 +6,8 @@ model = dict(
     backbone="pce_tiny",
     num_classes=5,  # background + 4 demo classes
     # Experts in the two deep stages (128 and 256 channels: 94% of the expert weights), dense layers in the two
-    # early ones: routing the 32/64-channel stages splits the low-level features' training data four ways for 6%
-    # of the extra capacity, and cost 1.2 points of mIoU (docs/RESULTS.md; configs/demo_seg_pce_allstages.py).
+    # early ones, whose experts would hold 6% of the extra capacity. Within noise of the dense twin over 5 seeds;
+    # experts in all four stages (configs/demo_seg_pce_allstages.py) were 1.6 points behind (docs/RESULTS.md).
     # execution="context": every pixel computed by its patch's expert, convolutions reading across patch borders
     # (dense-equal FLOPs; halo=1 gave the same accuracy at 1.9x the FLOPs). "straight_through": the top-1 weight
     # is 1 in the forward pass (upcycled experts start as the shared block exactly), router gradients as usual.
