@@ -8,7 +8,7 @@ from torch import nn
 
 from .dispatch import DISPATCHERS, dispatch_context
 from .experts import build_expert_bank
-from .patches import PatchExtractor
+from .patches import PatchExtractor, PatchGrid
 from .pointwise import PointwiseConv
 from .positional import PositionalEncoding, patch_centers
 from .routers import build_router
@@ -183,9 +183,8 @@ class PCELayer(nn.Module):
         y = x + self.proj(mix)
         return (y, routing) if return_routing else y
 
-
     def _sole_expert_on_map(self, x: torch.Tensor, pos_map: torch.Tensor, weights: torch.Tensor,
-                            grid) -> Optional[torch.Tensor]:
+                            grid: PatchGrid) -> Optional[torch.Tensor]:
         """Context execution when every patch is routed to one and the same expert (the ``"shared"``
         stabilisation phase): that expert on the whole map ``[B, C, H, W]``, times each patch's weight, which is
         exactly what the stitched per-patch execution computes, without re-tiling the map for every
@@ -193,7 +192,7 @@ class PCELayer(nn.Module):
         if grid.overlapping or grid.padded_size != (grid.height, grid.width):
             return None  # stitched execution zeroes the padding after every layer; a whole-map pass would not
         B, P, E = weights.shape
-        counts = (weights.detach() != 0).sum((0, 1)).tolist()  # the one host synchronisation, as in dispatch
+        counts = (weights.detach() != 0).sum((0, 1)).tolist()  # a host sync (dispatch makes its own if mixed)
         if sum(counts) != B * P or max(counts) != B * P:
             return None
         e = counts.index(B * P)
