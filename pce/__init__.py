@@ -6,24 +6,21 @@
 >>> [f["name"] for f in backbone.feature_info]
 ['stage1', 'stage2', 'stage3', 'stage4']
 """
-from .attention import DeformableAttention
-from .backbone import PCEBackbone, backbone_config, build_backbone, list_backbones
-from .experts import ExpertBank, build_expert_bank
-from .layer import DenseLayer, PCELayer
-from .losses import RouterLossWeights, router_loss
-from .patches import PatchExtractor, PatchGrid
-from .positional import PositionalEncoding
-from .registry import BACKBONES, EXPERTS, ROUTERS, Registry
-from .routers import build_router
-from .routing import Router, RoutingResult
-from .spp import SpatialPyramidPooling
+from pce.layers.attention import DeformableAttention
+from pce.models.backbone import PCEBackbone, backbone_config, build_backbone, list_backbones
+from pce.moe.experts import ExpertBank, build_expert_bank
+from pce.models.layer import DenseLayer, PCELayer
+from pce.moe.losses import RouterLossWeights, router_loss
+from pce.layers.patches import PatchExtractor, PatchGrid
+from pce.layers.positional import PositionalEncoding
+from pce.registry import BACKBONES, EXPERTS, ROUTERS, Registry
+from pce.moe.routers import build_router
+from pce.moe.routing import Router, RoutingResult
+from pce.layers.spp import SpatialPyramidPooling
 
 __version__ = "0.1.0"
 
-try:  # register the presets with timm, so timm.create_model("pce_tiny", features_only=True) works
-    from . import timm_models  # noqa: F401
-except ImportError:  # pragma: no cover - timm is a dependency, but keep the core importable without it
-    pass
+from pce.models import timm_models  # noqa: F401,E402  registers the presets: timm.create_model("pce_tiny")
 
 __all__ = [
     "PCEBackbone", "PCELayer", "DenseLayer", "DeformableAttention", "ExpertBank", "PatchExtractor", "PatchGrid",

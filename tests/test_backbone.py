@@ -3,8 +3,8 @@ import timm
 import torch
 
 import pce
-from pce.backbone import build_backbone, list_backbones
-from pce.classifier import PCEClassifier, build_classifier
+from pce.models.backbone import build_backbone, list_backbones
+from pce.models.classifier import PCEClassifier, build_classifier
 
 
 def _expected(size, stride):
@@ -150,7 +150,7 @@ def test_classifier_head_and_errors():
 
 def _tiny_stages(**per_stage):
     """pce_tiny's stages with per-stage overrides ``{index: {key: value}}``."""
-    from pce.backbone import backbone_config
+    from pce.models.backbone import backbone_config
 
     stages = backbone_config("pce_tiny")["stages"]
     for i, extra in per_stage.items():

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pce.flops import active_params_per_token, count_flops, count_params
-from pce.layer import DenseLayer, PCELayer
+from pce.models.flops import active_params_per_token, count_flops, count_params
+from pce.models.layer import DenseLayer, PCELayer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_pce_layer_top1_flops_are_active_flops():
     # the router projects the content map per image and the positional map once: W_x x + (W_pos pos + b)
     router = (pixels * C + H * H * layer.pos.num_channels) * layer.router.proj.out_channels
     router += B * (H // n) ** 2 * layer.router.embed_dim * E  # cosine similarity to the keys
-    def conv_like(model):  # 1x1 convolutions may run as matrix products (pce.pointwise)
+    def conv_like(model):  # 1x1 convolutions may run as matrix products (pce.layers.pointwise)
         ops = count_flops(model, x)["by_operator"]
         return ops["conv"] + ops.get("matmul", 0) + ops.get("linear", 0)
 
@@ -146,7 +146,7 @@ def test_active_params_per_token():
 
 
 def test_count_flops_backbone_mapping_output():
-    from pce.backbone import build_backbone
+    from pce.models.backbone import build_backbone
 
     bb = build_backbone("pce_tiny").eval()
     r = count_flops(bb, torch.randn(1, 3, 64, 64))

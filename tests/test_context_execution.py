@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pce.dispatch import dispatch_context
-from pce.experts import build_expert_bank
-from pce.layer import PCELayer
-from pce.patches import PatchExtractor
+from pce.moe.dispatch import dispatch_context
+from pce.moe.experts import build_expert_bank
+from pce.models.layer import PCELayer
+from pce.layers.patches import PatchExtractor
 
 
 class MaskedMap:
@@ -115,7 +115,7 @@ def test_context_with_one_expert_is_that_expert_on_the_whole_map():
 
 
 def test_context_sees_neighbours_and_costs_no_more_than_isolated_patches():
-    from pce.flops import count_flops
+    from pce.models.flops import count_flops
 
     layer = PCELayer(4, patch_size=4, num_experts=2, router="cosine", top_k=1, execution="context").eval()
     x = torch.randn(1, 4, 8, 8)

@@ -132,7 +132,7 @@ def test_atomic_checkpoint(tmp_path: Path, monkeypatch):
 
 def test_phase_controller_and_scheduler():
     """requires_grad of the keys flips at the right epoch, overrides are set/cleared, lr multipliers apply."""
-    from pce.classifier import build_classifier
+    from pce.models.classifier import build_classifier
 
     torch.manual_seed(0)
     model = build_classifier("pce_fmnist", 10, stem_channels=8, stages=[
@@ -331,7 +331,7 @@ def test_shared_phase_then_upcycle_trains_expert0_and_copies_it(tmp_path: Path):
 
 def test_upcycle_makes_routing_irrelevant():
     """After upcycling, all experts are the same function: any routing gives the output of expert 0."""
-    from pce.backbone import build_backbone
+    from pce.models.backbone import build_backbone
 
     torch.manual_seed(0)
     bb = build_backbone("pce_fmnist", stem_channels=8, stages=[dict(channels=8, depth=1, patch_size=7, stride=2),

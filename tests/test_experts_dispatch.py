@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pce.dispatch import dispatch_dense, dispatch_fused, dispatch_reference, dispatch_sparse
-from pce.experts import EXPERTS, build_expert_bank
+from pce.moe.dispatch import dispatch_dense, dispatch_fused, dispatch_reference, dispatch_sparse
+from pce.moe.experts import EXPERTS, build_expert_bank
 
 
 def _clone_bank(bank):

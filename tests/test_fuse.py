@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import pce
-from pce.classifier import build_classifier
-from pce.fuse import fuse_for_inference
+from pce.models.classifier import build_classifier
+from pce.models.fuse import fuse_for_inference
 
 
 @pytest.mark.parametrize("expert", ["residual", "double_conv", "conv_bn_relu"])

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from pce.experts import EXPERTS
-from pce.layer import PCELayer
+from pce.moe.experts import EXPERTS
+from pce.models.layer import PCELayer
 from pce.registry import ROUTERS
 
 
@@ -117,7 +117,7 @@ def test_router_override_and_restore():
 
 
 def test_pointwise_conv_equals_conv2d():
-    from pce.pointwise import PointwiseConv
+    from pce.layers.pointwise import PointwiseConv
 
     pw = PointwiseConv(6, 4)
     conv = torch.nn.Conv2d(6, 4, 1)

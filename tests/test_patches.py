@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pce.patches import PatchExtractor
-from pce.positional import PositionalEncoding, patch_centers, patch_coordinates
+from pce.layers.patches import PatchExtractor
+from pce.layers.positional import PositionalEncoding, patch_centers, patch_coordinates
 
 
 @pytest.mark.parametrize("size,n", [((8, 8), 4), ((12, 8), 4), ((6, 9), 3), ((5, 5), 5), ((4, 4), 1)])

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pce.losses import RouterLossWeights, router_loss
+from pce.moe.losses import RouterLossWeights, router_loss
 from pce.registry import ROUTERS
-from pce.routers import build_router
-from pce.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
-from pce.routing import capacity_mask
-from pce.positional import patch_centers
+from pce.moe.routers import build_router
+from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
+from pce.moe.routing import capacity_mask
+from pce.layers.positional import patch_centers
 
 B, P, C, N, E = 2, 4, 6, 4, 4
 
@@ -207,7 +207,7 @@ def test_gumbel_hard_samples_one_hot():
 
 
 def test_router_losses_match_formulas():
-    from pce.routing import Router
+    from pce.moe.routing import Router
 
     class Fixed(Router):
         def score(self, patches, positions):
@@ -227,7 +227,7 @@ def test_router_losses_match_formulas():
 
 
 def test_collapse_metric_and_surrogate():
-    from pce.routing import Router
+    from pce.moe.routing import Router
 
     class AllToZero(Router):
         def score(self, patches, positions):

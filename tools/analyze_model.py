@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Parameters and FLOPs per module of the model a config builds (fvcore via :mod:`pce.flops`;
+"""Parameters and FLOPs per module of the model a config builds (fvcore via :mod:`pce.models.flops`;
 1 FLOP = 1 fused multiply-add).
 
     python tools/analyze_model.py configs/fmnist_cls_pce.py [--input-shape 1 28 28] [--max-depth 4]
 
 The input shape defaults to model.input_shape. The model is traced in eval mode on a random input, so with
 top-k routing the count covers the experts that input activates (active FLOPs). Operators fvcore does not
-count are handled by pce.flops (scaled_dot_product_attention, grid_sampler, index_add, upsampling, ...);
+count are handled by pce.models.flops (scaled_dot_product_attention, grid_sampler, index_add, upsampling, ...);
 free ones (indexing, elementwise) are skipped silently, anything else is listed once at the end.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from pce.engine import ConfigError, load_config
-from pce.flops import active_params_per_token, count_flops
+from pce.models.flops import active_params_per_token, count_flops
 from pce.tasks import get_task
 
 

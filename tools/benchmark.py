@@ -18,7 +18,7 @@ cost even when other jobs share the cores):
    active FLOPs up to the router and padding to the patch grid) and ``torchvision.models.resnet18``:
    inference latency and training-step time (forward, loss, backward, SGD step) per batch size, input size
    and thread count.
-3. FLOPs (fvcore, :mod:`pce.flops`, fused multiply-adds) and parameters, total and active per token.
+3. FLOPs (fvcore, :mod:`pce.models.flops`, fused multiply-adds) and parameters, total and active per token.
 4. peak resident memory of one training step, each model in a fresh subprocess: peak RSS minus the RSS after
    model construction and a warm-up step.
 
@@ -125,7 +125,7 @@ def median(xs: Sequence[float]) -> float:
 
 # -- layer level -----------------------------------------------------------------------------------------
 def build_layers(cfg: Dict[str, Any], E: int, routing: str):
-    from pce.layer import DenseLayer, PCELayer
+    from pce.models.layer import DenseLayer, PCELayer
 
     torch.manual_seed(0)
     pce = PCELayer(cfg["channels"], cfg["patch"], num_experts=E, router="cosine", **ROUTINGS[routing])
@@ -183,7 +183,7 @@ def build_model(name: str) -> nn.Module:
         import torchvision
 
         return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    from pce.classifier import build_classifier
+    from pce.models.classifier import build_classifier
 
     return build_classifier(name, NUM_CLASSES)
 
@@ -248,7 +248,7 @@ def run_model_level(cfg: Dict[str, Any], preset: str, threads: Sequence[int], lo
 
 # -- FLOPs and parameters -----------------------------------------------------------------------------------
 def run_flops(preset: str, size: int) -> Dict[str, Dict[str, Any]]:
-    from pce.flops import active_params_per_token, count_flops
+    from pce.models.flops import active_params_per_token, count_flops
 
     out = {}
     for n in model_names(preset):
@@ -316,7 +316,7 @@ def memory_worker(name: str, size: int, batch: int, threads: int, steps: int) ->
     if name == "resnet18":
         import torchvision  # noqa: F401
     else:
-        import pce.classifier  # noqa: F401
+        import pce.models.classifier  # noqa: F401
     _trim()
     before = _rss_mb()
     model = build_model(name).train()

@@ -29,7 +29,7 @@ import yaml
 from fvcore.common.config import CfgNode
 from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
 
-from .defaults import CHOICES, PHASE_CHOICES, PHASE_DEFAULTS, get_default_config
+from pce.engine.defaults import CHOICES, PHASE_CHOICES, PHASE_DEFAULTS, get_default_config
 
 __all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "dump_config", "format_config",
            "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
@@ -272,7 +272,7 @@ def _check_choices(cfg: CfgNode, origins: Mapping[str, str]) -> None:
 
 
 def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
-    from .phases import resolve_phase_epochs  # local: phases imports torch
+    from pce.engine.phases import resolve_phase_epochs  # local: phases imports torch
 
     out = []
     for i, ph in enumerate(cfg.phases):

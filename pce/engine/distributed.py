@@ -132,7 +132,7 @@ def sync_router_keys(model: torch.nn.Module) -> None:
     rank updates its keys from its own batch, DDP only synchronises gradients."""
     if get_world_size() == 1:
         return
-    from ..routers.cosine import CosineRouter
+    from pce.moe.routers.cosine import CosineRouter
 
     keys = [m.keys for m in model.modules() if isinstance(m, CosineRouter) and not m.keys.requires_grad]
     for k in keys:

@@ -130,11 +130,11 @@ class MetricWriter:
 
 
 class RoutingStatsCollector:
-    """Forward hooks on every :class:`~pce.layer.PCELayer` that keep the (already detached) routing
+    """Forward hooks on every :class:`~pce.models.layer.PCELayer` that keep the (already detached) routing
     statistics of the last forward while :attr:`active` is True. Cheap: the hook only stores references."""
 
     def __init__(self, model: nn.Module) -> None:
-        from ..layer import PCELayer
+        from pce.models.layer import PCELayer
 
         self.active = False
         self.stats: Dict[str, Dict[str, torch.Tensor]] = {}

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..backbone import PCEBackbone
-from ..routers.cosine import CosineRouter
+from pce.models.backbone import PCEBackbone
+from pce.moe.routers.cosine import CosineRouter
 
 __all__ = ["Phase", "PCEScheduler", "PhaseController", "resolve_phase_epochs", "build_phases", "find_backbones"]
 
@@ -178,7 +178,7 @@ class PCEScheduler(LRScheduler):
 
 
 def find_backbones(model: nn.Module) -> List[PCEBackbone]:
-    """Every :class:`~pce.backbone.PCEBackbone` inside ``model`` (unwrapping DDP / EMA wrappers)."""
+    """Every :class:`~pce.models.backbone.PCEBackbone` inside ``model`` (unwrapping DDP / EMA wrappers)."""
     return [m for m in model.modules() if isinstance(m, PCEBackbone)]
 
 

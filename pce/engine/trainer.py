@@ -46,15 +46,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, load_model_weights,
+from pce.engine.checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, load_model_weights,
                          restore_rng_state, unwrap_model)
-from .config import dump_config, format_config
-from .distributed import (InferenceShardSampler, all_gather_object, all_reduce_max, all_reduce_mean,
+from pce.engine.config import dump_config, format_config
+from pce.engine.distributed import (InferenceShardSampler, all_gather_object, all_reduce_max, all_reduce_mean,
                           broadcast_parameters, get_rank, get_world_size, sync_router_keys)
-from .ema import build_ema
-from .logging import MetricWriter, ProgressBar, RoutingStatsCollector, scalar_metrics, setup_logger
-from .optim import build_lr_scheduler, build_optimizer, clip_gradients
-from .phases import PhaseController, build_phases
+from pce.engine.ema import build_ema
+from pce.engine.logging import MetricWriter, ProgressBar, RoutingStatsCollector, scalar_metrics, setup_logger
+from pce.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
+from pce.engine.phases import PhaseController, build_phases
 
 __all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "resolve_device", "evaluate_model",
            "evaluate_checkpoint", "build_eval_loader", "to_channels_last"]
@@ -396,7 +396,7 @@ class Trainer:
         with self._thread_limit():
             info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches, self.optimizer)
         if info["kmeans_routers"] and self.world_size > 1:
-            from ..routers.cosine import CosineRouter
+            from pce.moe.routers.cosine import CosineRouter
 
             keys = [m.keys for mod in self._models() for m in mod.modules() if isinstance(m, CosineRouter)]
             broadcast_parameters(keys)

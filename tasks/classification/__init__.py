@@ -1,5 +1,5 @@
 """Classification: the PCE classifier (backbone -> SPP -> FC), its metrics and the training-engine adapter."""
-from pce.classifier import PCEClassifier, build_classifier
+from pce.models.classifier import PCEClassifier, build_classifier
 
 from .metrics import ClassificationEvaluator, topk_accuracy
 from .task import ClassificationTask

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pce.classifier import PCEClassifier, build_classifier
-from pce.losses import router_loss
+from pce.models.classifier import PCEClassifier, build_classifier
+from pce.moe.losses import router_loss
 
 from ..common import SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
 from ..registry import register_task

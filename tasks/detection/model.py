@@ -6,18 +6,18 @@
 
 Pieces:
 
-* :class:`PCEFPNBackbone` -- the backbone (``.body``, a :class:`~pce.backbone.PCEBackbone`) plus torchvision's
+* :class:`PCEFPNBackbone` -- the backbone (``.body``, a :class:`~pce.models.backbone.PCEBackbone`) plus torchvision's
   :class:`~torchvision.ops.FeaturePyramidNetwork` with a ``LastLevelMaxPool`` level ("pool"). Its output is an
   ``OrderedDict`` ``stage1 .. stageN, pool`` of ``out_channels`` maps. The routing of the body's last forward
   is kept in ``last_routing`` (a fresh list every forward; ``[]`` for a dense body) so the detector can add
   the router regularisers to its loss.
 * :class:`PCEFasterRCNN` -- a :class:`torchvision.models.detection.FasterRCNN` whose training ``forward`` also
-  returns ``"loss_router"`` (:func:`pce.losses.router_loss` of the last routing, weighted by
+  returns ``"loss_router"`` (:func:`pce.moe.losses.router_loss` of the last routing, weighted by
   ``router_loss_weights``; a zero tensor for dense backbones). In eval it returns torchvision's detections.
 * :func:`build_detector` -- derives the anchors, the RoIAlign feature names and the batching of the
   transform from the backbone's ``feature_info`` and ``size_divisibility``.
 
-Where the PCE controls live: ``model.pce_backbone`` is the :class:`~pce.backbone.PCEBackbone`
+Where the PCE controls live: ``model.pce_backbone`` is the :class:`~pce.models.backbone.PCEBackbone`
 (``set_keys_trainable``, ``set_router_override``, ``set_attention_enabled``, ``init_keys``, ...). The FPN
 wrapper ``model.backbone`` forwards the same controls to it, and the engine's phase controller finds the
 backbone anyway through ``model.modules()`` (:func:`pce.engine.phases.find_backbones`). Detection batches are
@@ -45,9 +45,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from pce.backbone import PCEBackbone, backbone_config
-from pce.losses import RouterLossWeights, router_loss
-from pce.routing import RoutingResult
+from pce.models.backbone import PCEBackbone, backbone_config
+from pce.moe.losses import RouterLossWeights, router_loss
+from pce.moe.routing import RoutingResult
 
 __all__ = ["PCEFPNBackbone", "PCEFasterRCNN", "build_detector", "default_anchor_sizes",
            "DEFAULT_ASPECT_RATIOS", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -90,7 +90,7 @@ def _resolve_stages(feature_info: Sequence[Mapping[str, Any]], returned: Optiona
 
 
 class PCEFPNBackbone(nn.Module):
-    """A :class:`~pce.backbone.PCEBackbone` (``body``) + torchvision FPN (+ ``LastLevelMaxPool``).
+    """A :class:`~pce.models.backbone.PCEBackbone` (``body``) + torchvision FPN (+ ``LastLevelMaxPool``).
 
     Args:
         body: the PCE (or dense) backbone.
@@ -102,7 +102,7 @@ class PCEFPNBackbone(nn.Module):
     ``forward(x [B, 3, H, W])`` -> ``OrderedDict`` of ``[B, fpn_channels, H / s, W / s]`` maps named like the
     body's stages, plus ``"pool"``. ``feature_info`` lists ``name`` / ``channels`` / ``stride`` of each output
     map; ``featmap_names`` the names without the pool level (the ones RoIAlign uses). After every forward,
-    ``last_routing`` holds that forward's :class:`~pce.routing.RoutingResult` list (replaced, never appended).
+    ``last_routing`` holds that forward's :class:`~pce.moe.routing.RoutingResult` list (replaced, never appended).
     """
 
     def __init__(self, body: PCEBackbone, returned_stages: Optional[Sequence[StageRef]] = None,
@@ -178,7 +178,7 @@ class PCEFasterRCNN(FasterRCNN):
     Args:
         backbone: a :class:`PCEFPNBackbone`.
         num_classes: classes including background (label 0); ``None`` when a ``box_predictor`` is given.
-        router_loss_weights: :class:`~pce.losses.RouterLossWeights` or a mapping of its fields
+        router_loss_weights: :class:`~pce.moe.losses.RouterLossWeights` or a mapping of its fields
             (default ``RouterLossWeights()``).
         **kwargs: :class:`~torchvision.models.detection.FasterRCNN` arguments.
     """
@@ -205,7 +205,7 @@ class PCEFasterRCNN(FasterRCNN):
     # -- access to the PCE backbone ------------------------------------------------------------------
     @property
     def pce_backbone(self) -> PCEBackbone:
-        """The :class:`~pce.backbone.PCEBackbone` under the FPN (the object with ``set_keys_trainable`` etc.)."""
+        """The :class:`~pce.models.backbone.PCEBackbone` under the FPN (the object with ``set_keys_trainable`` etc.)."""
         return self.backbone.body
 
     @property
@@ -306,7 +306,7 @@ def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
     """Faster R-CNN + FPN on a backbone preset (:func:`pce.build_backbone` name, ``pce_*`` or ``dense_*``).
 
     Args:
-        backbone: preset name; ``backbone_overrides``: its :class:`~pce.backbone.PCEBackbone` overrides
+        backbone: preset name; ``backbone_overrides``: its :class:`~pce.models.backbone.PCEBackbone` overrides
             (``router="gate"``, ``num_experts=3``, ...).
         num_classes: classes including background.
         fpn_channels: channels of every FPN level.

@@ -37,9 +37,9 @@ Backbone overrides. smp's model constructors drop unknown keyword arguments for 
 or, around any smp constructor, the :func:`backbone_overrides` context (a ``ContextVar``, so thread- and
 task-local; it is read only while an encoder is being constructed).
 
-Routing. Every forward stores the per-layer :class:`~pce.routing.RoutingResult` list of *that* forward in
+Routing. Every forward stores the per-layer :class:`~pce.moe.routing.RoutingResult` list of *that* forward in
 ``encoder.routing`` (replaced at each call; empty for dense twins), so the training loss can add
-:func:`pce.losses.router_loss`. (Under ``nn.DataParallel`` the attribute is set on the replicas and lost;
+:func:`pce.moe.losses.router_loss`. (Under ``nn.DataParallel`` the attribute is set on the replicas and lost;
 use DDP.)
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ from torch import nn
 import segmentation_models_pytorch as smp
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 
-from pce.backbone import PCEBackbone, backbone_config, list_backbones
-from pce.routing import RoutingResult
+from pce.models.backbone import PCEBackbone, backbone_config, list_backbones
+from pce.moe.routing import RoutingResult
 
 __all__ = [
     "PCEEncoder", "PretrainedWeightsError", "backbone_overrides", "create_smp_model", "is_pce_encoder_name",
@@ -105,7 +105,7 @@ def _check_reserved(overrides: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def backbone_overrides(**overrides: Any) -> Iterator[None]:
-    """Backbone overrides (``router=``, ``num_experts=``, ``top_k=``, any :class:`~pce.backbone.PCEBackbone`
+    """Backbone overrides (``router=``, ``num_experts=``, ``top_k=``, any :class:`~pce.models.backbone.PCEBackbone`
     argument) for the PCE encoders constructed inside the block, e.g. by ``smp.create_model``. Nested blocks
     merge (inner keys win)."""
     _check_reserved(overrides)
@@ -147,7 +147,7 @@ def _encoder_config(preset: str, depth: int, output_stride: int, overrides: Mapp
 
 
 class PCEEncoder(EncoderMixin, nn.Module):
-    """A :class:`~pce.backbone.PCEBackbone` preset as an smp encoder (see the module docstring).
+    """A :class:`~pce.models.backbone.PCEBackbone` preset as an smp encoder (see the module docstring).
 
     Args:
         preset: backbone preset name (stride-4 stem, stages at strides 4, 8, 16, 32).

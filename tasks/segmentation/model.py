@@ -6,7 +6,7 @@
 >>> labels = model.predict(images, mode="slide", window=512, stride=341)   # [B, H, W]
 
 The total training loss is ``sum(losses.values())``; every term is already weighted. ``loss_router`` is
-:func:`pce.losses.router_loss` of the routing of *that* forward (zero for dense twins and non-PCE encoders).
+:func:`pce.moe.losses.router_loss` of the routing of *that* forward (zero for dense twins and non-PCE encoders).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pce.backbone import PCEBackbone
-from pce.losses import RouterLossWeights, router_loss
-from pce.routing import RoutingResult
+from pce.models.backbone import PCEBackbone
+from pce.moe.losses import RouterLossWeights, router_loss
+from pce.moe.routing import RoutingResult
 
 from .encoders import PCEEncoder, create_smp_model
 
@@ -55,7 +55,7 @@ class SegmentationModel(nn.Module):
         net: an smp model (``encoder`` / ``decoder`` / ``segmentation_head``) returning logits.
         num_classes: K, the logit channels.
         ignore_index: target value excluded from every loss (VOC: 255).
-        router_loss_weights: :class:`~pce.losses.RouterLossWeights` (or a mapping) of the router regularisers.
+        router_loss_weights: :class:`~pce.moe.losses.RouterLossWeights` (or a mapping) of the router regularisers.
         ce_weight, dice_weight, lovasz_weight: weights of cross-entropy, smp ``DiceLoss`` and ``LovaszLoss``
             (multiclass, on logits, ``ignore_index`` honoured); a 0 weight leaves the term out.
         class_weights: optional per-class weights of the cross-entropy.

@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import PCEBackbone, build_backbone
-from .losses import RouterLossWeights, router_loss
-from .spp import SpatialPyramidPooling
+from pce.models.backbone import PCEBackbone, build_backbone
+from pce.moe.losses import RouterLossWeights, router_loss
+from pce.layers.spp import SpatialPyramidPooling
 
 
 class PCEClassifier(nn.Module):
     """``[B, C, H, W] -> logits [B, num_classes]``.
 
     Args:
-        backbone: a :class:`~pce.backbone.PCEBackbone` or a preset name (``overrides`` then go to the preset).
+        backbone: a :class:`~pce.models.backbone.PCEBackbone` or a preset name (``overrides`` then go to the preset).
         num_classes: number of classes.
         spp_levels: pyramid levels of the head's SPP (the seeds use 1, 2, 4).
         dropout: dropout before the FC layer.

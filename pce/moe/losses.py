@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, Mapping
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .routing import RoutingResult
+    from pce.moe.routing import RoutingResult
 
 COLLAPSE_TAU = 0.01
 

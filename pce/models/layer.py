@@ -6,13 +6,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .dispatch import DISPATCHERS, dispatch_context
-from .experts import build_expert_bank
-from .patches import PatchExtractor, PatchGrid
-from .pointwise import PointwiseConv
-from .positional import PositionalEncoding, patch_centers
-from .routers import build_router
-from .routing import Router, RoutingResult
+from pce.moe.dispatch import DISPATCHERS, dispatch_context
+from pce.moe.experts import build_expert_bank
+from pce.layers.patches import PatchExtractor, PatchGrid
+from pce.layers.pointwise import PointwiseConv
+from pce.layers.positional import PositionalEncoding, patch_centers
+from pce.moe.routers import build_router
+from pce.moe.routing import Router, RoutingResult
 
 EXECUTIONS = ("auto", "reference", "fused", "dense", "sparse", "context", "map")
 
@@ -21,7 +21,7 @@ class PCELayer(nn.Module):
     """One Positional Convolution Experts layer, ``[B, C, H, W] -> [B, C, H, W]``.
 
     1. fit the patch grid to the map (``padding="fit"``: shrink the patches to tile it when they can, else pad;
-       ``"pad"``: zero-pad; ``"error"``: fail, see :mod:`pce.patches`); add positional channels;
+       ``"pad"``: zero-pad; ``"error"``: fail, see :mod:`pce.layers.patches`); add positional channels;
     2. extract patches ``[B, P, C + pos, n, n]`` and route them: weights ``[B, P, E]``;
     3. run the experts on the patches (isolated patches, as in the seeds, plus ``halo`` pixels of neighbour
        context when ``halo > 0``), routing-weighted sum, reassemble, crop;
@@ -29,7 +29,7 @@ class PCELayer(nn.Module):
 
     ``execution``: ``"auto"`` (sparse dispatch when the router emits exact zeros; otherwise the fused pass on
     CUDA and the per-expert dense loop on CPU, the faster of the two on each as measured by
-    ``tools/benchmark.py``), ``"reference"``, ``"fused"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.dispatch`),
+    ``tools/benchmark.py``), ``"reference"``, ``"fused"``, ``"dense"``, ``"sparse"`` (see :mod:`pce.moe.dispatch`),
     ``"context"``: top-1 routing where every pixel is computed by its patch's expert and each convolution reads
     the neighbouring patches' activations across the border (a halo at no extra FLOPs; with every patch on one
     expert it is exactly that expert on the whole map), or ``"map"``: all experts run on the

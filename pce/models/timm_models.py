@@ -1,6 +1,6 @@
 """Register the backbone presets with timm.
 
-``timm.create_model("pce_tiny", num_classes=10)`` gives a :class:`~pce.classifier.PCEClassifier`;
+``timm.create_model("pce_tiny", num_classes=10)`` gives a :class:`~pce.models.classifier.PCEClassifier`;
 ``timm.create_model("pce_tiny", features_only=True, out_indices=(1, 2, 3))`` gives a module returning a list
 of maps with timm's ``feature_info`` (``.channels()``, ``.reduction()``). There are no pretrained weights:
 ``pretrained=True`` raises instead of downloading anything.
@@ -14,8 +14,8 @@ from timm.models import register_model
 from timm.models._features import FeatureInfo
 from torch import nn
 
-from .backbone import PCEBackbone, build_backbone, list_backbones
-from .classifier import PCEClassifier
+from pce.models.backbone import PCEBackbone, build_backbone, list_backbones
+from pce.models.classifier import PCEClassifier
 
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate", "global_pool")
 
@@ -51,7 +51,7 @@ def _make_entry(name: str):
     entry.__name__ = name
     entry.__qualname__ = name
     entry.__module__ = __name__
-    entry.__doc__ = f"PCE preset {name!r} (see pce.backbone)."
+    entry.__doc__ = f"PCE preset {name!r} (see pce.models.backbone)."
     return entry
 
 

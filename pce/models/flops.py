@@ -129,7 +129,7 @@ EXTRA_HANDLES: Dict[str, Handle] = {
     "aten::adaptive_max_pool2d": elementwise_input(1),
     "aten::avg_pool2d": elementwise_input(1),
     "aten::max_pool2d": elementwise_input(1),
-    # pce.dispatch's row permutation (an autograd.Function): data movement only, like aten::index_select
+    # pce.moe.dispatch's row permutation (an autograd.Function): data movement only, like aten::index_select
     "prim::PythonOp._PermuteRows": lambda inputs, outputs: 0,
 }
 
@@ -183,7 +183,7 @@ def active_params_per_token(model: nn.Module) -> int:
     parameters (see :func:`routed_fraction`). For a model without PCE layers this is :func:`count_params`.
     Routers, positional projections, the 1x1 output projection, stems, heads and dense layers count fully.
     Under a parameter-free router override (``set_router_override``) the override's sparsity is used."""
-    from .layer import PCELayer  # local: keeps this module importable without building the package graph
+    from pce.models.layer import PCELayer  # local: keeps this module importable without building the package graph
 
     total = count_params(model)
     inactive = 0.0
@@ -196,7 +196,7 @@ def active_params_per_token(model: nn.Module) -> int:
 
 class _TraceableScatter(TorchFunctionMode):
     """``t.scatter_(dim, index, True)`` with a *bool* scalar (the routers' top-k masks, e.g.
-    ``pce.routing.top_k_mask``) has no TorchScript schema, so ``torch.jit`` tracing fails on it with an
+    ``pce.moe.routing.top_k_mask``) has no TorchScript schema, so ``torch.jit`` tracing fails on it with an
     internal assert. While tracing, bool scalars are passed as a tensor source instead (same result)."""
 
     _FUNCS = (torch.Tensor.scatter_, torch.Tensor.scatter, torch.scatter)
@@ -289,7 +289,7 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
 def _returns_tensor(model: nn.Module) -> bool:
     """Backbones (``PCEBackbone``) return an ordered dict of maps; everything else is assumed to return
     tensors or tuples of tensors, which ``torch.jit`` traces directly."""
-    from .backbone import PCEBackbone
+    from pce.models.backbone import PCEBackbone
 
     return not isinstance(model, PCEBackbone)
 

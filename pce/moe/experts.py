@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import EXPERTS
+from pce.registry import EXPERTS
 
 
 class StackedConv2d(nn.Module):
@@ -201,7 +201,7 @@ class ExpertBank(nn.Module):
     """
 
     receptive_radius = 0
-    fusable_pairs: tuple = ()  # (conv, batch norm) attribute pairs that pce.fuse may fold for inference
+    fusable_pairs: tuple = ()  # (conv, batch norm) attribute pairs that pce.models.fuse may fold for inference
 
     def __init__(self, num_experts: int, in_channels: int, out_channels: int) -> None:
         super().__init__()

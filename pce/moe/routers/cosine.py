@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import ROUTERS
-from ..routing import Router, RoutingResult
-from ..pointwise import PointwiseConv
-from ..spp import SpatialPyramidPooling
-from .threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
+from pce.registry import ROUTERS
+from pce.moe.routing import Router, RoutingResult
+from pce.layers.pointwise import PointwiseConv
+from pce.layers.spp import SpatialPyramidPooling
+from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 
 
 @ROUTERS.register("cosine")

@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..registry import ROUTERS
-from ..routing import Router, RoutingResult
-from ..spp import SpatialPyramidPooling
+from pce.registry import ROUTERS
+from pce.moe.routing import Router, RoutingResult
+from pce.layers.spp import SpatialPyramidPooling
 
 
 class PooledMLPScorer(nn.Module):

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from .losses import routing_aux_losses, routing_statistics
+from pce.moe.losses import routing_aux_losses, routing_statistics
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
+from pce.moe.experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
 
 
 class FoldedNorm(nn.Module):
@@ -47,7 +47,7 @@ def fold_stacked(conv: StackedConv2d, bn: StackedBatchNorm2d) -> None:
 
 def _no_train(self: nn.Module, mode: bool = True) -> nn.Module:
     if mode:
-        raise RuntimeError("this model was fused for inference (pce.fuse.fuse_for_inference); rebuild it to train")
+        raise RuntimeError("this model was fused for inference (pce.models.fuse.fuse_for_inference); rebuild it to train")
     return nn.Module.train(self, False)
 
 

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .experts import ExpertBank
+from pce.moe.experts import ExpertBank
 
 
 def _check(tokens: torch.Tensor, weights: torch.Tensor, bank: ExpertBank) -> None:
@@ -175,7 +175,7 @@ def dispatch_context(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tens
     reads the neighbouring patch's previous-layer activations (zeros outside the map and, after the first
     layer, for dropped patches; the first layer reads the input everywhere).
     ``to_windows(rows [N, C, n, n], r)`` must return each patch with ``r`` pixels of such context,
-    ``[N, C, n + 2r, n + 2r]`` (see :meth:`pce.patches.PatchExtractor.extract_windows`). With every patch on
+    ``[N, C, n + 2r, n + 2r]`` (see :meth:`pce.layers.patches.PatchExtractor.extract_windows`). With every patch on
     one expert this is exactly that expert applied to the whole map. Needs at most one expert per token.
     ``norm_stats``: ``"expert"`` (each expert's batch norm uses the statistics of its own rows) or ``"layer"``
     (statistics of all routed rows of the layer, per-expert affine: what a dense layer's batch norm sees).

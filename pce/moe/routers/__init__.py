@@ -1,10 +1,10 @@
-"""Routers: every strategy behind one interface (:class:`pce.routing.Router`), registered by name."""
-from ..registry import ROUTERS
-from ..routing import Router, RoutingResult
-from .cosine import CosineRouter
-from .gate import ExpertChoiceRouter, GateRouter
-from .simple import GumbelRouter, PositionalRouter, UniformRouter
-from .threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
+"""Routers: every strategy behind one interface (:class:`pce.moe.routing.Router`), registered by name."""
+from pce.registry import ROUTERS
+from pce.moe.routing import Router, RoutingResult
+from pce.moe.routers.cosine import CosineRouter
+from pce.moe.routers.gate import ExpertChoiceRouter, GateRouter
+from pce.moe.routers.simple import GumbelRouter, PositionalRouter, UniformRouter
+from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 
 
 def build_router(name: str, in_channels: int, num_experts: int, **kwargs) -> Router:

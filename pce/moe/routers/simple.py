@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..registry import ROUTERS
-from ..routing import Router, RoutingResult
-from .cosine import CosineRouter
+from pce.registry import ROUTERS
+from pce.moe.routing import Router, RoutingResult
+from pce.moe.routers.cosine import CosineRouter
 
 
 @ROUTERS.register("gumbel")
@@ -108,7 +108,7 @@ class SharedRouter(Router):
     """Every patch to expert 0 with weight 1, in training and eval: the experts act as one shared dense block.
 
     The stabilisation router of sparse upcycling: train expert 0 on every patch at the cost of one expert, then
-    copy it into the others (phase option ``upcycle``, :meth:`pce.backbone.PCEBackbone.upcycle_experts`) before
+    copy it into the others (phase option ``upcycle``, :meth:`pce.models.backbone.PCEBackbone.upcycle_experts`) before
     the learned routers take over, so that every expert starts from weights trained on all the data."""
 
     def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, top_k: Optional[int] = None,
