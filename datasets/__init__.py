@@ -15,6 +15,8 @@ from .voc import (VOC_CLASSES, VOC_PALETTE, VOCDetection, VOCSegmentation, find_
 from .voc_transforms import DetectionTransform, SegmentationTransform
 from .collate import SegmentationCollate, detection_collate, segmentation_collate
 from .demo_voc import DEMO_CLASSES, demo_voc_is_complete, ensure_demo_voc, make_demo_voc
+from . import camelyon  # noqa: E402,F401  (registers camelyon_tiles, camelyon16, camelyon_tile)
+from .camelyon import CamelyonTiles, Camelyon16Tiles
 
 __all__ = [
     "DATASETS", "TRANSFORMS", "Registry", "build_dataset", "build_transform",
@@ -24,4 +26,5 @@ __all__ = [
     "parse_voc_xml", "DetectionTransform", "SegmentationTransform",
     "SegmentationCollate", "detection_collate", "segmentation_collate",
     "DEMO_CLASSES", "demo_voc_is_complete", "ensure_demo_voc", "make_demo_voc",
+    "camelyon", "CamelyonTiles", "Camelyon16Tiles",
 ]

@@ -2,7 +2,8 @@
 
 Ties between logits are broken by ``torch.topk`` (implementation-defined); the
 evaluator's top-1 prediction is the first column of the same ``topk`` call, so
-``top1`` always equals ``trace(confusion) / num_samples``.
+``top1`` always equals ``trace(confusion) / num_samples``. With two classes the evaluator also
+reports ``AUC``: the ROC AUC (scikit-learn) of the softmax probability of class 1 (e.g. tile AUC).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class ClassificationEvaluator:
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         self.correct = {k: 0 for k in self.topk}
         self.num_samples = 0
+        self.scores: list = []  # binary only: softmax probability of class 1 per sample
+        self.labels: list = []
 
     @torch.no_grad()
     def update(self, logits: Any, targets: Any) -> None:
@@ -112,10 +115,14 @@ class ClassificationEvaluator:
         cm = torch.bincount(targets * c + pred, minlength=c * c).reshape(c, c)
         self.confusion += cm.cpu()
         self.num_samples += targets.numel()
+        if c == 2:
+            self.scores += logits.float().softmax(dim=1)[:, 1].tolist()
+            self.labels += targets.tolist()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"num_classes": self.num_classes, "topk": list(self.topk), "confusion": self.confusion.clone(),
-                "correct": dict(self.correct), "num_samples": self.num_samples}
+                "correct": dict(self.correct), "num_samples": self.num_samples,
+                "scores": list(self.scores), "labels": list(self.labels)}
 
     def merge(self, other: Union["ClassificationEvaluator", Mapping[str, Any]]) -> "ClassificationEvaluator":
         """Add another evaluator's (or its ``state_dict()``'s) counts; returns self."""
@@ -129,6 +136,8 @@ class ClassificationEvaluator:
         for k in self.topk:
             self.correct[k] += int(s["correct"][k])
         self.num_samples += int(s["num_samples"])
+        self.scores += list(s.get("scores", []))
+        self.labels += list(s.get("labels", []))
         return self
 
     def synchronize(self, group: Any = None) -> None:
@@ -156,4 +165,10 @@ class ClassificationEvaluator:
         out["mean_class_acc"] = float(valid.mean()) if valid.size else math.nan
         out["confusion_matrix"] = self.confusion.tolist()
         out["num_samples"] = n
+        if self.num_classes == 2:
+            out["AUC"] = math.nan
+            if len(set(self.labels)) == 2:
+                from sklearn.metrics import roc_auc_score
+
+                out["AUC"] = float(roc_auc_score(np.asarray(self.labels), np.asarray(self.scores)))
         return out

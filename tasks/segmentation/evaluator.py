@@ -15,6 +15,10 @@ tables and skipped by the means):
 * Accuracy (recall) of class c is ``tp / #gt pixels``; it is undefined, hence
   excluded from ``mean_acc``, when the class has no ground-truth pixel (in
   particular when it is absent from both).
+
+Per-class IoU is also reported as flat ``IoU_<name>`` keys (``IoU_tumour``). With two classes (binary
+segmentation of image tiles, e.g. tumour vs background), ``tile_AUC`` is the ROC AUC (scikit-learn) of the
+fraction of each image's pixels predicted class 1 against whether its ground truth holds class 1.
 """
 
 from __future__ import annotations
@@ -65,7 +69,17 @@ def segmentation_metrics_from_confusion(confusion: Any, class_names: Optional[Se
         "fwIoU": fw,
         "confusion_matrix": cm.astype(np.int64).tolist(),
         "num_pixels": int(total),
+        **{f"IoU_{n}": float(v) for n, v in zip(names, iou)},
     }
+
+
+def _tile_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """ROC AUC of per-image scores against 0/1 labels; nan unless both labels occur."""
+    if len(set(int(v) for v in labels)) < 2:
+        return math.nan
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(labels), np.asarray(scores, dtype=np.float64)))
 
 
 class SegmentationEvaluator:
@@ -98,10 +112,13 @@ class SegmentationEvaluator:
             str(i) for i in range(self.num_classes)
         ]
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
+        self.tile_scores: list = []  # binary only: per image, fraction of pixels predicted 1
+        self.tile_labels: list = []  # binary only: per image, 1 when its ground truth holds class 1
 
     def reset(self) -> None:
         """Zero the confusion matrix."""
         self.confusion.zero_()
+        self.tile_scores, self.tile_labels = [], []
 
     @torch.no_grad()
     def update(self, pred: Any, target: Any) -> None:
@@ -133,6 +150,8 @@ class SegmentationEvaluator:
             )
         if pred.shape != target.shape:
             raise ValueError(f"pred labels shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        if self.num_classes == 2:
+            self._update_tiles(pred.to(target.device), target)
         pred = pred.to(target.device).reshape(-1).long()
         target = target.reshape(-1).long()
         if self.ignore_index is not None:
@@ -154,18 +173,29 @@ class SegmentationEvaluator:
         counts = torch.bincount(target * c + pred, minlength=c * c).reshape(c, c)
         self.confusion += counts.to(self.confusion.device)
 
+    def _update_tiles(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Per-image predicted class-1 fraction and ground-truth class-1 presence (ignored pixels left out)."""
+        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        n = valid.flatten(1).sum(1).clamp(min=1).double()
+        self.tile_scores += ((pred == 1) & valid).flatten(1).sum(1).double().div(n).tolist()
+        self.tile_labels += ((target == 1) & valid).flatten(1).any(1).long().tolist()
+
     def merge(self, other: Union["SegmentationEvaluator", Mapping[str, Any]]) -> "SegmentationEvaluator":
         """Add another evaluator's (or ``state_dict()``'s) confusion matrix; returns self."""
         cm = other.confusion if isinstance(other, SegmentationEvaluator) else torch.as_tensor(other["confusion"])
         if tuple(cm.shape) != (self.num_classes, self.num_classes):
             raise ValueError(f"confusion shape {tuple(cm.shape)} != ({self.num_classes}, {self.num_classes})")
         self.confusion += cm.to(device=self.confusion.device, dtype=torch.int64)
+        src = other.state_dict() if isinstance(other, SegmentationEvaluator) else other
+        self.tile_scores += list(src.get("tile_scores", []))
+        self.tile_labels += list(src.get("tile_labels", []))
         return self
 
     def state_dict(self) -> Dict[str, Any]:
         """{"num_classes", "ignore_index", "confusion": CPU int64 tensor [C, C]}."""
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
-                "confusion": self.confusion.detach().cpu().clone()}
+                "confusion": self.confusion.detach().cpu().clone(),
+                "tile_scores": list(self.tile_scores), "tile_labels": list(self.tile_labels)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reset()
@@ -182,11 +212,19 @@ class SegmentationEvaluator:
         dist.all_reduce(t, group=group)
         if t is not self.confusion:
             self.confusion.copy_(t.to(self.confusion.device))
+        if self.num_classes == 2:
+            parts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, (self.tile_scores, self.tile_labels), group=group)
+            self.tile_scores = [v for p in parts for v in p[0]]
+            self.tile_labels = [v for p in parts for v in p[1]]
 
     def compute(self) -> Dict[str, Any]:
         """{"mIoU", "per_class_IoU": {name: v}, "pixel_acc", "mean_acc", "per_class_acc",
         "fwIoU", "confusion_matrix": [[int]] (rows GT), "num_pixels"}; fractions, nan = excluded."""
-        return segmentation_metrics_from_confusion(self.confusion, self.class_names)
+        out = segmentation_metrics_from_confusion(self.confusion, self.class_names)
+        if self.num_classes == 2:
+            out["tile_AUC"] = _tile_auc(self.tile_scores, self.tile_labels)
+        return out
 
     def format_table(self, results: Optional[Mapping[str, Any]] = None, digits: int = 1) -> str:
         """Per-class IoU / accuracy text table in percent."""

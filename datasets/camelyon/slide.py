@@ -1,0 +1,127 @@
+"""Whole-slide reading through openslide-python + openslide-bin: opening with clear errors, level choice by
+downsample or microns per pixel, RGB tiles, and the tissue mask (Otsu on HSV saturation, as CLAM and MONAI do)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import cv2
+import numpy as np
+import openslide
+
+__all__ = ["open_slide", "slide_mpp", "choose_level", "read_rgb", "tissue_mask", "SlideLike"]
+
+SlideLike = Union[str, os.PathLike, "openslide.OpenSlide"]
+
+
+def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+    """Open a pyramidal slide; ``FileNotFoundError`` / ``ValueError`` naming the file and the reason."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: slide not found (expected a whole-slide image file: .tif, .svs, ...)")
+    try:
+        return openslide.OpenSlide(str(p))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise ValueError(f"{p}: unsupported slide format (expected a tiled pyramidal TIFF, SVS, NDPI, MRXS or "
+                         f"another format OpenSlide reads; a stripped TIFF or plain image is not a slide)") from None
+    except openslide.OpenSlideError as e:
+        raise ValueError(f"{p}: unreadable slide ({e})") from None
+
+
+def _as_slide(slide: SlideLike) -> Tuple[openslide.OpenSlide, bool]:
+    if isinstance(slide, (str, os.PathLike)):
+        return open_slide(slide), True
+    return slide, False
+
+
+def slide_mpp(slide: openslide.OpenSlide) -> Optional[float]:
+    """Level-0 microns per pixel (mean of x and y), ``None`` when the file does not say."""
+    try:
+        mx = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+        my = float(slide.properties[openslide.PROPERTY_NAME_MPP_Y])
+    except (KeyError, ValueError):
+        return None
+    return (mx + my) / 2 if mx > 0 and my > 0 else None
+
+
+def choose_level(slide: openslide.OpenSlide, downsample: Optional[float] = None,
+                 mpp: Optional[float] = None, source: str = "slide") -> int:
+    """The level whose downsample (or microns per pixel) is closest to the target, in log scale.
+    Exactly one of ``downsample`` / ``mpp``; an ``mpp`` target on a slide without mpp is a ``ValueError``."""
+    if (downsample is None) == (mpp is None):
+        raise ValueError(f"{source}: choose_level needs exactly one of downsample= or mpp=")
+    if mpp is not None:
+        base = slide_mpp(slide)
+        if base is None:
+            raise ValueError(f"{source}: mpp={mpp} asked but the slide has no microns-per-pixel metadata "
+                             f"(choose the level by downsample or index instead)")
+        downsample = float(mpp) / base
+    if downsample <= 0:
+        raise ValueError(f"{source}: target downsample {downsample} must be positive")
+    ds = np.asarray(slide.level_downsamples, dtype=np.float64)
+    return int(np.argmin(np.abs(np.log(ds) - np.log(downsample))))
+
+
+def read_rgb(slide: openslide.OpenSlide, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> np.ndarray:
+    """``uint8 [h, w, 3]`` RGB of ``read_region``; transparent pixels (outside the scanned area) become white."""
+    rgba = np.asarray(slide.read_region((int(location[0]), int(location[1])), int(level),
+                                        (int(size[0]), int(size[1]))))
+    rgb = rgba[..., :3].astype(np.float32)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+
+
+def _low_res_rgb(slide: openslide.OpenSlide, level: Optional[int], target: float) -> Tuple[np.ndarray, float]:
+    if level is None:
+        ds = np.asarray(slide.level_downsamples)
+        near = int(np.argmin(np.abs(np.log(ds) - np.log(target))))
+        if abs(np.log(ds[near] / target)) <= np.log(2.0):
+            level = near
+    if level is not None:
+        if not 0 <= level < slide.level_count:
+            raise ValueError(f"tissue_mask: level {level} out of range 0..{slide.level_count - 1}")
+        w, h = slide.level_dimensions[level]
+        rgb = read_rgb(slide, (0, 0), level, (w, h))
+    else:  # no level near the target: OpenSlide's thumbnail (downscaled from the best level)
+        w0, h0 = slide.dimensions
+        size = (max(int(round(w0 / target)), 1), max(int(round(h0 / target)), 1))
+        rgb = np.asarray(slide.get_thumbnail(size).convert("RGB"))
+    return rgb, slide.dimensions[0] / rgb.shape[1]
+
+
+def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample: float = 32.0,
+                blur: int = 7, close: int = 5, min_object: float = 0.0005,
+                min_threshold: int = 15) -> Tuple[np.ndarray, float]:
+    """Tissue on a low-resolution level (the one nearest ``target_downsample``) or the thumbnail.
+
+    Median blur (``blur`` px) of the HSV saturation, Otsu threshold (at least ``min_threshold``, so a blank
+    slide is not split in two), morphological closing (``close`` px ellipse), then connected components smaller
+    than ``min_object`` of the image area and holes smaller than it removed.
+    Returns ``(mask bool [h, w], downsample)``: level-0 pixels per mask pixel (level-0 width / mask width).
+    """
+    sl, owned = _as_slide(slide)
+    try:
+        rgb, ds = _low_res_rgb(sl, level, target_downsample)
+    finally:
+        if owned:
+            sl.close()
+    sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    if blur > 1:
+        sat = cv2.medianBlur(sat, blur | 1)
+    thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (sat > max(thr, min_threshold)).astype(np.uint8)
+    if close > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close, close)))
+    min_px = max(int(min_object * mask.size), 1)
+    mask = _drop_small(mask, min_px)                       # small specks
+    mask = 1 - _drop_small(1 - mask, min_px)               # small holes
+    return mask.astype(bool), float(ds)
+
+
+def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` (uint8 0/1 [h, w]) without its 8-connected components of fewer than ``min_px`` pixels."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    return keep[lab].astype(np.uint8) if n > 1 else mask

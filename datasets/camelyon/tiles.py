@@ -1,0 +1,201 @@
+"""``CamelyonTiles``: a dataset over the tissue tiles of whole slides (tumour masks or tile labels from ASAP
+annotations), ``Camelyon16Tiles``: the same over the Camelyon16 folder layout, and a balanced sampler."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from ..registry import DATASETS
+from .annotations import Annotation, read_asap_xml, rasterize
+from .index import index_slide
+from .slide import choose_level, open_slide, read_rgb
+
+__all__ = ["CamelyonTiles", "MODES"]
+
+MODES = ("segment", "classify")
+AnnotationsArg = Union[None, Sequence[Any], Mapping[str, Any]]
+
+
+def _load_annotations(entry: Any) -> tuple:
+    """``(annotations or None, xml path or None)`` of one ``annotations`` entry (None, a path or a list)."""
+    if entry is None:
+        return None, None
+    if isinstance(entry, (str, os.PathLike)):
+        return read_asap_xml(entry), Path(entry)
+    return list(entry), None
+
+
+def _align_annotations(slides: List[Path], annotations: AnnotationsArg) -> List[Any]:
+    """One entry per slide from a list (aligned with ``slides``) or a dict keyed by slide path or stem."""
+    if annotations is None:
+        return [None] * len(slides)
+    if isinstance(annotations, Mapping):
+        keys = {str(p): i for i, p in enumerate(slides)}
+        keys.update({p.stem: i for i, p in enumerate(slides)})
+        out: List[Any] = [None] * len(slides)
+        for k, v in annotations.items():
+            if str(k) not in keys:
+                raise ValueError(f"{v}: annotations given for slide {k!r}, which is not in the slide list "
+                                 f"(expected a path or stem of one of {[p.name for p in slides]})")
+            out[keys[str(k)]] = v
+        return out
+    annotations = list(annotations)
+    if len(annotations) != len(slides):
+        raise ValueError(f"annotations: {len(annotations)} entries for {len(slides)} slides (expected one per "
+                         f"slide, None for a slide without tumour, or a dict keyed by slide)")
+    return annotations
+
+
+@DATASETS.register("camelyon_tiles")
+class CamelyonTiles(Dataset):
+    """Tiles of whole slides at ``level`` (grid origin (0, 0), step ``stride`` level pixels, default
+    ``tile_size``) whose tissue fraction is >= ``min_tissue``.
+
+    ``ds.tiles[i]``: ``{"slide", "slide_index", "x", "y" (level-0 top-left), "level", "size", "tissue",
+    "tumour" (fractions), "label" (tumour in the central third)}``. ``ds[i]`` -> ``(image float32 [3, s, s] RGB
+    in [0, 1] or through ``transform``, target)``: ``int64 [s, s]`` mask (``mode="segment"``) or the tile label
+    (``mode="classify"``). ``annotations``: None, one entry per slide (None / XML path / list of
+    :class:`Annotation`) or a dict keyed by slide path or stem. ``mpp`` / ``downsample`` choose each slide's
+    level instead of ``level``. ``balance=p`` makes an epoch of ``epoch_size`` (default: all tiles) draws, a
+    fraction ``p`` of them tumour tiles. Slides are opened lazily, once per process (DataLoader worker); the
+    index is cached under ``cache_dir``.
+    """
+
+    def __init__(self, slides: Sequence[Union[str, os.PathLike]], annotations: AnnotationsArg = None,
+                 level: int = 0, tile_size: int = 256, stride: Optional[int] = None, min_tissue: float = 0.5,
+                 mode: str = "segment", label_map: Optional[Mapping[str, int]] = None,
+                 transform: Optional[Callable] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 mpp: Optional[float] = None, downsample: Optional[float] = None, balance: Optional[float] = None,
+                 epoch_size: Optional[int] = None, tissue_level: Optional[int] = None,
+                 transforms: Optional[Callable] = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} (expected one of {MODES})")
+        if int(tile_size) < 1 or (stride is not None and int(stride) < 1):
+            raise ValueError(f"tile_size={tile_size} and stride={stride} must be positive")
+        if balance is not None and not 0.0 <= float(balance) <= 1.0:
+            raise ValueError(f"balance={balance} (expected a tumour fraction in [0, 1] or None)")
+        self.slides = [Path(s) for s in slides]
+        if not self.slides:
+            raise ValueError("CamelyonTiles: empty slide list")
+        self.mode, self.tile_size = mode, int(tile_size)
+        self.stride = int(stride) if stride is not None else self.tile_size
+        self.label_map = dict(label_map) if label_map is not None else None
+        self.transform = transform if transform is not None else transforms
+        self.classes = ("background", "tumour") if mode == "segment" else ("normal", "tumour")
+        loaded = [_load_annotations(e) for e in _align_annotations(self.slides, annotations)]
+        self.annotations: List[Optional[List[Annotation]]] = [a for a, _ in loaded]
+        self.levels: List[int] = []
+        self.downsamples: List[float] = []
+        self.tiles: List[Dict[str, Any]] = []
+        cache = Path(cache_dir) if cache_dir is not None else None
+        for k, (path, (anns, xml)) in enumerate(zip(self.slides, loaded)):
+            lvl = self._level(path, level, mpp, downsample)
+            idx = index_slide(path, anns, lvl, self.tile_size, self.stride, float(min_tissue), self.label_map,
+                              cache, xml, tissue_level)
+            self.levels.append(lvl)
+            self.downsamples.append(float(idx["downsample"]))
+            for x, y, t, u, c in zip(idx["x"], idx["y"], idx["tissue"], idx["tumour"], idx["centre"]):
+                self.tiles.append({"slide": str(path), "slide_index": k, "x": int(x), "y": int(y), "level": lvl,
+                                   "size": self.tile_size, "tissue": float(t), "tumour": float(u),
+                                   "label": int(c)})
+        self.level = self.levels[0]
+        self.balance = None if balance is None else float(balance)
+        self.epoch_size = int(epoch_size) if epoch_size else len(self.tiles)
+        pos = np.array([self._positive(t) for t in self.tiles], bool)
+        self._pools = (np.flatnonzero(pos), np.flatnonzero(~pos))
+        self._handles: Dict[int, Any] = {}
+        self._owner: Any = None
+        self._rng: Optional[np.random.Generator] = None
+
+    # --------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _level(path: Path, level: int, mpp: Optional[float], downsample: Optional[float]) -> int:
+        if mpp is None and downsample is None:
+            return int(level)
+        with open_slide(path) as s:
+            return choose_level(s, downsample=downsample, mpp=mpp, source=str(path))
+
+    def _positive(self, t: Mapping[str, Any]) -> bool:
+        return bool(t["label"]) if self.mode == "classify" else t["tumour"] > 0
+
+    @property
+    def transforms(self) -> Optional[Callable]:
+        """Alias of ``transform`` (the name the task adapters use)."""
+        return self.transform
+
+    @transforms.setter
+    def transforms(self, value: Optional[Callable]) -> None:
+        self.transform = value
+
+    def _process_key(self) -> tuple:
+        info = get_worker_info()
+        return os.getpid(), info.id if info is not None else None
+
+    def _this_process(self) -> None:
+        """Forget handles and random state inherited from another process (a forked DataLoader worker)."""
+        if self._owner != self._process_key():
+            info = get_worker_info()
+            self._handles, self._owner = {}, self._process_key()
+            self._rng = np.random.default_rng(info.seed if info is not None else torch.initial_seed())
+
+    def _handle(self, k: int) -> Any:
+        """The open slide ``k`` of this process, opened on first use (never pickled, never shared)."""
+        self._this_process()
+        if k not in self._handles:
+            self._handles[k] = open_slide(self.slides[k])
+        return self._handles[k]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_handles={}, _owner=None, _rng=None)
+        return state
+
+    def close(self) -> None:
+        """Close this process's slide handles."""
+        for h in self._handles.values():
+            h.close()
+        self._handles = {}
+
+    # --------------------------------------------------------------------------------------- dataset
+    def __len__(self) -> int:
+        return self.epoch_size if self.balance is not None else len(self.tiles)
+
+    def _balanced(self, i: int) -> int:
+        """Tile of draw ``i``: the first ``round(balance * epoch_size)`` draws are tumour tiles, the rest normal
+        ones, each uniform in its pool from this process's generator (a fresh stream every epoch)."""
+        pos, neg = self._pools
+        n_pos = round(self.balance * self.epoch_size) if len(pos) else 0
+        pool = pos if (i < n_pos or not len(neg)) else neg
+        self._this_process()
+        return int(pool[self._rng.integers(len(pool))])
+
+    def read_tile(self, i: int) -> np.ndarray:
+        """``uint8 [s, s, 3]`` RGB of tile ``i`` (index into ``tiles``)."""
+        t = self.tiles[i]
+        return read_rgb(self._handle(t["slide_index"]), (t["x"], t["y"]), t["level"], (t["size"], t["size"]))
+
+    def tile_mask(self, i: int) -> np.ndarray:
+        """``uint8 [s, s]`` label mask of tile ``i`` at its level."""
+        t = self.tiles[i]
+        anns = self.annotations[t["slide_index"]]
+        if not anns:
+            return np.zeros((t["size"], t["size"]), np.uint8)
+        return rasterize(anns, (t["x"], t["y"]), (t["size"], t["size"]), self.downsamples[t["slide_index"]],
+                         self.label_map)
+
+    def __getitem__(self, i: int):
+        if self.balance is not None:
+            if not 0 <= i < self.epoch_size:
+                raise IndexError(i)
+            i = self._balanced(i)
+        image = torch.from_numpy(self.read_tile(i)).permute(2, 0, 1).float().div_(255.0)
+        if self.mode == "segment":
+            target = torch.from_numpy(self.tile_mask(i).astype(np.int64))
+            return self.transform(image, target) if self.transform is not None else (image, target)
+        target = int(self.tiles[i]["label"])
+        return (self.transform(image) if self.transform is not None else image), target
