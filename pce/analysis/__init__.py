@@ -1,0 +1,17 @@
+"""Interpretability: routing maps, expert specialisation statistics, expert pruning / duplication, run reports.
+
+>>> from pce.analysis import routing_maps, RoutingStats, prune_experts, duplicate_expert
+>>> maps = routing_maps(model, images)                      # {layer: LayerMap}: expert / entropy per patch
+>>> small = prune_experts(model, {"backbone.stages.2.layers.0": [3]})
+
+Everything reads routing through :func:`pce.record_routing`. Tools: ``tools/visualize_routing.py``,
+``tools/analyze_routing.py``, ``tools/prune_experts.py``, ``tools/report.py`` (see docs/INTERPRETABILITY.md).
+"""
+from pce.analysis.labels import patch_labels, position_labels
+from pce.analysis.maps import LayerMap, feature_strides, layer_map, routing_maps
+from pce.analysis.stats import RoutingStats, nmi_with_baseline
+from pce.analysis.surgery import apply_structure, duplicate_expert, pce_layers, prune_experts, structure
+
+__all__ = ["LayerMap", "routing_maps", "layer_map", "feature_strides", "RoutingStats", "nmi_with_baseline",
+           "patch_labels", "position_labels", "prune_experts", "duplicate_expert", "apply_structure", "structure",
+           "pce_layers"]
