@@ -121,6 +121,7 @@ class _LayerAccumulator:
         self.patches = 0
         self.dropped = 0
         self.entropy_sum = 0.0
+        self.expert_entropy_sum = torch.zeros(E, dtype=torch.float64)
         self.experts: List[np.ndarray] = []
         self.labels: List[np.ndarray] = []
         self.positions: List[np.ndarray] = []
@@ -137,8 +138,11 @@ class _LayerAccumulator:
         self.weight_sum += flat.double().sum(0)
         self.patches += B * P
         self.dropped += int((flat.sum(-1) == 0).sum())
-        self.entropy_sum += float(_entropy(result.probs.detach().float().cpu().reshape(-1, E)).double().sum())
+        ent = _entropy(result.probs.detach().float().cpu().reshape(-1, E)).double()
+        self.entropy_sum += float(ent.sum())
         experts = assigned_experts(w)  # [B, P]
+        flat_e = experts.reshape(-1)
+        self.expert_entropy_sum.index_add_(0, flat_e[flat_e >= 0], ent[flat_e >= 0])
         self.experts.append(experts.reshape(-1).numpy().astype(np.int16 if E < 32000 else np.int64))
         grid = _grid(result)
         gid = hash(grid) % 1000 if grid != self.grid else 0
@@ -153,6 +157,11 @@ class _LayerAccumulator:
             self.position_sum += one_hot.sum(0).t()
             self.position_images += B
 
+    def _expert_entropy(self, experts: np.ndarray) -> torch.Tensor:
+        """``[E]`` mean routing entropy of the patches whose argmax is each expert (0 for an unused one)."""
+        n = torch.from_numpy(np.bincount(experts[experts >= 0].astype(np.int64), minlength=self.E)).double()
+        return (self.expert_entropy_sum / n.clamp_min(1)).float()
+
     def compute(self, num_classes: Optional[int], tau: float, shuffles: int, seed: int) -> Dict[str, Any]:
         n = max(self.patches, 1)
         use = (self.count / n).float()
@@ -163,6 +172,7 @@ class _LayerAccumulator:
             "usage": use.tolist(), "usage_share": share.tolist(), "mean_weight": (self.weight_sum / n).float().tolist(),
             "dropped_rate": self.dropped / n, "entropy": self.entropy_sum / n, "usage_entropy": usage_entropy(share),
             "max_entropy": math.log(self.E), "imbalance": imbalance(self.count),
+            "expert_entropy": self._expert_entropy(experts).tolist(),
             "collapsed_experts": collapsed_experts(use, tau),
             "nmi_position": nmi_with_baseline(experts, np.concatenate(self.positions), shuffles, seed),
         }
@@ -189,7 +199,8 @@ class RoutingStats:
     >>> stats.compute()["backbone.stages.2.layers.0"]["nmi_class"]        # {"nmi", "baseline", ...}
 
     Per layer: ``usage [E]`` (fraction of patches using each expert), ``usage_share [E]`` (sums to 1),
-    ``mean_weight [E]``, ``dropped_rate``, ``entropy`` (mean routing entropy), ``usage_entropy`` (of
+    ``mean_weight [E]``, ``dropped_rate``, ``entropy`` (mean routing entropy), ``expert_entropy [E]`` (mean
+    routing entropy of the patches each expert takes), ``usage_entropy`` (of
     ``usage_share``; ``max_entropy = log E``), ``imbalance`` (max / min load), ``collapsed_experts`` (indices with
     usage < ``tau``), ``nmi_position`` and, with labels, ``nmi_class`` (each ``{"nmi", "baseline",
     "baseline_std", "n"}``), ``expert_class [E][K]`` counts and ``expert_position [E][gh][gw]`` (share of the

@@ -1,0 +1,242 @@
+"""Matplotlib figures (Agg backend, PNG files) of routing maps and routing statistics."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+__all__ = ["expert_colors", "routing_figure", "usage_figure", "nmi_figure", "expert_class_figure",
+           "expert_position_figure", "cluster_figure", "curves_figure"]
+
+DPI = 80
+
+
+def expert_colors(n: int) -> np.ndarray:
+    """``[n, 4]`` RGBA colours of experts 0..n-1 (tab10, then tab20)."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return np.array([cmap(i % cmap.N) for i in range(n)])
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    """``[C, H, W]`` float in [0, 1] -> ``[H, W, 3]``."""
+    img = image.detach().float().cpu().clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img.permute(1, 2, 0).numpy()
+
+
+def _expert_rgba(expert: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """``[gh, gw]`` expert ids (-1 dropped) -> ``[gh, gw, 4]`` colours (dropped: transparent)."""
+    rgba = np.zeros(expert.shape + (4,))
+    used = expert >= 0
+    rgba[used] = colors[expert[used]]
+    return rgba
+
+
+def routing_figure(image: torch.Tensor, maps: Mapping[str, Any], index: int, path, title: str = "",
+                   alpha: float = 0.55) -> Path:
+    """One image (``[C, H, W]`` in [0, 1]) with every layer's routing side by side: top row the expert of each
+    patch over the image, bottom row the routing entropy; a legend of the expert colours."""
+    names = list(maps)
+    n = max(len(names), 1)
+    E = max((m.num_experts for m in maps.values()), default=1)
+    colors = expert_colors(E)
+    img = _hwc(image)
+    H, W = img.shape[:2]
+    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.0), squeeze=False)
+    for j, name in enumerate(names):
+        m = maps[name]
+        ex = m.expert[index].numpy()
+        ent = m.entropy[index].numpy()
+        ax = axes[0, j]
+        ax.imshow(img, extent=(0, W, H, 0))
+        ax.imshow(_expert_rgba(ex, colors), extent=(0, W, H, 0), alpha=alpha, interpolation="nearest")
+        gh, gw = m.grid
+        for r in range(1, gh):
+            ax.axhline(r * H / gh, color="white", lw=0.5)
+        for c in range(1, gw):
+            ax.axvline(c * W / gw, color="white", lw=0.5)
+        ax.set_title(f"{name}\n{gh}x{gw} patches", fontsize=7)
+        ax.axis("off")
+        ax = axes[1, j]
+        im = ax.imshow(ent, vmin=0, vmax=math.log(max(m.num_experts, 2)), cmap="viridis", extent=(0, W, H, 0),
+                       interpolation="nearest")
+        ax.set_title("entropy (nats)", fontsize=7)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(E)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(E, 8), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(bottom=0.1)
+    return _save(fig, path)
+
+
+def usage_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
+    """Per layer: each expert's usage share and mean gate weight (bars); collapsed experts in red."""
+    names = list(stats)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(2.6 * max(len(names), 1), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s = stats[name]
+        E = s["num_experts"]
+        x = np.arange(E)
+        colors = ["tab:red" if e in s["collapsed_experts"] else "tab:blue" for e in range(E)]
+        ax.bar(x - 0.2, s["usage_share"], 0.4, color=colors, label="usage share")
+        ax.bar(x + 0.2, s["mean_weight"], 0.4, color="tab:orange", label="mean weight")
+        ax.axhline(1.0 / E, color="grey", ls="--", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_title(f"{name}\nH={s['entropy']:.2f}/{s['max_entropy']:.2f} nats", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def nmi_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
+    """Per layer: NMI of expert vs class and vs position, each next to its shuffled-label baseline."""
+    names = list(stats)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(3.0, 1.3 * len(names) + 1), 2.8))
+    for off, key, col in ((-0.3, "nmi_class", "tab:green"), (0.1, "nmi_position", "tab:purple")):
+        vals = [(stats[n].get(key) or {}).get("nmi") or 0.0 for n in names]
+        base = [(stats[n].get(key) or {}).get("baseline") or 0.0 for n in names]
+        ax.bar(x + off, vals, 0.2, color=col, label=key.replace("nmi_", "expert vs "))
+        ax.bar(x + off + 0.2, base, 0.2, color=col, alpha=0.35, hatch="//", label="shuffled baseline")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace("backbone.", "").replace(".layers", "") for n in names], fontsize=6, rotation=20)
+    ax.set_ylabel("NMI", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def expert_class_figure(s: Dict[str, Any], name: str, path, class_names: Optional[Sequence[str]] = None) -> Path:
+    """Heat-map of ``P(class | expert)`` (rows: experts) from ``s["expert_class"]`` counts."""
+    cm = np.asarray(s["expert_class"], dtype=np.float64)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.35 * cm.shape[1] + 1.8, 0.3 * cm.shape[0] + 1.4))
+    im = ax.imshow(rows, cmap="magma", vmin=0, vmax=max(rows.max(), 1e-9), aspect="auto")
+    ax.set_yticks(range(cm.shape[0]))
+    ax.set_ylabel("expert", fontsize=7)
+    labels = list(class_names) if class_names and len(class_names) == cm.shape[1] else [str(k) for k in range(cm.shape[1])]
+    ax.set_xticks(range(cm.shape[1]))
+    ax.set_xticklabels(labels, rotation=60, fontsize=6)
+    ax.tick_params(labelsize=6)
+    nmi = (s.get("nmi_class") or {})
+    ax.set_title(f"{name}: P(class | expert)\nNMI {nmi.get('nmi', 0) or 0:.3f} (shuffled {nmi.get('baseline', 0) or 0:.3f})",
+                 fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    return _save(fig, path)
+
+
+def expert_position_figure(s: Dict[str, Any], name: str, path) -> Path:
+    """One small map per expert: the share of images whose patch at each grid cell goes to that expert."""
+    pos = np.asarray(s["expert_position"], dtype=np.float64)  # [E, gh, gw]
+    E = pos.shape[0]
+    fig, axes = plt.subplots(1, E, figsize=(1.3 * E + 0.6, 1.7), squeeze=False)
+    for e in range(E):
+        ax = axes[0, e]
+        im = ax.imshow(pos[e], vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
+        ax.set_title(f"e{e}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    nmi = (s.get("nmi_position") or {})
+    fig.suptitle(f"{name}: expert share per grid cell, NMI {nmi.get('nmi', 0) or 0:.3f} "
+                 f"(shuffled {nmi.get('baseline', 0) or 0:.3f})", fontsize=7)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02).ax.tick_params(labelsize=6)
+    return _save(fig, path)
+
+
+def cluster_figure(images: List[List[torch.Tensor]], sizes: Sequence[int], path) -> Path:
+    """Rows: route clusters (K-Means over per-image routing); columns: the images nearest each centre."""
+    k = len(images)
+    cols = max((len(r) for r in images), default=1) or 1
+    fig, axes = plt.subplots(max(k, 1), cols, figsize=(1.1 * cols + 0.8, 1.1 * max(k, 1)), squeeze=False)
+    for i in range(max(k, 1)):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.axis("off")
+            if i < k and j < len(images[i]):
+                ax.imshow(_hwc(images[i][j]))
+        if i < k:
+            axes[i, 0].set_title(f"cluster {i} ({sizes[i]} images)", fontsize=6, loc="left")
+    return _save(fig, path)
+
+
+def curves_figure(train: List[Dict[str, Any]], val: List[Dict[str, Any]], path, metric: Optional[str] = None) -> Path:
+    """Training loss per step and the validation metrics per epoch from ``metrics.jsonl`` records."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.8))
+    steps = [r.get("iter", i) for i, r in enumerate(train)]
+    for key in ("loss", "loss_cls", "loss_router"):
+        ys = [r.get(key) for r in train]
+        if any(isinstance(y, (int, float)) for y in ys):
+            axes[0].plot(steps, [y if isinstance(y, (int, float)) else np.nan for y in ys], label=key)
+    axes[0].set_xlabel("step", fontsize=7)
+    axes[0].set_title("training loss", fontsize=8)
+    axes[0].legend(fontsize=6)
+    keys = [metric] if metric else []
+    keys += [k for k in ("top1", "mIoU", "AP50", "mAP") if k not in keys]
+    for key in keys:
+        pts = [(r.get("epoch"), r[key]) for r in val if isinstance(r.get(key), (int, float))]
+        if pts:
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    axes[1].set_xlabel("epoch", fontsize=7)
+    axes[1].set_title("validation", fontsize=8)
+    axes[1].legend(fontsize=6)
+    for ax in axes:
+        ax.tick_params(labelsize=6)
+    return _save(fig, path)
+
+
+def routing_curves_figure(train: List[Dict[str, Any]], path) -> Path:
+    """Routing entropy and collapsed experts per layer over the training steps (``routing`` of train records)."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.6))
+    layers = list(train[-1]["routing"])
+    steps = [r.get("iter", i) for i, r in enumerate(train)]
+    for layer in layers:
+        for ax, key in zip(axes, ("entropy", "collapsed_experts")):
+            ys = [(r["routing"].get(layer) or {}).get(key, np.nan) for r in train]
+            ax.plot(steps, ys, label=layer.replace(".layers", ""))
+    axes[0].set_title("routing entropy (nats)", fontsize=8)
+    axes[1].set_title("collapsed experts", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0].legend(fontsize=5)
+    return _save(fig, path)
+
+
+def _safe(layer: str) -> str:
+    return layer.replace("backbone.", "").replace(".", "_")
+
+
+def stat_plots(stats: Mapping[str, Dict[str, Any]], clusters: Mapping[str, Any], out, image_of=None,
+               class_names: Optional[Sequence[str]] = None) -> List[Path]:
+    """Every statistics figure into folder ``out``: usage, NMI, per-layer expert x class and expert x position,
+    and (with ``image_of(index) -> [C, H, W]``) the route clusters' example images."""
+    out = Path(out)
+    files = [usage_figure(stats, out / "usage.png"), nmi_figure(stats, out / "nmi.png")]
+    for layer, s in stats.items():
+        if "expert_class" in s:
+            files.append(expert_class_figure(s, layer, out / f"expert_class_{_safe(layer)}.png", class_names))
+        if "expert_position" in s:
+            files.append(expert_position_figure(s, layer, out / f"expert_position_{_safe(layer)}.png"))
+    if clusters.get("k") and image_of is not None:
+        images = [[image_of(i) for i in ex] for ex in clusters["examples"]]
+        files.append(cluster_figure(images, clusters["sizes"], out / "clusters.png"))
+    return files

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""One self-contained HTML page of a training run (no network: images inlined).
+
+    python tools/report.py work_dirs/fmnist_cls_pce                  # -> work_dirs/fmnist_cls_pce/report.html
+    python tools/report.py RUN_DIR --num 256 --images 4 --out report.html
+
+Reads RUN_DIR/config.py, RUN_DIR/metrics.jsonl and RUN_DIR/best.pth (else latest.pth); shows the training curves
+(loss, validation metric, routing entropy per layer), the final metrics with per-class tables (an evaluation of
+the checkpoint on --split), routing maps of the first --images images and the routing statistics and plots of
+tools/analyze_routing.py over the first --num samples of --split.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from pce.analysis import plots
+from pce.analysis.cli import batches, display, load_run, split_samples
+from pce.analysis.maps import routing_maps
+from pce.analysis.report import build_report, metric_tables, read_metrics, routing_table
+from pce.analysis.runner import cluster_routes, collect_routing, load_split
+from pce.engine.errors import PCEError, add_debug_flag, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a work dir of tools/train.py")
+    ap.add_argument("--checkpoint", help="default: RUN_DIR/best.pth, else RUN_DIR/latest.pth")
+    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ap.add_argument("--num", type=int, default=512, help="samples for the evaluation and the statistics")
+    ap.add_argument("--images", type=int, default=4, help="routing maps of this many images")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", help="default: RUN_DIR/report.html")
+    add_debug_flag(ap)
+    return ap.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise PCEError(run, "not a folder", "a work dir written by tools/train.py")
+    config = run / "config.py"
+    if not config.is_file():
+        raise PCEError(config, "missing", "the merged config tools/train.py writes into its work dir")
+    ckpt = Path(args.checkpoint) if args.checkpoint else next((run / n for n in ("best.pth", "latest.pth")
+                                                               if (run / n).is_file()), run / "best.pth")
+    args.config, args.checkpoint = str(config), str(ckpt)
+    return args
+
+
+def curves(run: Path, tmp: Path, metric: str) -> list:
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if r.get("type") == "train"]
+    val = [r for r in records if r.get("type") == "val"]
+    files = [plots.curves_figure(train, val, tmp / "curves.png", metric)] if train or val else []
+    routed = [r for r in train if r.get("routing")]
+    if routed:
+        files.append(plots.routing_curves_figure(routed, tmp / "routing_curves.png"))
+    return files
+
+
+def main(args: argparse.Namespace) -> int:
+    from pce.engine.trainer import evaluate_model
+    from pce.tasks.visualize import class_names_from_config
+
+    args = resolve(args)
+    cfg, task, model, _, device = load_run(args)
+    run, out = Path(args.run_dir), Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        sections = [("Training", f"<p class='note'>{run}: config {args.config}, checkpoint {args.checkpoint}</p>",
+                     curves(run, tmp, cfg.eval.metric))]
+        ds = load_split(cfg, task, args.split, args.num)
+        results = evaluate_model(model, task, cfg, ds, device)
+        sections.append((f"Final metrics ({args.split}, {len(ds)} samples)", metric_tables(results), []))
+        samples, names, transform = split_samples(cfg, task, args.split, args.images)
+        maps_png = []
+        for i, batch in batches(task, samples, 8):
+            maps = routing_maps(model, batch, forward=lambda m, b: task.predict(m, b, device))
+            for b in range(len(next(iter(maps.values())).expert)):
+                maps_png.append(plots.routing_figure(display(samples[i + b][0], transform), maps, b,
+                                                     tmp / f"map_{names[i + b]}.png", names[i + b]))
+        sections.append(("Routing maps", "<p class='note'>expert per patch over the image (top), routing "
+                         "entropy in nats (bottom)</p>", maps_png))
+        got = collect_routing(model, task, cfg, ds, device)
+        stats = got.stats.compute()
+        clusters = cluster_routes(got.vectors, 4, image_labels=got.image_labels)
+        tf = getattr(getattr(ds, "dataset", ds), "transform", None)
+        figs = plots.stat_plots(stats, clusters, tmp, lambda i: display(ds[i][0], tf), class_names_from_config(cfg))
+        sections.append(("Routing statistics", "<p class='note'>NMI: normalised mutual information of the expert "
+                         "with the label / the grid cell; shuffled: the same with the labels permuted "
+                         "(chance).</p>" + routing_table(stats), figs))
+        build_report(out, f"PCE run report: {run.name}", sections)
+    print(f"report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    _args = parse_args()
+    sys.exit(run_cli(lambda: main(_args), debug=_args.debug))
