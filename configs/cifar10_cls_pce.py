@@ -7,8 +7,8 @@ _base_ = [
     "_base_/default_runtime.py",
 ]
 phases = [
-    dict(name="stabilise", epochs=5, router_override="uniform", keys_trainable=False, attention=False),
+    dict(name="stabilise", epochs=5, router_override="uniform", keys_trainable=False),
     dict(name="route", epochs=25, router_override=None, keys_trainable=False),
-    dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True, attention=True, lr_mult=0.5),
+    dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True, lr_mult=0.5),
 ]
 runtime = dict(ema=0.9995, amp="bf16", channels_last=True)

@@ -8,7 +8,7 @@ _base_ = [
 ]
 schedule = dict(epochs=20)
 phases = [
-    dict(name="stabilise", epochs=1, router_override="uniform", keys_trainable=False, attention=False),
+    dict(name="stabilise", epochs=1, router_override="uniform", keys_trainable=False),
     dict(name="route", epochs=5, router_override=None, keys_trainable=False),
-    dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True, attention=True),
+    dict(name="finetune", epochs=-1, router_override=None, keys_trainable=True),
 ]

@@ -1,6 +1,8 @@
 """CIFAR-10 / CIFAR-100 from the official "python version" pickle batches.
 
-Note: the batches are Python pickles; only load files from a trusted source.
+The batches are Python pickles: they are read with a restricted unpickler that only builds the builtins and
+numpy types the official batches contain (dicts, lists, bytes, str, numbers, numpy arrays), so a damaged or
+hostile file cannot run code; anything else is an error naming the file and the refused global.
 """
 
 from __future__ import annotations
@@ -20,11 +22,30 @@ from .registry import DATASETS
 __all__ = ["CIFAR10", "CIFAR100"]
 
 
+# (module, name) pairs a CIFAR batch may reference: numpy's array reconstruction (numpy 1 and 2 paths)
+_SAFE_GLOBALS = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int",
+                              "float", "complex", "bool")
+} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+} | {
+    (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds only builtins and numpy "
+                                     f"arrays)")
+
+
 def _load_pickle(path: Path) -> dict:
     require_file(path, "CIFAR batch")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
     except Exception as e:  # UnpicklingError, EOFError, ValueError, ... on damaged files
         raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):

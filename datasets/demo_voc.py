@@ -21,6 +21,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -302,6 +303,37 @@ def demo_voc_is_complete(root: str | os.PathLike, **params: Any) -> bool:
     return True
 
 
+_OWN_FILES = re.compile(
+    r"^(JPEGImages/\d{6}\.jpg|Annotations/\d{6}\.xml|Segmentation(Class|Object)/\d{6}\.png|"
+    r"ImageSets/Main/(\w+_)?(train|val|trainval|test)\.txt|ImageSets/Segmentation/(train|val|trainval)\.txt|"
+    r"classes\.txt|DEMO_README\.txt|\.complete)$")
+
+
+def _user_files(target: Path) -> list[Path]:
+    """Files in a demo ``VOC2007`` folder the generator did not write, or changed after it finished (the
+    ``.complete`` marker is written last): the user's, never to be deleted."""
+    marker = target / _MARKER
+    done = marker.stat().st_mtime if marker.is_file() else None
+    out = []
+    for dirpath, _, files in os.walk(target):
+        for f in files:
+            path = Path(dirpath) / f
+            rel = path.relative_to(target).as_posix()
+            if not _OWN_FILES.match(rel) or (done is not None and path.stat().st_mtime > done + 2.0):
+                out.append(path)
+    return sorted(out)
+
+
+def _check_own_folder(devkit: Path) -> None:
+    """The demo set lives in a ``VOCdevkit`` of its own: refuse one that holds other data (e.g. real VOC2012)."""
+    if not devkit.is_dir():
+        return
+    other = sorted(p.name for p in devkit.iterdir() if p.name != "VOC2007" and not p.name.startswith(".VOC2007."))
+    if other:
+        raise FileExistsError(f"{devkit}: holds {other}, not only the demo set; the demo data goes into a folder "
+                              "of its own (expected a root such as data/demo_voc)")
+
+
 def _generate(out: Path, p: dict[str, Any]) -> dict[str, int]:
     for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject",
                 "ImageSets/Main", "ImageSets/Segmentation"):
@@ -420,9 +452,16 @@ def make_demo_voc(
                 f"{target} exists and is not a PCE demo dataset (no {_MARKER} or DEMO_README.txt); "
                 "refusing to replace it. Use another root or overwrite=True."
             )
+        mine = _user_files(target)
+        if mine:
+            raise FileExistsError(
+                f"{mine[0]}: added or changed after the demo set was generated ({len(mine)} such file(s) in "
+                f"{target}); refusing to regenerate the demo set with other parameters over them (expected an "
+                "untouched demo folder: use another root for the demo, or move your files out)")
         if (target / _MARKER).exists():
             warnings.warn(f"demo dataset at {target} has different parameters or missing files; regenerating",
                           stacklevel=2)
+    _check_own_folder(devkit)
     devkit.mkdir(parents=True, exist_ok=True)
     # remove stale temporaries of interrupted runs (older than 1 h, so concurrent runs are untouched)
     for d in devkit.glob(".VOC2007.*"):

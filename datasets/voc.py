@@ -15,7 +15,9 @@ Nothing is downloaded. Every error about bad input names the offending file.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "VOC_PALETTE",
     "parse_voc_xml",
     "find_voc_root",
+    "image_to_array",
     "VOCDetection",
     "VOCSegmentation",
 ]
@@ -87,20 +90,43 @@ def _read_split(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"Split file not found: {path}")
     ids = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if parts:
-                ids.append(parts[0])
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if parts:
+                    ids.append(parts[0])
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start} (expected one image id per line)") from None
     return ids
 
 
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def image_to_array(im: Image.Image, channels: int = 3) -> np.ndarray:
+    """A PIL image as float32 ``[H, W, channels]`` in [0, 1] (``channels`` 1 or 3). 16-bit images are scaled by
+    65535 (not clipped to 255 as ``Image.convert`` does); 32-bit float images are taken as [0, 1]."""
+    if im.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float32)
+        if im.mode.startswith("I;16") or (im.mode == "I" and arr.size and arr.max() > 255):
+            arr = arr / 65535.0
+        elif im.mode == "I":
+            arr = arr / 255.0
+        arr = np.clip(arr, 0.0, 1.0)[..., None]
+        return np.repeat(arr, 3, axis=2) if channels == 3 else arr
+    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
 def _load_rgb(path: Path) -> np.ndarray:
-    """Load an image file as uint8 RGB [H, W, 3]; errors name the file."""
+    """Load an image file as uint8 RGB [H, W, 3] (16-bit images scaled to 8 bits); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode in _HIGH_BIT_MODES:
+                return np.round(image_to_array(im, 3) * 255.0).astype(np.uint8)
             return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise OSError(f"Could not read image {path}: {e}") from e
@@ -176,6 +202,9 @@ def parse_voc_xml(path: str | os.PathLike, classes: Sequence[str] = VOC_CLASSES)
             box = tuple(float(_text(bb, t, path)) for t in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as e:
             raise ValueError(f"Malformed VOC annotation {path}: object {k} ({name}) bad <bndbox>: {e}") from e
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"{path}: object {k} ({name}) has a non-finite <bndbox> {box} (expected pixel "
+                             f"coordinates)")
         if box[2] < box[0] or box[3] < box[1]:
             raise ValueError(f"Malformed VOC annotation {path}: object {k} ({name}) has inverted bndbox {box}")
         objects.append(
@@ -252,6 +281,7 @@ class VOCDetection(Dataset):
             raise ValueError(f"classes must be a non-empty list of unique names, got {self.classes}")
         self.transforms = transforms
         self.keep_difficult = keep_difficult
+        self._warned: set = set()
         self.splits = _resolve_splits(year, image_set)
         self.ids: list[str] = []
         self.years: list[str] = []
@@ -301,12 +331,36 @@ class VOCDetection(Dataset):
             "names": [o["name"] for o in objs],
         }
 
+    #: a box may reach this many pixels past the image border before it is reported (VOC rounding)
+    BORDER_TOLERANCE = 1.0
+
+    def _check_boxes(self, i: int, ann: dict[str, Any], h: int, w: int) -> None:
+        """``<size>`` must be the image's size and no box may lie outside the image (``ValueError`` naming the
+        file and object); a box partly outside (beyond :attr:`BORDER_TOLERANCE`) is clipped with a warning."""
+        path = self.annotation_path(i)
+        if ann["size"] is not None and tuple(ann["size"]) != (h, w):
+            raise ValueError(f"{path}: <size> is {ann['size'][1]}x{ann['size'][0]} (WxH) but {self.image_path(i)} "
+                             f"is {w}x{h} (expected the image's size)")
+        tol = self.BORDER_TOLERANCE
+        for k, (box, name) in enumerate(zip(ann["boxes"], ann["names"])):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+                raise ValueError(f"{path}: object {k} ({name}) box {[x0 + 1, y0 + 1, x1, y1]} lies outside the "
+                                 f"{w}x{h} image (expected a box inside the image)")
+            if x0 < -tol or y0 < -tol or x1 > w + tol or y1 > h + tol:
+                key = (str(path), k)
+                if key not in self._warned:
+                    self._warned.add(key)
+                    warnings.warn(f"{path}: object {k} ({name}) box {[x0 + 1, y0 + 1, x1, y1]} extends past the "
+                                  f"{w}x{h} image: clipped to it", stacklevel=3)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if i < 0:
             i += len(self)
         ann = self.get_annotation(i)
         img = _load_rgb(self.image_path(i))
         h, w = img.shape[:2]
+        self._check_boxes(i, ann, h, w)
         boxes, labels, difficult = ann["boxes"], ann["labels"], ann["difficult"]
         if not self.keep_difficult:
             keep = ~difficult

@@ -13,7 +13,8 @@ from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
 from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
 from pce.engine.config import to_plain
 
-__all__ = ["to_plain", "accepts", "unwrap", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin"]
+__all__ = ["to_plain", "accepts", "unwrap", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin",
+           "check_kwargs", "check_split_dataset"]
 
 
 def accepts(fn: Any, name: str) -> bool:
@@ -54,6 +55,7 @@ def dataset_kwargs(cfg: Any, split: str) -> Dict[str, Any]:
         kwargs["root"] = cfg.data.root
     demo = kwargs.pop("demo", None)
     if demo:
+        _check_demo_options(cfg, split, kwargs.get("root"), demo)
         if "root" not in kwargs:
             raise ValueError(f"data.{split}.kwargs.demo needs a root (data.root or data.{split}.kwargs.root)")
         ensure_demo_voc(kwargs["root"], **(demo if isinstance(demo, Mapping) else {}))
@@ -61,6 +63,70 @@ def dataset_kwargs(cfg: Any, split: str) -> Dict[str, Any]:
     if isinstance(kwargs.get("classes"), list):
         kwargs["classes"] = tuple(kwargs["classes"])
     return kwargs
+
+
+def check_kwargs(fn: Any, kwargs: Mapping[str, Any], key: str, what: str) -> None:
+    """``PCEError`` naming ``key.<name>`` for a keyword ``fn`` does not take (a typo in a config's kwargs)."""
+    from pce.engine.errors import PCEError
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    for k in kwargs:
+        if k not in names:
+            import difflib
+
+            close = difflib.get_close_matches(k, names, n=1)
+            raise PCEError(f"{key}.{k}", f"not an argument of {what}" + (f"; did you mean {close[0]!r}?" if close
+                                                                          else ""), f"one of {names}")
+
+
+def check_split_dataset(split: str, name: str, dataset: Any) -> None:
+    """Before any model is built: the split holds samples and its first sample loads (errors name the split)."""
+    from pce.engine.errors import PCEError
+
+    try:
+        n = len(dataset)
+    except TypeError:
+        return
+    if n == 0:
+        raise PCEError(f"data.{split} ({name})", "the split holds no samples",
+                       "at least one: check its image_set / split file / root")
+    try:
+        dataset[0]
+    except PCEError:
+        raise
+    except (ValueError, OSError, KeyError, IndexError, TypeError, RuntimeError) as e:
+        from pce.engine.errors import one_line
+
+        raise PCEError(f"data.{split} ({name}) sample 0", one_line(e), "a readable sample") from e
+
+
+def _check_demo_options(cfg: Any, split: str, root: Any, demo: Any) -> None:
+    """Every split that generates the demo data into one root must ask for the same demo set (otherwise each
+    split would regenerate the other's)."""
+    from pce.engine.errors import PCEError
+
+    from pce.datasets.demo_voc import _DEFAULTS
+
+    def norm(d: Any) -> Dict[str, Any]:
+        d = to_plain(d)
+        return {**_DEFAULTS, **(dict(d) if isinstance(d, Mapping) else {})}
+
+    for other in ("train", "val", "test"):
+        sc = cfg.data[other]
+        if other == split or not sc.name:
+            continue
+        ok = to_plain(sc.kwargs)
+        o_demo = ok.get("demo")
+        o_root = cfg.data.root if cfg.data.root and accepts(DATASETS.get(sc.name), "root") else ok.get("root")
+        if o_demo and str(o_root) == str(root) and norm(o_demo) != norm(demo):
+            raise PCEError(f"data.{split}.kwargs.demo", f"{to_plain(demo)!r} differs from data.{other}.kwargs.demo "
+                           f"{to_plain(o_demo)!r} for the same root {root}", "the same demo options in every split")
 
 
 def image_batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -106,6 +172,10 @@ class SplitDatasetsMixin:
             if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
                     and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
                 extra["seed"] = int(cfg.runtime.seed)
+            check_kwargs(DATASETS.get(sc.name), kwargs, f"data.{split}.kwargs", f"dataset {sc.name!r}")
+            if sc.transform.name:
+                check_kwargs(TRANSFORMS.get(sc.transform.name), {**to_plain(sc.transform.kwargs), **extra},
+                             f"data.{split}.transform.kwargs", f"transform {sc.transform.name!r}")
             transform = self._build_transform(split, sc, extra)
             try:
                 ds = build_dataset(sc.name, transforms=transform, **kwargs)
@@ -114,6 +184,7 @@ class SplitDatasetsMixin:
                 raise FileNotFoundError(f"data.{split} ({sc.name}) is not available: {e}. How to obtain it: "
                                         f"{hint}") from e
             self._check_classes(cfg, split, sc.name, ds)
+            check_split_dataset(split, sc.name, ds)
             if split == "train" and "seed" in extra:
                 self._train = (ds, sc, extra["seed"])
             out[split] = ds

@@ -14,8 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from pce.engine import (ConfigError, cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process,
-                        load_config)
+from pce.engine import cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process, load_config
+from pce.engine.errors import add_debug_flag, run_cli
 from pce.tasks import get_task
 
 
@@ -36,15 +36,20 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test", choices=["test", "val", "train"])
     ap.add_argument("--out", help="write the metrics as JSON here (NaN -> null)")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.cfg_options)
         init_distributed(device=cfg.runtime.device)
+        # the routing phase the checkpoint was saved in; non-finite weights are refused
         results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)
+        tiles = cfg.data[results.get("split", args.split)].kwargs  # whole-slide tiles: at which level and size
+        results.update({k: tiles[k] for k in ("level", "tile_size") if k in tiles})
         main_process = is_main_process()  # before the process group goes away
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed()
     if not main_process:

@@ -13,7 +13,11 @@ the picture shows it as the model saw it (resized for detection):
 * classification: the top-1 class and its probability.
 
 Writes ``OUT/<image stem>.png`` per image and ``OUT/predictions.json`` (boxes / labels / scores, the class
-histogram of the mask, or the top-5 classes).
+histogram of the mask, or the top-5 classes). The model runs in the routing phase its checkpoint was saved in.
+An unreadable image, or one larger than ``data.max_input_size`` (longest side) or smaller than the model's
+largest stride, is reported on stderr and skipped (``OUT/skipped.json``: path -> reason); the exit
+status is 1 when no image could be used. Classification images are resized to ``model.input_shape``. 16-bit
+images are scaled by 65535.
 """
 from __future__ import annotations
 
@@ -23,13 +27,17 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
 from pce.datasets import build_transform
-from pce.engine import ConfigError, PhaseController, build_phases, load_config, load_model_weights
+from pce.datasets.voc import image_to_array
+from pce.engine import PhaseController, build_phases, load_config, load_model_weights
+from pce.engine.checkpoint import checkpoint_phase
+from pce.engine.errors import PCEError, add_debug_flag, one_line, run_cli
+from pce.engine.phases import find_backbones
 from pce.engine.trainer import resolve_device
 from pce.tasks import get_task
 from pce.tasks.visualize import class_names_from_config, display_image, render, save_png
@@ -53,11 +61,29 @@ def list_images(items: List[str]) -> List[Path]:
 
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
-    """``[C, H, W]`` float in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr)
-    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    """``[C, H, W]`` float in [0, 1] (16-bit images scaled by 65535); ``PCEError`` naming an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            arr = image_to_array(im, channels)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise PCEError(path, f"not a readable image ({one_line(e)})", "a .jpg / .png / .bmp file") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def min_input_side(model: torch.nn.Module) -> int:
+    """The smallest image side the model takes: its deepest feature stride (at least 2 pixels)."""
+    strides = [int(i.get("stride", 1)) for bb in find_backbones(model) for i in bb.feature_info]
+    return max(strides + [2])
+
+
+def check_size(path: Path, image: torch.Tensor, lo: int, hi: int) -> None:
+    h, w = image.shape[-2:]
+    if hi and max(h, w) > hi:
+        raise PCEError(path, f"{w}x{h} pixels is larger than data.max_input_size={hi}",
+                       "resize it, or raise data.max_input_size with --cfg-options")
+    if min(h, w) < lo:
+        raise PCEError(path, f"{w}x{h} pixels is smaller than the model's minimum side {lo}",
+                       f"an image of at least {lo}x{lo}")
 
 
 def eval_transform(cfg: Any) -> Any:
@@ -116,34 +142,47 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5, help="segmentation: overlay opacity")
     ap.add_argument("--device", default=None, help="cpu | cuda | auto (default: runtime.device)")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-        task = get_task(cfg.task)
-        device = resolve_device(args.device or cfg.runtime.device)
-        if not Path(args.checkpoint).is_file():  # fail before building the model
-            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        model = task.build_model(cfg)
-        ckpt = load_model_weights(model, args.checkpoint, prefer_ema=True)
-        ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-        ctl.apply(ctl.phase_at(max(int(ckpt.get("epoch", cfg.schedule.epochs)) - 1, 0)), [model])  # its routing
-        model.to(device).eval()
-        transform = eval_transform(cfg)
-        paths = list_images(args.images)
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.cfg_options)
+    task = get_task(cfg.task)
+    device = resolve_device(args.device or cfg.runtime.device)
+    if not Path(args.checkpoint).is_file():  # fail before building the model
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    paths = list_images(args.images)
+    model = task.build_model(cfg)
+    ckpt = load_model_weights(model, args.checkpoint, prefer_ema=True)  # refuses non-finite weights
+    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
+    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
+    model.to(device).eval()
+    transform = eval_transform(cfg)
     names = class_names_from_config(cfg)
     collate = getattr(task, "collate_fn", None) or default_collate
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     channels = int(cfg.model.input_shape[0])
+    lo, hi = min_input_side(model), int(cfg.data.max_input_size or 0)
     results: Dict[str, Any] = {}
+    skipped: Dict[str, str] = {}
     for path in paths:
-        image = load_image(path, channels)
-        img_t, tgt = apply_transform(cfg.task, transform, image, dummy_target(cfg.task, image))
-        with torch.no_grad():
-            pred = task.predict(model, collate([(img_t, tgt)]), device)[0][0]
+        try:
+            image = load_image(path, channels)
+            check_size(path, image, 1 if cfg.task == "classification" else lo, hi)
+            img_t, tgt = apply_transform(cfg.task, transform, image, dummy_target(cfg.task, image))
+            if cfg.task == "classification" and tuple(img_t.shape[-2:]) != tuple(cfg.model.input_shape[1:]):
+                img_t = F.interpolate(img_t[None], size=tuple(int(v) for v in cfg.model.input_shape[1:]),
+                                      mode="bilinear", align_corners=False, antialias=True)[0]
+            with torch.no_grad():
+                pred = task.predict(model, collate([(img_t, tgt)]), device)[0][0]
+        except (PCEError, ValueError, OSError, RuntimeError) as e:
+            msg = one_line(e)
+            skipped[str(path)] = msg
+            print(f"error: {msg if str(path) in msg else f'{path}: {msg}'} (skipped)", file=sys.stderr)
+            continue
         if isinstance(pred, dict):
             pred = {k: v.detach().cpu() for k, v in pred.items()}
         else:
@@ -153,9 +192,12 @@ def main(argv=None) -> int:
         dst = save_png(picture, out_dir / f"{path.stem}.png")
         results[str(path)] = {"output": str(dst), **summarize(cfg.task, pred, names, args.score_thr)}
         print(f"{path} -> {dst}")
+    if skipped:
+        (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=1))
-    print(f"{len(paths)} image(s); predictions in {out_dir / 'predictions.json'}")
-    return 0
+    print(f"{len(paths) - len(skipped)} image(s), {len(skipped)} skipped; predictions in "
+          f"{out_dir / 'predictions.json'}")
+    return 0 if len(skipped) < len(paths) else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
     python tools/train.py configs/fmnist_cls_pce.py --resume                 # continue from work_dir/latest.pth
     torchrun --nproc_per_node=2 tools/train.py configs/fmnist_cls_pce.py     # DDP (gloo on CPU, nccl on CUDA)
 
-Prints ``final test top1: 0.9xxx (N images)`` (the configured eval.metric) at the end.
+Prints ``final test top1: 0.9xxx (N images)`` (the configured eval.metric) at the end. A work dir is used by one
+run at a time (a lock), and one that holds checkpoints is refused unless ``--resume`` or ``--force``. Errors are
+one line ``error: <file or key>: <what is wrong> (<what was expected>)`` and exit status 1; ``--debug`` shows the
+traceback.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import argparse
 import math
 import sys
 
-from pce.engine import (ConfigError, NonFiniteLossError, Trainer, cleanup_distributed, init_distributed,
-                        is_main_process, load_config)
+from pce.engine import Trainer, cleanup_distributed, init_distributed, is_main_process, load_config
+from pce.engine.errors import add_debug_flag, run_cli
 from pce.tasks import get_task
 
 
@@ -25,10 +28,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work-dir", help="where checkpoints, logs and the merged config go (runtime.work_dir)")
     ap.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                     help="resume from CHECKPOINT, or from WORK_DIR/latest.pth when no path is given")
+    ap.add_argument("--force", action="store_true",
+                    help="start a fresh run in a work dir that holds checkpoints (they are replaced)")
     ap.add_argument("--seed", type=int, help="runtime.seed")
     ap.add_argument("--deterministic", action="store_true", help="runtime.deterministic=True")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. optimizer.lr=0.01 phases.0.epochs=2 (values are Python literals)")
+    add_debug_flag(ap)
     return ap.parse_args(argv)
 
 
@@ -45,19 +51,16 @@ def build_overrides(args: argparse.Namespace) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, build_overrides(args))
         init_distributed(device=cfg.runtime.device)
-        try:
-            trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume)
-        except (KeyError, ValueError) as e:  # a config whose parts do not fit (unknown dataset, class count, ...)
-            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-            return 1
+        trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume, force=args.force)
         result = trainer.train()
         main_process = is_main_process()  # before the process group goes away
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed()
     final = result.get("final") or {}

@@ -67,6 +67,7 @@ _C.data.eval_batch_size = 0               # 0: 2 x batch_size
 _C.data.num_workers = 2
 _C.data.pin_memory = True                 # only used on CUDA
 _C.data.drop_last = False
+_C.data.max_input_size = 4096             # longest image side (px) tools/infer.py runs; larger inputs are refused
 
 # ------------------------------------------------------------------------------------------ optimizer
 _C.optimizer = CN()

@@ -238,6 +238,30 @@ class PhaseController:
                 changed = before != [p.requires_grad for p in model.parameters()]
         return changed
 
+    def check_effects(self, model: nn.Module) -> None:
+        """A phase setting the model cannot honour is an error naming it (``attention=True`` without deformable
+        attention blocks); one that changes nothing on this model (key or router settings without PCE layers) is
+        a warning. Called once, before the first epoch."""
+        from pce.engine.errors import PCEError
+        from pce.layers.attention import DeformableAttention
+
+        backbones = find_backbones(model)
+        has_attention = any(isinstance(m, DeformableAttention) for m in model.modules())
+        has_keys = any(True for bb in backbones for _ in bb.key_routers())
+        has_pce = any(True for bb in backbones for _ in bb.pce_layers())
+        for i, p in enumerate(self.phases):
+            if p.attention and not has_attention:
+                raise PCEError(f"phases.{i}.attention", f"attention=True in phase '{p.name}' has no effect: the "
+                               f"model has no deformable-attention block", "a backbone stage with attention=True, "
+                               "or no attention key in the phase")
+            unused = [k for k, v in (("keys_trainable", p.keys_trainable if not has_keys else None),
+                                     ("router_override", p.router_override if not has_pce else None),
+                                     ("upcycle", p.upcycle if not has_pce else None)) if v]
+            if unused:
+                logger.warning("phases.%d ('%s'): %s has no effect on this model (no %s)", i, p.name,
+                               ", ".join(f"{k}={getattr(p, k)!r}" for k in unused),
+                               "PCE layers" if not has_pce else "key-based routers")
+
     def needs_kmeans(self, phase: Phase, model: nn.Module) -> bool:
         return (phase.uses_learned_routers and not self.keys_initialized and self.kmeans_init_batches > 0
                 and any(True for bb in find_backbones(model) for _ in bb.key_routers()))
@@ -270,6 +294,9 @@ class PhaseController:
         started = idx != self.current
         kmeans = upcycled = 0
         models = [m for m in models if m is not None]
+        if not getattr(self, "_effects_checked", False):
+            self.check_effects(models[0])
+            self._effects_checked = True
         if started and phase.upcycle:
             # every model (the trained one and its EMA copy) copies its own expert 0; report the first's count
             upcycled = [sum(bb.upcycle_experts(0, optimizer if i == 0 else None) for bb in find_backbones(m))

@@ -46,8 +46,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from pce.engine.checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, load_model_weights,
-                         restore_rng_state, unwrap_model)
+from pce.engine.checkpoint import (CheckpointManager, WorkDirLock, capture_rng_state, check_finite,
+                                   checkpoint_is_finite, checkpoint_phase, load_checkpoint, load_model_weights,
+                                   load_pretrained, nonfinite_tensors, remove_stale_temps, restore_rng_state,
+                                   unwrap_model)
+from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
 from pce.engine.config import dump_config, format_config
 from pce.engine.distributed import (InferenceShardSampler, all_gather_object, all_reduce_max, all_reduce_mean,
                           broadcast_parameters, get_rank, get_world_size, sync_router_keys)
@@ -181,11 +184,9 @@ def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike]
     if split not in datasets:
         raise ValueError(f"the config defines no data.{split} dataset")
     model = task.build_model(cfg).to(device)
-    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)
-    phases = build_phases(cfg.phases, cfg.schedule.epochs)
-    ctl = PhaseController(phases, kmeans_init_batches=0)
-    epoch = max(int(ckpt.get("epoch", cfg.schedule.epochs)) - 1, 0)
-    ctl.apply(ctl.phase_at(epoch), [model])
+    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)  # refuses non-finite weights
+    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
+    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
     if cfg.runtime.channels_last:
         to_channels_last(model)
     results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))
@@ -208,7 +209,71 @@ class Trainer:
     """
 
     def __init__(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None] = None,
-                 hooks: Sequence[Callable[["Trainer", str], None]] = ()) -> None:
+                 hooks: Sequence[Callable[["Trainer", str], None]] = (), force: bool = False) -> None:
+        """``force``: start a fresh run in a work dir that holds checkpoints (they are replaced)."""
+        self.lock = WorkDirLock(cfg.runtime.work_dir)  # held by rank 0 from here to the end of train()
+        self.epoch_iter = 0     # iterations done in epoch `self.epoch` (a run stopped mid-epoch by max_iters)
+        try:
+            self._init(cfg, task, resume, hooks, force)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim_work_dir(self, resume_path: Optional[Path], force: bool) -> None:
+        """Rank 0: lock the work dir, refuse to overwrite a previous run's checkpoints, compare a resumed run's
+        config with the saved one, and remove the temp files of interrupted saves."""
+        self.lock.acquire()
+        old = self.checkpoints.has_checkpoints()
+        if resume_path is None and old and not force:
+            raise WorkDirError(self.work_dir, f"holds the checkpoints of a previous run "
+                               f"({', '.join(p.name for p in old)})", "--resume to continue it, --force to replace "
+                               "them, or another --work-dir")
+        if resume_path is None and old:
+            logger.warning("--force: the checkpoints in %s (%s) will be replaced by this run", self.work_dir,
+                           ", ".join(p.name for p in old))
+        if resume_path is not None:
+            self._check_resume_config(resume_path)
+        for f in remove_stale_temps(self.work_dir):
+            logger.info("removed %s (a temp file of an interrupted save)", f)
+
+    def _check_resume_config(self, resume_path: Path) -> None:
+        """The model config must be the saved run's (``config.py`` beside the checkpoint or in the work dir)."""
+        from pce.engine.config import config_to_dict, load_config
+
+        for saved in (self.work_dir / "config.py", Path(resume_path).parent / "config.py"):
+            if saved.is_file():
+                break
+        else:
+            return
+        try:
+            old = config_to_dict(load_config(saved))
+        except Exception as e:  # noqa: BLE001 - a damaged config.py: the weights check still applies
+            logger.warning("could not compare with %s: %s", saved, e)
+            return
+        new = config_to_dict(self.cfg)
+
+        def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+            if isinstance(d, dict):
+                out: Dict[str, Any] = {}
+                for k, v in d.items():
+                    out.update(flat(v, f"{prefix}{k}."))
+                return out
+            return {prefix[:-1]: d}
+
+        a, b = flat(old), flat(new)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "runtime.work_dir"]
+        model = [k for k in diff if k.startswith("model.") and k != "model.pretrained"]
+        if model:
+            k = model[0]
+            raise PCEError(saved, f"--resume with a different model config: {k} is {a.get(k)!r} in the saved run, "
+                           f"{b.get(k)!r} now" + (f" (and {len(model) - 1} more model key(s))" if len(model) > 1
+                                                  else ""), "the saved run's model config; config.py is kept")
+        if diff:
+            logger.warning("resuming with config changes against %s: %s", saved,
+                           ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8]))
+
+    def _init(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None],
+              hooks: Sequence[Callable[["Trainer", str], None]], force: bool) -> None:
         self.cfg = cfg
         self.task = task
         self.hooks = list(hooks)
@@ -224,6 +289,8 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
         resume_path = self.checkpoints.find_resume(resume)  # fail before anything is written
+        if self.is_main:
+            self._claim_work_dir(resume_path, force)
         if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
             raise FileNotFoundError(f"model.pretrained: checkpoint not found: {cfg.model.pretrained}")
 
@@ -233,7 +300,8 @@ class Trainer:
             raise ValueError("the config defines no data.train dataset")
         if self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.work_dir / "config.py")
+            if resume_path is None:  # a resumed run's config.py is replaced only once its checkpoint loaded
+                dump_config(cfg, self.work_dir / "config.py")
             setup_logger(self.work_dir, self.rank)
         if cfg.runtime.amp != "none" and self.amp_dtype is None:
             logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
@@ -259,8 +327,7 @@ class Trainer:
         if cfg.runtime.channels_last:
             to_channels_last(self.model)
         if cfg.model.pretrained:
-            load_model_weights(self.model, cfg.model.pretrained, strict=False)
-            logger.info("loaded pretrained weights from %s", cfg.model.pretrained)
+            load_pretrained(self.model, cfg.model.pretrained)  # reports missing / unexpected, fails on no match
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.phases = build_phases(cfg.phases, cfg.schedule.epochs)
         self.phase_ctl = PhaseController(self.phases, cfg.runtime.kmeans_init_batches, seed=cfg.runtime.seed)
@@ -280,6 +347,8 @@ class Trainer:
         self.last_val: Dict[str, Any] = {}
         if resume_path is not None:
             self.load_state(resume_path)
+            if self.is_main:
+                dump_config(cfg, self.work_dir / "config.py")
 
     # ---------------------------------------------------------------------------------- properties
     @property
@@ -313,6 +382,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "phase": self.phase_ctl.state_dict(),
             "epoch": self.epoch,
+            "epoch_iter": self.epoch_iter,
             "iteration": self.iteration,
             "rng": rng,
             "best": dict(self.best),
@@ -322,7 +392,13 @@ class Trainer:
 
     def load_state(self, path: Union[str, os.PathLike]) -> None:
         ckpt = load_checkpoint(path, map_location="cpu")
-        unwrap_model(self.model).load_state_dict(ckpt["model"])
+        try:
+            unwrap_model(self.model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            from pce.engine.checkpoint import _mismatch_summary
+
+            raise PCEError(path, f"--resume: the saved weights do not fit the model of the config "
+                           f"({_mismatch_summary(self.model, ckpt['model'])})", "the saved run's model config") from e
         if self.ema is not None:
             if ckpt.get("ema"):
                 self.ema.load_state_dict(ckpt["ema"])
@@ -335,8 +411,19 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.phase_ctl.load_state_dict(ckpt.get("phase", {}))
         self.epoch = int(ckpt["epoch"])
+        self.epoch_iter = int(ckpt.get("epoch_iter", 0) or 0)
         self.iteration = int(ckpt["iteration"])
         self.best = dict(ckpt.get("best") or self.best)
+        problem = self.checkpoints.verify_best(self.best)
+        if problem:
+            kept = load_checkpoint(self.checkpoints.best) if self.checkpoints.best.is_file() else None
+            if kept is not None and kept.get("best") and checkpoint_is_finite(self.checkpoints.best):
+                self.best = dict(kept["best"])
+                logger.warning("%s: the best is the one best.pth holds (%s %s, epoch %s)", problem,
+                               self.best.get("metric"), self.best.get("value"), self.best.get("epoch"))
+            else:
+                self.best = {"metric": self.cfg.eval.metric, "value": None, "epoch": -1}
+                logger.warning("%s: the best metric restarts at the next evaluation", problem)
         rng = ckpt.get("rng") or []
         if rng:
             if self.rank >= len(rng):
@@ -346,14 +433,27 @@ class Trainer:
 
     def save_checkpoint(self, save_latest: bool = True, save_best: bool = False) -> None:
         state = self.state_dict()  # collective (RNG of every rank): all ranks call it
+        bad = nonfinite_tensors({"model": state["model"], "ema": state["ema"]})
+        if self.world_size > 1:
+            any_bad = all_reduce_max(1.0 if bad else 0.0) > 0  # every rank takes part
+            bad = bad or (["(another rank's tensors)"] if any_bad else [])
+        if bad:
+            latest = self.checkpoints.latest
+            kept = (f"; the last good checkpoint {latest} (epoch {load_checkpoint(latest).get('epoch')}) is kept"
+                    if latest.is_file() and checkpoint_is_finite(latest) else "; no good checkpoint was written")
+            msg = (f"not saved after epoch {self.epoch}: {len(bad)} non-finite parameter(s) / buffer(s): "
+                   f"{', '.join(bad[:5])}{kept}")
+            logger.error("%s", msg)
+            raise NonFiniteStateError(self.work_dir, msg, "every parameter and buffer finite: lower optimizer.lr, "
+                                      "set optimizer.grad_clip, or check the data")
         if not self.is_main:
             return
-        if save_latest:
-            self.checkpoints.save(state, "latest.pth")
-            if save_best:
-                self.checkpoints.copy(self.checkpoints.latest, "best.pth")
-        elif save_best:
+        if save_best:  # best.pth first: a crash before latest.pth is written loses no best weights
             self.checkpoints.save(state, "best.pth")
+            if save_latest:
+                self.checkpoints.copy(self.checkpoints.best, "latest.pth")
+        elif save_latest:
+            self.checkpoints.save(state, "latest.pth")
 
     # --------------------------------------------------------------------------------------- data
     def _thread_limit(self):
@@ -391,10 +491,10 @@ class Trainer:
     def _begin_epoch(self, epoch: int) -> None:
         self.train_sampler.set_epoch(epoch)
         self._loader_gen.manual_seed(self.cfg.runtime.seed * 100003 + epoch * 1009 + self.rank)
-        if hasattr(self.task, "set_epoch"):
-            self.task.set_epoch(epoch)
         with self._thread_limit():
             info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches, self.optimizer)
+        if hasattr(self.task, "set_epoch"):  # after the K-Means batches: the epoch's augmentation stream starts
+            self.task.set_epoch(epoch)       # fresh, also when a resume inside the epoch skips K-Means
         if info["kmeans_routers"] and self.world_size > 1:
             from pce.moe.routers.cosine import CosineRouter
 
@@ -414,8 +514,8 @@ class Trainer:
     def _nonfinite(self, epoch: int, i: int, names: List[str], values: List[float]) -> None:
         terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(names + ["total"], values))
         latest = self.checkpoints.latest
-        kept = (f"the last good checkpoint {latest} (epoch {self.epoch}) is kept" if latest.is_file()
-                else "no checkpoint was written yet")
+        kept = (f"the last good checkpoint {latest} (epoch {load_checkpoint(latest).get('epoch')}) is kept"
+                if latest.is_file() and checkpoint_is_finite(latest) else "no good checkpoint was written yet")
         msg = (f"non-finite loss at epoch {epoch + 1}, iteration {i + 1}/{self.iters_per_epoch} (global step "
                f"{self.iteration + 1}): {terms}. Training stopped; {kept}. Lower optimizer.lr, set "
                f"optimizer.grad_clip, or check the data.")
@@ -436,8 +536,17 @@ class Trainer:
         count, images, t_window = 0, 0, time.perf_counter()
         epoch_sum, epoch_n = 0.0, 0
         phase = self.phase_ctl.phase_at(epoch)
+        skip = self.epoch_iter if epoch == self.epoch else 0  # resumed inside this epoch: its first iterations ran
+        if skip:
+            logger.info("epoch %d: skipping the %d iteration(s) done before the resume", epoch + 1, skip)
+            rng = capture_rng_state()  # loading the skipped batches must not move the RNG of the run
+        self.epoch_iter = skip
         try:
             for i, batch in enumerate(self.train_loader):
+                if i < skip:
+                    if i + 1 == skip:
+                        restore_rng_state(rng)
+                    continue
                 if i >= self.iters_per_epoch or self._max_iters_reached():
                     break
                 log_now = (self.iteration + 1) % cfg.runtime.log_interval == 0 or i + 1 == self.iters_per_epoch
@@ -470,6 +579,7 @@ class Trainer:
                     self.ema.update_parameters(self.model)
                 sync_router_keys(self.model)
                 self.iteration += 1
+                self.epoch_iter = i + 1
                 self.loss_history.append(values[-1])
                 n = _batch_size(self.task, batch)
                 images += n
@@ -512,6 +622,7 @@ class Trainer:
             # every rank evaluates a shard with rank 0's model: DDP keeps parameters equal, but each rank's last
             # forward updated its own BatchNorm statistics (and the EMA averages its own buffers)
             broadcast_parameters(list(model.buffers()))
+        check_finite(model, f"the model after epoch {self.epoch}", f" before evaluating data.{split}")
         return evaluate_model(model, self.task, self.cfg, ds, self.device, self.amp_dtype)
 
     def _is_better(self, value: float) -> bool:
@@ -539,7 +650,8 @@ class Trainer:
                 self._begin_epoch(epoch)
                 self._call_hooks("before_epoch")
                 stats = self.train_one_epoch(epoch)
-                self.epoch = epoch + 1
+                if self.epoch_iter >= self.iters_per_epoch:  # a max_iters stop inside the epoch leaves it undone
+                    self.epoch, self.epoch_iter = epoch + 1, 0
                 last = self.epoch == self.total_epochs or self._max_iters_reached()
                 results: Dict[str, Any] = {}
                 interval = cfg.runtime.eval_interval
@@ -568,7 +680,8 @@ class Trainer:
                             if self.best.get("value") is not None else "")
                 self._call_hooks("after_epoch")
             # the settings of the last phase (also after resuming a finished run)
-            self.phase_ctl.apply(self.phase_ctl.phase_at(max(self.epoch - 1, 0)), self._models())
+            self.phase_ctl.apply(self.phase_ctl.phase_at(self.epoch if self.epoch_iter else max(self.epoch - 1, 0)),
+                                 self._models())
             final_split = "test" if "test" in self.datasets else "val"
             final = self.evaluate(final_split) if final_split in self.datasets else {}
             if final:
@@ -582,3 +695,4 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+            self.lock.release()
