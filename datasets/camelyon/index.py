@@ -16,7 +16,7 @@ from .slide import open_slide, tissue_mask
 
 __all__ = ["index_slide", "box_fractions", "centre_slice", "INDEX_VERSION"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _SAMPLE = 64  # tumour fractions are sampled on at most 64 x 64 points per tile
 
 

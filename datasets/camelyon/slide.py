@@ -95,7 +95,7 @@ def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample
                 min_threshold: int = 15) -> Tuple[np.ndarray, float]:
     """Tissue on a low-resolution level (the one nearest ``target_downsample``) or the thumbnail.
 
-    Median blur (``blur`` px) of the HSV saturation, Otsu threshold (at least ``min_threshold``, so a blank
+    Median blur (``blur`` px, at most 1/8 of the mask's shorter side) of the HSV saturation, Otsu threshold (at least ``min_threshold``, so a blank
     slide is not split in two), morphological closing (``close`` px ellipse), then connected components smaller
     than ``min_object`` of the image area and holes smaller than it removed.
     Returns ``(mask bool [h, w], downsample)``: level-0 pixels per mask pixel (level-0 width / mask width).
@@ -107,8 +107,9 @@ def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample
         if owned:
             sl.close()
     sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    blur = min(int(blur), max(min(sat.shape) // 8, 1)) | 1  # at most 1/8 of a tiny thumbnail's side
     if blur > 1:
-        sat = cv2.medianBlur(sat, blur | 1)
+        sat = cv2.medianBlur(sat, blur)
     thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = (sat > max(thr, min_threshold)).astype(np.uint8)
     if close > 1:

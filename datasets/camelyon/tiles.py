@@ -93,6 +93,9 @@ class CamelyonTiles(Dataset):
         self.downsamples: List[float] = []
         self.tiles: List[Dict[str, Any]] = []
         cache = Path(cache_dir) if cache_dir is not None else None
+        for path in self.slides:  # fail before scanning any slide
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: slide not found (expected a whole-slide image file: .tif, .svs, ...)")
         for k, (path, (anns, xml)) in enumerate(zip(self.slides, loaded)):
             lvl = self._level(path, level, mpp, downsample)
             idx = index_slide(path, anns, lvl, self.tile_size, self.stride, float(min_tissue), self.label_map,
