@@ -151,9 +151,10 @@ def duplicate_expert(model: nn.Module, layer_name: str, expert: int, jitter: flo
     batch-norm statistics, same router key / gate row, so the model computes the same outputs under top-1
     routing with renormalised weights (a tie goes to the lower index: the original). Under soft routing
     (``top_k=None``) a gate router's logits of both copies are lowered by ``log 2``, so their summed probability
-    equals the original's and the load is split exactly. ``jitter > 0`` adds
-    noise of that relative size to the copy's key (keyed routers), so under top-1 routing the two copies then
-    share the expert's patches (and diverge in training); outputs stay equal except for patches near a tie."""
+    equals the original's and the load is split exactly. ``jitter > 0`` moves
+    the two copies' keys (keyed routers) apart by ``+-jitter * |k|`` along a random direction orthogonal to the
+    key, so under top-1 routing they share the expert's patches (and diverge in training); outputs stay equal
+    except for patches near a tie with another expert."""
     model = model if inplace else copy.deepcopy(model)
     layer = _layer(model, layer_name)
     E = int(layer.num_experts)
@@ -164,9 +165,12 @@ def duplicate_expert(model: nn.Module, layer_name: str, expert: int, jitter: flo
     select_experts(layer, list(range(E)) + [int(expert)], {int(expert): half, E: half} if soft else {})
     keys = getattr(layer.router, "keys", None)
     if jitter > 0 and isinstance(keys, torch.Tensor):
-        with torch.no_grad():
-            k = keys[E]
-            keys[E] = k + jitter * k.norm() * torch.randn_like(k) / math.sqrt(k.numel())
+        with torch.no_grad():  # antithetic: the two copies move apart symmetrically, patches split by side
+            k = keys[E].clone()
+            d = torch.randn_like(k)
+            d = d - (d @ k) / (k @ k).clamp_min(1e-12) * k  # orthogonal to the key: both copies stay equally close
+            d = jitter * k.norm() * d / d.norm().clamp_min(1e-12)
+            keys[int(expert)], keys[E] = k + d, k - d
     return model
 
 
