@@ -7,15 +7,18 @@
 ['stage1', 'stage2', 'stage3', 'stage4']
 """
 from pce.layers.attention import DeformableAttention
-from pce.models.backbone import PCEBackbone, backbone_config, build_backbone, list_backbones
+from pce.models.backbone import PCEBackbone, iter_backbones
+from pce.models.presets import backbone_config, build_backbone, list_backbones
 from pce.moe.experts import ExpertBank, build_expert_bank
 from pce.models.layer import DenseLayer, PCELayer
 from pce.moe.losses import RouterLossWeights, router_loss
 from pce.layers.patches import PatchExtractor, PatchGrid
 from pce.layers.positional import PositionalEncoding
-from pce.registry import BACKBONES, EXPERTS, ROUTERS, Registry
+from pce.registry import BACKBONES, EXECUTIONS, EXPERTS, ROUTERS, Registry
 from pce.moe.routers import build_router
 from pce.moe.routing import Router, RoutingResult
+from pce.moe.recorder import RoutingRecorder, record_routing
+from pce.moe.execution import Execution, ExecutionOptions
 from pce.layers.spp import SpatialPyramidPooling
 
 __version__ = "0.1.0"
@@ -26,5 +29,6 @@ __all__ = [
     "PCEBackbone", "PCELayer", "DenseLayer", "DeformableAttention", "ExpertBank", "PatchExtractor", "PatchGrid",
     "PositionalEncoding", "Router", "RoutingResult", "RouterLossWeights", "SpatialPyramidPooling", "Registry",
     "BACKBONES", "EXPERTS", "ROUTERS", "backbone_config", "build_backbone", "build_expert_bank", "build_router",
-    "list_backbones", "router_loss", "__version__",
+    "list_backbones", "router_loss", "record_routing", "RoutingRecorder", "iter_backbones", "EXECUTIONS",
+    "Execution", "ExecutionOptions", "__version__",
 ]

@@ -73,3 +73,4 @@ class Registry:
 ROUTERS = Registry("router")
 EXPERTS = Registry("expert")
 BACKBONES = Registry("backbone")
+EXECUTIONS = Registry("execution")

@@ -12,8 +12,11 @@ from torch import nn
 from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
 from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
 from pce.engine.config import to_plain
+from pce.moe.losses import RouterLossWeights, router_loss
+from pce.moe.recorder import record_routing
 
 __all__ = ["to_plain", "accepts", "unwrap", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin",
+           "RouterLossMixin",
            "check_kwargs", "check_split_dataset"]
 
 
@@ -201,3 +204,30 @@ class SplitDatasetsMixin:
     def dummy_inputs(self, cfg: Any, batch_size: int = 1) -> Tuple[torch.Tensor]:
         """A zero ``[B, C, H, W]`` batch of ``model.input_shape`` (FLOP counting, tracing)."""
         return (torch.zeros(batch_size, *[int(v) for v in cfg.model.input_shape]),)
+
+
+class RouterLossMixin:
+    """The one loss site of the router regularisers, shared by every task adapter.
+
+    :meth:`train_step` records the routing of the task's forward (:func:`pce.record_routing`, through any DDP /
+    EMA wrapper) and adds ``loss_router`` = :func:`pce.router_loss` of it, weighted by
+    ``model.router_loss_weights`` of the config (a zero scalar for dense twins). Tasks implement
+    :meth:`task_losses` (their own terms, from ``model(...)`` so that DDP synchronises gradients) and call
+    :meth:`configure_router_loss` in ``build_model``.
+    """
+
+    router_loss_weights: RouterLossWeights = RouterLossWeights()
+
+    def configure_router_loss(self, cfg: Any) -> None:
+        self.router_loss_weights = RouterLossWeights.coerce(to_plain(cfg.model.router_loss_weights))
+
+    def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        """``task_losses`` plus ``loss_router``; the total loss is the sum of the values."""
+        with record_routing(model) as rec:
+            losses = self.task_losses(model, batch, device)
+        losses["loss_router"] = router_loss(rec.results, self.router_loss_weights, device=device).float()
+        return losses
+

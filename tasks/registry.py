@@ -20,11 +20,14 @@ Adding a task (detection and segmentation follow classification's layout): write
         def build_evaluator(self, cfg, dataset): ...        # update / compute, synchronize or merge+state_dict
         # optional: batch_images(batch), batch_size(batch), set_epoch(epoch), dummy_inputs(cfg, batch_size)
 
-``get_task`` imports ``pce.tasks.<name>.task`` on first use, so registration needs no edit here.
+``get_task`` imports ``pce.tasks.<name>.task`` on first use, so a new task needs no edit here nor in the
+engine's config schema (``task`` is any registered name).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 from typing import Any, List
 
 from pce.registry import Registry
@@ -50,18 +53,22 @@ def _autoload(name: str) -> None:
             raise
 
 
+def _task_packages() -> List[str]:
+    """The sub-packages of ``pce.tasks`` (each may register a task in its ``task`` module)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.ispkg)
+
+
+def list_tasks() -> List[str]:
+    """Names of every registered task (every task package is imported first)."""
+    for pkg in _task_packages():
+        _autoload(pkg)
+    return TASKS.names()
+
+
 def get_task(name: str, **kwargs: Any) -> Any:
     """A new adapter for task ``name`` (``cfg.task``); KeyError names the known tasks."""
     _autoload(name)
     if name not in TASKS:
-        for known in ("classification", "detection", "segmentation"):
-            _autoload(known)
         raise KeyError(f"no task adapter registered as {name!r} (expected in pce.tasks.{name}.task); "
-                       f"available: {', '.join(TASKS.names()) or '(none)'}")
+                       f"available: {', '.join(list_tasks()) or '(none)'}")
     return TASKS.build(name, **kwargs)
-
-
-def list_tasks() -> List[str]:
-    for known in ("classification", "detection", "segmentation"):
-        _autoload(known)
-    return TASKS.names()

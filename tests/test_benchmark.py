@@ -146,7 +146,7 @@ def test_active_params_per_token():
 
 
 def test_count_flops_backbone_mapping_output():
-    from pce.models.backbone import build_backbone
+    from pce.models.presets import build_backbone
 
     bb = build_backbone("pce_tiny").eval()
     r = count_flops(bb, torch.randn(1, 3, 64, 64))

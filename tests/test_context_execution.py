@@ -13,6 +13,9 @@ from pce.moe.dispatch import dispatch_context
 from pce.moe.experts import build_expert_bank
 from pce.models.layer import PCELayer
 from pce.layers.patches import PatchExtractor
+from routing_helpers import run_routed
+from pce.layers.patched_map import PatchedMap
+from pce.moe.execution import ContextExecution
 
 
 class MaskedMap:
@@ -140,7 +143,7 @@ def test_context_layer_trains_with_padding_and_drops():
     layer = PCELayer(4, patch_size=4, num_experts=2, router="gate", execution="context",
                      router_kwargs={"top_k": 1, "capacity_factor": 0.5})
     x = torch.randn(2, 4, 7, 10, requires_grad=True)
-    y, r = layer(x, return_routing=True)
+    y, (r,) = run_routed(layer, x)
     assert y.shape == x.shape and (r.weights.sum(-1) == 0).any()
     y.square().mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -173,7 +176,8 @@ def test_sole_expert_shortcut_equals_stitched_execution(see_position):
     w = torch.zeros(B, P, 3)
     w[..., 1] = torch.rand(B, P) + 0.5
     w.requires_grad_(True)
-    fast = layer._sole_expert_on_map(x, pos, w, grid)
+    sole = ContextExecution.sole_expert_on_map
+    fast = sole(layer.experts, PatchedMap(x, layer.extractor, layer.pos), w, layer.options)
     assert fast is not None
 
     x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
@@ -203,8 +207,10 @@ def test_sole_expert_shortcut_equals_stitched_execution(see_position):
     mixed[0, 0] = torch.tensor([0.7, 0.0, 0.0])
     dropped = w.detach().clone()
     dropped[1, 2] = 0
-    assert layer._sole_expert_on_map(x, pos, mixed, grid) is None
-    assert layer._sole_expert_on_map(x, pos, dropped, grid) is None
+    view = PatchedMap(x, layer.extractor, layer.pos)
+    assert sole(layer.experts, view, mixed, layer.options) is None
+    assert sole(layer.experts, view, dropped, layer.options) is None
     padded = ext.grid(7, 9)  # 7 rows do not tile with 3x3 patches: the grid pads
     assert padded.padded_size != (7, 9)
-    assert layer._sole_expert_on_map(torch.randn(B, 5, 7, 9), pos, w.detach(), padded) is None
+    assert sole(layer.experts, PatchedMap(torch.randn(B, 5, 7, 9), layer.extractor, layer.pos), w.detach(),
+                layer.options) is None

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import pce
 from pce.engine.phases import find_backbones
 from pce.tasks.detection import PCEFasterRCNN, PCEFPNBackbone, build_detector, default_anchor_sizes
 from pce.tasks.visualize import draw_detections, overlay_mask, palette_colors, save_png, to_uint8_image
@@ -28,6 +29,14 @@ def _batch():
     return images, targets
 
 
+def _routed(model, images, targets=None, weights=None):
+    """Detector losses plus ``loss_router`` from the recorder (what the detection task adds), and the recorder."""
+    with pce.record_routing(model) as rec:
+        losses = model(images, targets)
+    losses["loss_router"] = pce.router_loss(rec.results, weights)
+    return losses, rec
+
+
 def _router_params(model):
     return [p for layer in model.pce_backbone.pce_layers() for p in layer.router.parameters() if p.requires_grad]
 
@@ -46,14 +55,15 @@ def test_train_step_and_eval(case):
     assert isinstance(model, PCEFasterRCNN) and isinstance(model.backbone, PCEFPNBackbone)
     images, targets = _batch()
     model.train()
-    losses = model(images, targets)
+    assert set(model(images, targets)) == TV_LOSSES  # the detector itself: torchvision's losses only
+    losses, rec = _routed(model, images, targets)
     assert set(losses) == TV_LOSSES | {"loss_router"}
     for k, v in losses.items():
         assert v.dim() == 0 and math.isfinite(float(v.detach())), k
     total = sum(losses.values())
     total.backward()
     is_pce = name.startswith("pce")
-    assert (len(model.last_routing) > 0) == is_pce
+    assert (len(rec) > 0) == is_pce
     if is_pce:
         assert float(losses["loss_router"].detach()) > 0
         params = _router_params(model)
@@ -116,7 +126,7 @@ def test_returned_stages_custom_anchors_and_bad_options():
     with pytest.raises(ValueError, match="not a backbone feature map"):
         build_detector("pce_tiny", returned_stages=["stage9"], **SMALL)
     with pytest.raises(KeyError, match="unknown router loss"):
-        build_detector("pce_tiny", router_loss_weights={"bogus": 1.0}, **SMALL)
+        pce.router_loss([], {"bogus": 1.0})
 
 
 def test_routing_reset_every_forward_and_phase_controls():
@@ -124,23 +134,22 @@ def test_routing_reset_every_forward_and_phase_controls():
     images, targets = _batch()
     n_layers = len(list(model.pce_backbone.pce_layers()))
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), pce.record_routing(model) as rec:
         model(images)
-        model(images)
-    assert len(model.last_routing) == n_layers                           # replaced, not appended
+    assert len(rec) == n_layers                                          # one result per layer and forward
     assert find_backbones(model) == [model.pce_backbone]                 # what the engine's phase controller uses
-    model.backbone.set_router_override("uniform")
+    bb = model.pce_backbone                                              # the one owner of the PCE controls
+    bb.set_router_override("uniform")
     model.train()
     losses = model(images, targets)
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
-    model.set_router_override(None)
-    model.set_keys_trainable(True)
-    assert all(r.keys.requires_grad for r in model.pce_backbone.key_routers())
-    model.set_keys_trainable(False)
+    bb.set_router_override(None)
+    bb.set_keys_trainable(True)
+    assert all(r.keys.requires_grad for r in bb.key_routers())
+    bb.set_keys_trainable(False)
     assert model.init_keys([(images, targets)]) == n_layers              # K-Means from a detection batch
-    zero = build_detector("pce_tiny", router_loss_weights={"balance": 0.0, "z": 0.0}, **SMALL)
-    zero.train()
-    assert float(zero(images, targets)["loss_router"].detach()) == 0.0
+    zero, _ = _routed(model, images, targets, {"balance": 0.0, "z": 0.0})
+    assert float(zero["loss_router"].detach()) == 0.0
 
 
 def test_few_steps_lower_the_loss():

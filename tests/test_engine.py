@@ -57,7 +57,7 @@ def record_phases(log):
             bb = trainer.model.backbone
             layer = next(bb.pce_layers())
             log.append({"epoch": trainer.epoch,
-                        "override": type(layer._override).__name__ if layer._override is not None else None,
+                        "override": type(layer.router_override).__name__ if layer.router_override is not None else None,
                         "keys_grad": [r.keys.requires_grad for r in bb.key_routers()],
                         "lr": trainer.optimizer.param_groups[0]["lr"]})
     return hook
@@ -153,7 +153,7 @@ def test_phase_controller_and_scheduler():
     seen = []
     for epoch in range(5):
         info = ctl.on_epoch_start(epoch, [model], lambda: calls.append(epoch) or [torch.randn(8, 1, 8, 8)])
-        seen.append((info["phase"].name, info["started"], layers[0]._override is not None,
+        seen.append((info["phase"].name, info["started"], layers[0].router_override is not None,
                      routers[0].keys.requires_grad, attn[0].enabled, round(opt.param_groups[0]["lr"], 6)))
         opt.step()
         sched.step()
@@ -331,7 +331,7 @@ def test_shared_phase_then_upcycle_trains_expert0_and_copies_it(tmp_path: Path):
 
 def test_upcycle_makes_routing_irrelevant():
     """After upcycling, all experts are the same function: any routing gives the output of expert 0."""
-    from pce.models.backbone import build_backbone
+    from pce.models.presets import build_backbone
 
     torch.manual_seed(0)
     bb = build_backbone("pce_fmnist", stem_channels=8, stages=[dict(channels=8, depth=1, patch_size=7, stride=2),

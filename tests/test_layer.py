@@ -1,3 +1,4 @@
+import functools
 import copy
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 from pce.moe.experts import EXPERTS
 from pce.models.layer import PCELayer
 from pce.registry import ROUTERS
+from routing_helpers import run_routed
+from pce.moe.routing import Router
 
 
 @pytest.mark.parametrize("router", ROUTERS.names())
@@ -13,7 +16,7 @@ from pce.registry import ROUTERS
 def test_every_router_expert_combination(router, expert):
     layer = PCELayer(8, patch_size=4, num_experts=3, router=router, expert=expert)
     x = torch.randn(2, 8, 8, 12, requires_grad=True)
-    y, r = layer(x, return_routing=True)
+    y, (r,) = run_routed(layer, x)
     assert y.shape == x.shape
     assert r.weights.shape == (2, 6, 3) and r.grid == (2, 3)
     y.sum().backward()
@@ -38,7 +41,7 @@ def test_dropped_patches_output_their_input():
     layer = PCELayer(4, patch_size=2, num_experts=2, router="gate",
                      router_kwargs={"top_k": 1, "capacity_factor": 0.5})
     x = torch.randn(1, 4, 4, 8)
-    y, r = layer(x, return_routing=True)
+    y, (r,) = run_routed(layer, x)
     dropped = (r.weights.sum(-1) == 0)[0]  # [P] over a 2x4 grid
     assert dropped.any()
     for p in dropped.nonzero().flatten().tolist():
@@ -105,14 +108,16 @@ def test_router_override_and_restore():
     x = torch.randn(1, 4, 4, 4)
     layer.set_router_override("uniform")
     layer.eval()
-    _, r = layer(x, return_routing=True)
+    _, (r,) = run_routed(layer, x)
     assert torch.allclose(r.weights, torch.full_like(r.weights, 0.25))  # eval: all experts averaged
     layer.train()
-    _, r = layer(x, return_routing=True)
+    _, (r,) = run_routed(layer, x)
     assert ((r.weights > 0).sum(-1) == 1).all()  # training: one random expert (the router's top_k)
-    assert "_override" not in dict(layer.named_modules())
+    keys = set(PCELayer(4, patch_size=2, num_experts=4, router="cosine", top_k=1).state_dict())
+    assert set(layer.state_dict()) == keys  # the override has no state: checkpoints are unchanged
+    assert layer.router_override is not None and not list(layer.router_override.parameters())
     layer.set_router_override(None)
-    _, r = layer(x, return_routing=True)
+    _, (r,) = run_routed(layer, x)
     assert ((r.weights > 0).sum(-1) == 1).all()
 
 
@@ -142,13 +147,13 @@ def test_router_on_projected_map_equals_router_on_patch_copies(kw, n):
     torch.manual_seed(0)
     fast = PCELayer(6, patch_size=n, num_experts=3, **kw)
     slow = copy.deepcopy(fast)
-    slow.router.supports_map_projection = False  # instance attribute: the concatenating path
+    slow.router.route = functools.partial(Router.route, slow.router)  # the generic path: concatenated patches
     x = torch.randn(2, 6, 2 * n + 2, 3 * n) if kw.get("padding") == "pad" else torch.randn(2, 6, 2 * n, 3 * n)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     torch.manual_seed(1)
-    ya, ra = fast(xa, return_routing=True)
+    ya, (ra,) = run_routed(fast, xa)
     torch.manual_seed(1)
-    yb, rb = slow(xb, return_routing=True)
+    yb, (rb,) = run_routed(slow, xb)
     torch.testing.assert_close(ra.weights, rb.weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     (ya.square().sum() + ra.weights.sum()).backward()

@@ -11,6 +11,8 @@ from pce.moe.routers import build_router
 from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 from pce.moe.routing import capacity_mask
 from pce.layers.positional import patch_centers
+from pce.moe.losses import routing_aux_losses
+from pce.moe.metrics import routing_statistics
 
 B, P, C, N, E = 2, 4, 6, 4, 4
 
@@ -28,8 +30,8 @@ def test_every_router_gives_valid_weights(name, training):
     assert res.weights.shape == (B, P, E) and res.probs.shape == (B, P, E)
     assert (res.weights >= 0).all()
     assert (res.weights.sum(-1) <= 1 + 1e-5).all()
-    assert set(res.aux_losses) >= {"entropy", "balance", "z", "collapse"}
-    assert res.stats["usage"].shape == (E,)
+    assert set(routing_aux_losses(res)) >= {"entropy", "balance", "z", "collapse"}
+    assert routing_statistics(res)["usage"].shape == (E,)
 
 
 def test_adaptive_threshold_matches_hand_computation():
@@ -121,7 +123,7 @@ def test_gate_capacity_through_router():
     res = r(patches, pos)
     # capacity = ceil(1.0 * 6 tokens * 1 / 2 experts) = 3 of the 6 tokens routed to expert 0
     assert (res.weights[..., 0] > 0).sum() == 3
-    assert res.stats["dropped_fraction"].item() == pytest.approx(0.5)
+    assert routing_statistics(res)["dropped_fraction"].item() == pytest.approx(0.5)
     kept_probs = res.probs[0, :, 0][res.weights[0, :, 0] > 0]
     dropped_probs = res.probs[0, :, 0][res.weights[0, :, 0] == 0]
     assert kept_probs.min() >= dropped_probs.max()
@@ -216,12 +218,12 @@ def test_router_losses_match_formulas():
     res = Fixed(3)(torch.zeros(1, 2, 1, 1, 1), torch.zeros(2, 2))
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     f = torch.tensor([0.5, 0.5, 0.0])
-    assert res.aux_losses["balance"].item() == pytest.approx(3 * (f * p.mean(0)).sum().item(), rel=1e-5)
+    assert routing_aux_losses(res)["balance"].item() == pytest.approx(3 * (f * p.mean(0)).sum().item(), rel=1e-5)
     H = -(p * p.log()).sum(-1).mean()
-    assert res.aux_losses["entropy"].item() == pytest.approx(H.item(), rel=1e-5)
-    assert res.aux_losses["z"].item() == pytest.approx(0.0, abs=1e-6)  # logsumexp of log-probs = 0
+    assert routing_aux_losses(res)["entropy"].item() == pytest.approx(H.item(), rel=1e-5)
+    assert routing_aux_losses(res)["z"].item() == pytest.approx(0.0, abs=1e-6)  # logsumexp of log-probs = 0
     total = router_loss([res, res], RouterLossWeights(entropy=1.0, balance=0.5, z=0.0, collapse=0.0))
-    assert total.item() == pytest.approx(H.item() + 0.5 * res.aux_losses["balance"].item(), rel=1e-5)
+    assert total.item() == pytest.approx(H.item() + 0.5 * routing_aux_losses(res)["balance"].item(), rel=1e-5)
     with pytest.raises(KeyError, match="unknown router loss"):
         router_loss([res], {"confidence": 1.0})
 
@@ -234,8 +236,8 @@ def test_collapse_metric_and_surrogate():
             return torch.tensor([[[10.0, -10.0, -10.0]] * 4])
 
     res = AllToZero(3, top_k=1)(torch.zeros(1, 4, 1, 1, 1), torch.zeros(4, 2))
-    assert res.stats["collapsed_experts"].item() == 2
-    assert res.aux_losses["collapse"].item() > 1.0
+    assert routing_statistics(res)["collapsed_experts"].item() == 2
+    assert routing_aux_losses(res)["collapse"].item() > 1.0
 
 
 def test_bad_router_arguments():

@@ -7,14 +7,24 @@ import torch
 import segmentation_models_pytorch as smp
 
 import pce
-from pce.tasks.segmentation import (PCEEncoder, PretrainedWeightsError, SegmentationModel, backbone_overrides,
-                                    build_segmentation_model, create_smp_model, pce_encoder_names)
+from pce.moe.routers import GateRouter
+from pce.tasks.segmentation import (PCEEncoder, PretrainedWeightsError, SegmentationModel, build_segmentation_model,
+                                    create_smp_model, pce_encoder_names, register_smp_encoder)
 from pce.tasks.segmentation.model import _window_starts
 
 ARCHS = ["FPN", "Unet", "DeepLabV3Plus"]
 ENCODERS = ["pce_tiny", "dense_tiny"]
 SIZES = [(64, 64), (96, 64), (70, 50)]
 
+
+
+def routed_losses(model, images, masks, weights=None, **kw):
+    """The model's losses plus ``loss_router`` from the recorded routing (what the segmentation task adds)."""
+    with pce.record_routing(model) as rec:
+        out = model.losses(images, masks, **kw)
+    losses = out[0] if isinstance(out, tuple) else out
+    losses["loss_router"] = pce.router_loss(rec.results, weights)
+    return (out, rec) if not isinstance(out, tuple) else ((losses, out[1]), rec)
 
 
 def router_params(model):
@@ -39,24 +49,26 @@ def test_smp_create_model_and_wrapper_sizes(arch, encoder):
     model = build_segmentation_model(arch, encoder, num_classes=5)
     assert model.size_divisibility == (16 if arch == "DeepLabV3Plus" else 32)
     for h, w in SIZES:
-        logits = model(torch.randn(2, 3, h, w))
+        with pce.record_routing(model) as rec:
+            logits = model(torch.randn(2, 3, h, w))
         assert logits.shape == (2, 5, h, w)
         assert torch.isfinite(logits).all()
-        assert len(model.routing) == (4 if encoder.startswith("pce") else 0)
+        assert len(rec) == (4 if encoder.startswith("pce") else 0)
 
 
 def test_encoder_features_strides_and_channels():
     enc = PCEEncoder("pce_tiny")
     x = torch.randn(2, 3, 64, 96)
-    feats = enc(x)
+    with pce.record_routing(enc) as rec:
+        feats = enc(x)
     assert feats[0] is x
     assert [f.shape[1] for f in feats] == enc.out_channels == [3, 32, 32, 64, 128, 256]
     assert [(f.shape[2], f.shape[3]) for f in feats] == [(64 // s, 96 // s) for s in (1, 2, 4, 8, 16, 32)]
     assert enc.strides == [1, 2, 4, 8, 16, 32]
-    assert len(enc.routing) == 4
-    first = enc.routing
-    enc(x)
-    assert enc.routing is not first and len(enc.routing) == 4  # replaced each forward, not accumulated
+    assert len(rec) == 4
+    with pce.record_routing(enc) as again:
+        enc(x)
+    assert len(again) == 4 and len(rec) == 4  # each block sees its own forwards only
     shallow = PCEEncoder("pce_tiny", depth=3)
     assert len(shallow.backbone.stages) == 2 and len(shallow(x)) == 4
     with pytest.raises(ValueError, match="depth"):
@@ -122,12 +134,11 @@ def _grad_norm(params):
 
 
 def test_router_gradient_through_router_loss_and_ce():
-    model = build_segmentation_model("FPN", "pce_tiny", num_classes=3,
-                                     router_loss_weights={"entropy": 0.1, "balance": 0.01, "z": 0.001})
+    model = build_segmentation_model("FPN", "pce_tiny", num_classes=3)
     x, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
     params = router_params(model)
     assert params
-    losses = model.losses(x, masks)
+    losses, _ = routed_losses(model, x, masks, {"entropy": 0.1, "balance": 0.01, "z": 0.001})
     assert set(losses) == {"loss_ce", "loss_router"}
     losses["loss_router"].backward(retain_graph=True)
     assert _grad_norm(params) > 0
@@ -138,8 +149,8 @@ def test_router_gradient_through_router_loss_and_ce():
 
 def test_dense_twin_has_zero_router_loss():
     model = build_segmentation_model("Unet", "dense_tiny", num_classes=3)
-    losses = model.losses(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))
-    assert model.routing == [] and float(losses["loss_router"]) == 0.0
+    losses, rec = routed_losses(model, torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))
+    assert rec.records == [] and float(losses["loss_router"]) == 0.0
 
 
 def test_loss_options_and_ignore_index():
@@ -148,7 +159,7 @@ def test_loss_options_and_ignore_index():
     x = torch.randn(2, 3, 70, 50)
     masks = torch.randint(0, 3, (2, 70, 50))
     masks[:, :5] = 255
-    losses, logits = model.losses(x, masks, return_logits=True)
+    (losses, logits), _ = routed_losses(model, x, masks, return_logits=True)
     assert set(losses) == {"loss_ce", "loss_dice", "loss_lovasz", "loss_router"}
     assert logits.shape == (2, 3, 70, 50)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -163,12 +174,14 @@ def test_encoder_overrides():
     model = build_segmentation_model("FPN", "pce_tiny", num_classes=3,
                                      encoder_overrides={"router": "gate", "num_experts": 2, "top_k": 1})
     layers = list(model.backbone.pce_layers())
-    assert layers and all(l.router_name == "gate" and l.num_experts == 2 for l in layers)
-    model.losses(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))["loss_router"].backward()
+    assert layers and all(isinstance(l.router, GateRouter) and l.num_experts == 2 for l in layers)
+    routed_losses(model, torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))[0]["loss_router"].backward()
     assert _grad_norm(router_params(model)) > 0
-    with backbone_overrides(num_experts=3):  # around a plain smp constructor
-        net = smp.create_model("Unet", encoder_name="pce_tiny", encoder_weights=None, classes=2)
+    name = register_smp_encoder("pce_tiny_e3", "pce_tiny", num_experts=3)  # for any plain smp constructor
+    net = smp.create_model("Unet", encoder_name=name, encoder_weights=None, classes=2)
     assert {l.num_experts for l in net.encoder.backbone.pce_layers()} == {3}
+    with pytest.raises(ValueError, match="already registered"):
+        register_smp_encoder("pce_tiny_e3", "pce_tiny", num_experts=5)
     net = smp.create_model("Unet", encoder_name="pce_tiny", encoder_weights=None, classes=2)  # no leak
     assert {l.num_experts for l in net.encoder.backbone.pce_layers()} == {4}
     with pytest.raises(TypeError, match="unknown backbone option"):
@@ -214,12 +227,14 @@ def test_builder_rejects_conflicting_options():
 
 
 def test_deepcopy_after_a_training_forward():
-    """EMA copies (AveragedModel deep-copies) must not trip over the stored routing of the last forward."""
+    """EMA copies (AveragedModel deep-copies) carry no routing of the last forward: none is stored."""
     model = build_segmentation_model("FPN", "pce_tiny", num_classes=3)
-    model.losses(torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))
-    assert model.routing and model.encoder.routing
+    _, rec = routed_losses(model, torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64)))
+    assert len(rec) == 4
     clone = copy.deepcopy(model)
-    assert clone.routing == [] and clone.encoder.routing == [] and len(model.routing) == 4
+    assert not any(isinstance(v, (list, pce.RoutingResult)) and v and isinstance(v[0] if isinstance(v, list) else v,
+                                                                                  pce.RoutingResult)
+                   for m in clone.modules() for v in vars(m).values())
     assert clone.predict(torch.randn(1, 3, 40, 40)).shape == (1, 40, 40)
 
 
@@ -235,7 +250,7 @@ def test_few_steps_lower_the_loss():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(8):
-        losses = model.losses(images, masks)
+        losses, _ = routed_losses(model, images, masks)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()

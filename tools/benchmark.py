@@ -169,7 +169,7 @@ def run_layer_level(cfg: Dict[str, Any], threads: int, log) -> List[Dict[str, An
                 pc, dc = median(t["pce"]["cpu"]), median(t["dense"]["cpu"])
                 row = {"experts": E, "routing": routing, "mode": mode, "pce_ms": p, "dense_ms": d, "ratio": p / d,
                        "pce_cpu_ms": pc, "dense_cpu_ms": dc, "ratio_cpu": pc / dc, "reps": len(t["pce"]["wall"]),
-                       "execution": pce.choose_execution(pce.router, x.device)}
+                       "execution": pce.strategy.resolve(pce.router, x.device).name}
                 rows.append(row)
                 log(f"  layer E={E:<2} {routing:<4} {mode:<5} pce {p:8.2f} ms  dense {d:8.2f} ms  "
                     f"ratio {p / d:6.2f} (CPU time {pc / dc:5.2f})  {row['reps']} reps, {row['execution']}")

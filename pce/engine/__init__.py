@@ -10,7 +10,8 @@ from pce.engine.defaults import get_default_config
 from pce.engine.distributed import DistInfo, cleanup_distributed, get_rank, get_world_size, init_distributed, is_main_process
 from pce.engine.ema import build_ema
 from pce.engine.optim import build_lr_scheduler, build_optimizer, build_param_scheduler
-from pce.engine.phases import PCEScheduler, Phase, PhaseController, build_phases
+from pce.engine.phases import Phase, PhaseController, build_phases
+from pce.engine.scheduler import PCEScheduler
 from pce.engine.trainer import NonFiniteLossError, Trainer, evaluate_checkpoint, evaluate_model, seed_everything
 
 __all__ = [

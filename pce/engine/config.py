@@ -29,7 +29,7 @@ import yaml
 from fvcore.common.config import CfgNode
 from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
 
-from pce.engine.defaults import CHOICES, PHASE_CHOICES, PHASE_DEFAULTS, get_default_config
+from pce.engine.defaults import CHOICES, get_default_config
 
 __all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "dump_config", "format_config",
            "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
@@ -272,7 +272,8 @@ def _check_choices(cfg: CfgNode, origins: Mapping[str, str]) -> None:
 
 
 def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
-    from pce.engine.phases import resolve_phase_epochs  # local: phases imports torch
+    """Each ``phases`` entry validated by its one definition, :class:`pce.engine.phases.Phase`."""
+    from pce.engine.phases import Phase, PhaseError, resolve_phase_epochs  # local: phases imports torch
 
     out = []
     for i, ph in enumerate(cfg.phases):
@@ -282,28 +283,12 @@ def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
             ph = dict(ph)
         if not isinstance(ph, dict):
             raise ConfigError(f"config key '{key}' (set in {src}) must be a dict with keys "
-                              f"{sorted(PHASE_DEFAULTS)}, got {type(ph).__name__} {ph!r}")
-        unknown = set(ph) - set(PHASE_DEFAULTS)
-        if unknown:
-            raise ConfigError(f"unknown config key '{key}.{sorted(unknown)[0]}' (set in {src}); valid phase keys: "
-                              f"{', '.join(sorted(PHASE_DEFAULTS))}")
-        full = dict(PHASE_DEFAULTS, **ph)
-        if not full["name"]:
-            full["name"] = f"phase{i}"
-        for k in ("name", "epochs", "lr_mult"):
-            full[k] = _coerce(full[k], PHASE_DEFAULTS[k] if k != "name" else "", f"{key}.{k}", src)
-        for k in ("keys_trainable", "attention"):
-            if full[k] is not None and not isinstance(full[k], bool):
-                raise ConfigError(f"config key '{key}.{k}' (set in {src}) expects bool or None, got {full[k]!r}")
-        if not isinstance(full["upcycle"], bool):
-            raise ConfigError(f"config key '{key}.upcycle' (set in {src}) expects bool, got {full['upcycle']!r}")
-        for k, allowed in PHASE_CHOICES.items():
-            if full[k] not in allowed:
-                raise ConfigError(f"config key '{key}.{k}' (set in {src}) must be one of {list(allowed)}, "
-                                  f"got {full[k]!r}")
-        if full["lr_mult"] < 0:
-            raise ConfigError(f"config key '{key}.lr_mult' (set in {src}) must be >= 0, got {full['lr_mult']}")
-        out.append(full)
+                              f"{sorted(Phase.config_keys())}, got {type(ph).__name__} {ph!r}")
+        try:
+            out.append(Phase.from_config(ph, i).to_config())
+        except PhaseError as e:
+            what = "unknown config key" if str(e).startswith("unknown") else "config key"
+            raise ConfigError(f"{what} '{key}.{e.key}' (set in {src}) {e}") from None
     try:
         resolve_phase_epochs([p["epochs"] for p in out], cfg.schedule.epochs)
     except ValueError as e:
@@ -405,12 +390,3 @@ def dump_config(cfg: CfgNode, path: Union[str, os.PathLike]) -> Path:
         f.write(text)
     os.replace(tmp, path)
     return path
-
-
-def iter_keys(cfg: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-    """Dotted names of every leaf of ``cfg``."""
-    for k, v in cfg.items():
-        if isinstance(v, Mapping):
-            yield from iter_keys(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k

@@ -8,7 +8,7 @@ head options) go there and are checked by the code that receives them.
 
 Sections::
 
-    task        "classification" | "detection" | "segmentation"
+    task        a registered task name (pce.tasks.list_tasks(): classification, detection, segmentation, ...)
     model       backbone preset, num_classes, backbone_overrides{}, head{}, router_loss_weights, ...
     data        train / val / test: {name, kwargs{}, transform: {name, kwargs{}}}, batch sizes, workers
     optimizer   type (sgd | adamw | adam), lr, weight_decay, momentum, betas, grad_clip, ...
@@ -23,7 +23,7 @@ from typing import Any, Dict, Tuple
 
 from fvcore.common.config import CfgNode as CN
 
-__all__ = ["get_default_config", "CHOICES", "PHASE_DEFAULTS", "PHASE_CHOICES", "ROUTER_OVERRIDES"]
+__all__ = ["get_default_config", "CHOICES"]
 
 _C = CN()
 _C.task = "classification"
@@ -95,7 +95,8 @@ _C.schedule.lr_scheduler.milestones = []         # multistep: epochs at which lr
 _C.schedule.lr_scheduler.gamma = 0.1
 
 # --------------------------------------------------------------------------------------------- phases
-# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}; see PHASE_DEFAULTS.
+# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}: the fields of
+# pce.engine.phases.Phase, which validates them.
 # Empty: one phase over all epochs that changes nothing. The phase epochs must add up to schedule.epochs;
 # the last phase may say epochs=-1 ("the rest").
 _C.phases = []
@@ -124,30 +125,14 @@ _C.eval.metric = "top1"                   # key of the evaluator's results that 
 _C.eval.mode = "max"                      # max | min
 _C.eval.topk = (1, 5)
 
-ROUTER_OVERRIDES = (None, "uniform", "positional", "shared")
-
 # Allowed values of string options (checked after merging, errors name the key and the file).
 CHOICES: Dict[str, Tuple[Any, ...]] = {
-    "task": ("classification", "detection", "segmentation"),
     "optimizer.type": ("sgd", "adamw", "adam"),
     "schedule.lr_scheduler.type": ("cosine", "multistep", "constant", "linear"),
     "runtime.amp": ("none", "bf16", "fp16"),
     "runtime.device": ("auto", "cpu", "cuda"),
     "eval.mode": ("max", "min"),
 }
-
-# One phase: None means "leave as it is" for keys_trainable / attention.
-PHASE_DEFAULTS: Dict[str, Any] = {
-    "name": "",
-    "epochs": 1,
-    "router_override": None,      # None (learned routers) | "uniform" | "positional" | "shared"
-    "keys_trainable": None,       # None | bool
-    "attention": None,            # None | bool
-    "lr_mult": 1.0,
-    "upcycle": False,             # at the phase start, copy expert 0 into the others (after a "shared" phase)
-}
-PHASE_CHOICES: Dict[str, Tuple[Any, ...]] = {"router_override": ROUTER_OVERRIDES}
-
 
 def get_default_config() -> CN:
     """A fresh, mutable copy of the schema with its defaults."""

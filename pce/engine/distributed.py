@@ -14,8 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from pce.moe.routing import keyed_routers
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "get_rank", "get_world_size", "is_main_process",
-           "barrier", "all_reduce_mean", "all_reduce_max", "all_gather_object", "broadcast_object",
+           "all_reduce_mean", "all_reduce_max", "all_gather_object",
            "broadcast_parameters", "InferenceShardSampler", "sync_router_keys"]
 
 
@@ -72,11 +74,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
 def _comm_device() -> torch.device:
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -110,14 +107,6 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 @torch.no_grad()
 def broadcast_parameters(tensors: List[torch.Tensor], src: int = 0) -> None:
     if get_world_size() == 1:
@@ -128,13 +117,11 @@ def broadcast_parameters(tensors: List[torch.Tensor], src: int = 0) -> None:
 
 @torch.no_grad()
 def sync_router_keys(model: torch.nn.Module) -> None:
-    """Average the EMA-updated (non-trainable) cosine-router keys over ranks and renormalise them: every
-    rank updates its keys from its own batch, DDP only synchronises gradients."""
+    """Average the EMA-updated (non-trainable) router keys over ranks and renormalise them: every rank
+    updates its keys from its own batch, DDP only synchronises gradients."""
     if get_world_size() == 1:
         return
-    from pce.moe.routers.cosine import CosineRouter
-
-    keys = [m.keys for m in model.modules() if isinstance(m, CosineRouter) and not m.keys.requires_grad]
+    keys = [r.keys for r in keyed_routers(model) if not r.keys.requires_grad]
     for k in keys:
         dist.all_reduce(k.data)
         k.data.div_(get_world_size())

@@ -8,7 +8,7 @@ from fvcore.common.param_scheduler import (CompositeParamScheduler, ConstantPara
                                            LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
 from torch import nn
 
-from pce.engine.phases import PCEScheduler
+from pce.engine.scheduler import PCEScheduler
 
 __all__ = ["build_optimizer", "build_param_scheduler", "build_lr_scheduler", "clip_gradients", "param_groups"]
 

@@ -4,7 +4,7 @@ A PCE run is a list of phases (config ``phases``), each a number of epochs with 
 
 * ``router_override``: ``"uniform"`` / ``"positional"`` route every PCE layer with a parameter-free router
   (stabilisation: the experts learn before the routers decide anything); ``None`` uses the learned routers.
-* ``keys_trainable``: cosine-router keys outside the graph (EMA-updated) or trained by the optimizer.
+* ``keys_trainable``: keyed routers' keys (``Router.uses_keys``) outside the graph (EMA-updated) or trained by the optimizer.
 * ``attention``: deformable attention blocks on or off.
 * ``lr_mult``: multiplier of the base learning rate during the phase (applied by :class:`PCEScheduler`).
 * ``upcycle``: when the phase starts, copy expert 0 into every other expert (sparse upcycling after a
@@ -16,19 +16,19 @@ router keys (``backbone.init_keys``) runs once, right before the first phase tha
 """
 from __future__ import annotations
 
-import bisect
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
-from pce.models.backbone import PCEBackbone
-from pce.moe.routers.cosine import CosineRouter
+from pce.models.backbone import PCEBackbone, iter_backbones
+from pce.moe.routers import parameter_free_routers
+from pce.engine.scheduler import PCEScheduler  # noqa: F401  (re-exported: the scheduler of the phases)
 
-__all__ = ["Phase", "PCEScheduler", "PhaseController", "resolve_phase_epochs", "build_phases", "find_backbones"]
+__all__ = ["Phase", "PhaseError", "PCEScheduler", "PhaseController", "resolve_phase_epochs", "build_phases",
+           "find_backbones"]
 
 logger = logging.getLogger("pce.engine")
 
@@ -52,16 +52,75 @@ def resolve_phase_epochs(epochs: Sequence[int], total_epochs: int) -> List[int]:
     return epochs
 
 
+class PhaseError(ValueError):
+    """A phase entry of a config is invalid: ``key`` (e.g. ``"lr_mult"``) and what is wrong."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _router_overrides() -> List[Optional[str]]:
+    return [None] + parameter_free_routers()
+
+
+# The type each config key of a phase accepts (None allowed where the default is None).
+_TYPES: Dict[str, Tuple[type, ...]] = {"name": (str,), "epochs": (int,), "router_override": (str,),
+                                       "keys_trainable": (bool,), "attention": (bool,), "lr_mult": (float, int),
+                                       "upcycle": (bool,)}
+
+
 @dataclass
 class Phase:
-    name: str
-    epochs: int
+    """One training phase, and the schema of a ``phases`` entry of a config (its fields but ``start_epoch``).
+
+    Attributes:
+        name: shown in logs. epochs: length (the last phase may say -1, "the rest").
+        router_override: ``None`` (the learned routers) or a parameter-free registered router
+            (``"uniform"``, ``"positional"``, ``"shared"``; see ``pce.moe.routers.parameter_free_routers``).
+        keys_trainable / attention: ``None`` leaves the setting as it is.
+        lr_mult: multiplier of the base learning rate. upcycle: copy expert 0 into the others at the start.
+        start_epoch: set by :func:`build_phases`, not a config key.
+    """
+
+    name: str = ""
+    epochs: int = 1
     router_override: Optional[str] = None
     keys_trainable: Optional[bool] = None
     attention: Optional[bool] = None
     lr_mult: float = 1.0
     upcycle: bool = False
     start_epoch: int = 0
+
+    @classmethod
+    def config_keys(cls) -> List[str]:
+        return [f.name for f in fields(cls) if f.name != "start_epoch"]
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any], index: int = 0) -> "Phase":
+        """Validate one config entry (``PhaseError`` naming the key); missing keys take the defaults."""
+        unknown = sorted(set(entry) - set(cls.config_keys()))
+        if unknown:
+            raise PhaseError(unknown[0], f"unknown phase key; valid phase keys: {', '.join(sorted(cls.config_keys()))}")
+        values = {f.name: f.default for f in fields(cls) if f.name != "start_epoch"}
+        values.update(entry)
+        for key, types in _TYPES.items():
+            v = values[key]
+            nullable = getattr(cls, key) is None
+            if (v is None and nullable) or (isinstance(v, types) and not (isinstance(v, bool) and bool not in types)):
+                continue
+            expected = " or ".join(t.__name__ for t in types) + (" or None" if nullable else "")
+            raise PhaseError(key, f"expects {expected}, got {type(v).__name__} {v!r}")
+        if values["router_override"] not in _router_overrides():
+            raise PhaseError("router_override", f"must be one of {_router_overrides()}, got {values['router_override']!r}")
+        if values["lr_mult"] < 0:
+            raise PhaseError("lr_mult", f"must be >= 0, got {values['lr_mult']}")
+        values["lr_mult"] = float(values["lr_mult"])
+        values["name"] = values["name"] or f"phase{index}"
+        return cls(**values)
+
+    def to_config(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.config_keys()}
 
     @property
     def end_epoch(self) -> int:
@@ -84,102 +143,18 @@ def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List
     """Phases from config dicts (``phases`` of the config). No entries: one phase that changes nothing."""
     if not phases:
         return [Phase("train", total_epochs)]
-    epochs = resolve_phase_epochs([p.get("epochs", 1) for p in phases], total_epochs)
-    out, start = [], 0
-    for i, (p, e) in enumerate(zip(phases, epochs)):
-        out.append(Phase(name=p.get("name") or f"phase{i}", epochs=e, router_override=p.get("router_override"),
-                         keys_trainable=p.get("keys_trainable"), attention=p.get("attention"),
-                         lr_mult=float(p.get("lr_mult", 1.0)), upcycle=bool(p.get("upcycle", False)),
-                         start_epoch=start))
+    parsed = [Phase.from_config(p, i) for i, p in enumerate(phases)]
+    epochs = resolve_phase_epochs([p.epochs for p in parsed], total_epochs)
+    start = 0
+    for p, e in zip(parsed, epochs):
+        p.epochs, p.start_epoch = e, start
         start += e
-    return out
-
-
-class PCEScheduler(LRScheduler):
-    """Learning rate per phase: phase ``i`` runs from epoch ``sum(phase_epochs[:i])`` with
-    ``lr = base_lr * phase_multipliers[i]`` (times ``param_scheduler(progress)`` when given).
-
-    Args:
-        optimizer: the optimizer.
-        phase_epochs: epochs of each phase.
-        base_lr: one base lr for every param group (default: each group's initial lr).
-        phase_multipliers: lr multiplier of each phase (default 1).
-        param_scheduler: optional fvcore ``ParamScheduler`` of a multiplier over training progress in [0, 1)
-            (warmup, cosine, ...).
-        iters_per_epoch: ``step()`` calls per epoch. 1 (default): step once per epoch, like
-            ``PCEScheduler(opt, [2, 5, 3], 0.1, [1, 1, 0.1])`` in the seed; the trainer steps per iteration.
-
-    Only primitives are saved by :meth:`state_dict` (checkpoints load with ``weights_only=True``).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, phase_epochs: Sequence[int], base_lr: Optional[float] = None,
-                 phase_multipliers: Optional[Sequence[float]] = None, param_scheduler: Optional[Callable] = None,
-                 iters_per_epoch: int = 1, last_epoch: int = -1) -> None:
-        self.phase_epochs = [int(e) for e in phase_epochs]
-        if not self.phase_epochs or any(e < 0 for e in self.phase_epochs) or sum(self.phase_epochs) < 1:
-            raise ValueError(f"phase_epochs must be non-negative with a positive sum, got {list(phase_epochs)}")
-        mults = [1.0] * len(self.phase_epochs) if phase_multipliers is None else [float(m) for m in phase_multipliers]
-        if len(mults) != len(self.phase_epochs):
-            raise ValueError(f"{len(mults)} phase_multipliers for {len(self.phase_epochs)} phases")
-        if int(iters_per_epoch) < 1:
-            raise ValueError(f"iters_per_epoch must be >= 1, got {iters_per_epoch}")
-        self.phase_multipliers = mults
-        self.iters_per_epoch = int(iters_per_epoch)
-        self.param_scheduler = param_scheduler
-        self._ends = []
-        total = 0
-        for e in self.phase_epochs:
-            total += e
-            self._ends.append(total)
-        self.total_epochs = total
-        if base_lr is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = float(base_lr)
-                g["initial_lr"] = float(base_lr)
-        super().__init__(optimizer, last_epoch)
-
-    def phase_index(self, epoch: int) -> int:
-        """Index of the phase that epoch ``epoch`` (0-based) belongs to (the last one past the end)."""
-        return min(bisect.bisect_right(self._ends, epoch), len(self._ends) - 1)
-
-    def multiplier(self, step: int) -> float:
-        epoch = step // self.iters_per_epoch
-        m = self.phase_multipliers[self.phase_index(epoch)]
-        if self.param_scheduler is not None:
-            where = step / float(self.total_epochs * self.iters_per_epoch)
-            m *= float(self.param_scheduler(min(max(where, 0.0), 1.0 - 1e-9)))
-        return m
-
-    def get_lr(self) -> List[float]:
-        m = self.multiplier(max(self.last_epoch, 0))
-        return [base * m for base in self.base_lrs]
-
-    def _get_closed_form_lr(self) -> List[float]:
-        return self.get_lr()
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs), "_last_lr": list(self._last_lr),
-                "_step_count": self._step_count, "phase_epochs": list(self.phase_epochs),
-                "phase_multipliers": list(self.phase_multipliers), "iters_per_epoch": self.iters_per_epoch}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if list(state_dict.get("phase_epochs", self.phase_epochs)) != self.phase_epochs:
-            logger.warning("resuming with different phase epochs: checkpoint %s, config %s",
-                           state_dict.get("phase_epochs"), self.phase_epochs)
-        if int(state_dict.get("iters_per_epoch", self.iters_per_epoch)) != self.iters_per_epoch:
-            logger.warning("resuming with %d iterations per epoch (checkpoint: %s): the lr schedule shifts",
-                           self.iters_per_epoch, state_dict.get("iters_per_epoch"))
-        self.last_epoch = int(state_dict["last_epoch"])
-        self.base_lrs = [float(v) for v in state_dict["base_lrs"]]
-        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
-        self._last_lr = self.get_lr()
-        for g, lr in zip(self.optimizer.param_groups, self._last_lr):
-            g["lr"] = lr
+    return parsed
 
 
 def find_backbones(model: nn.Module) -> List[PCEBackbone]:
     """Every :class:`~pce.models.backbone.PCEBackbone` inside ``model`` (unwrapping DDP / EMA wrappers)."""
-    return [m for m in model.modules() if isinstance(m, PCEBackbone)]
+    return list(iter_backbones(model))
 
 
 class PhaseController:
@@ -273,11 +248,11 @@ class PhaseController:
         count = 0
         for bb in find_backbones(model):
             count += bb.init_keys(batches, seed=self.seed)
-        src = [m for m in model.modules() if isinstance(m, CosineRouter)]
+        src = [r for bb in find_backbones(model) for r in bb.key_routers()]
         for other in others:
             if other is None:
                 continue
-            dst = [m for m in other.modules() if isinstance(m, CosineRouter)]
+            dst = [r for bb in find_backbones(other) for r in bb.key_routers()]
             for a, b in zip(src, dst):
                 b.keys.data.copy_(a.keys.data)
         self.keys_initialized = True

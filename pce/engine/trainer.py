@@ -58,6 +58,7 @@ from pce.engine.ema import build_ema
 from pce.engine.logging import MetricWriter, ProgressBar, RoutingStatsCollector, scalar_metrics, setup_logger
 from pce.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from pce.engine.phases import PhaseController, build_phases
+from pce.moe.routing import keyed_routers
 
 __all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "resolve_device", "evaluate_model",
            "evaluate_checkpoint", "build_eval_loader", "to_channels_last"]
@@ -496,9 +497,7 @@ class Trainer:
         if hasattr(self.task, "set_epoch"):  # after the K-Means batches: the epoch's augmentation stream starts
             self.task.set_epoch(epoch)       # fresh, also when a resume inside the epoch skips K-Means
         if info["kmeans_routers"] and self.world_size > 1:
-            from pce.moe.routers.cosine import CosineRouter
-
-            keys = [m.keys for mod in self._models() for m in mod.modules() if isinstance(m, CosineRouter)]
+            keys = [r.keys for mod in self._models() for r in keyed_routers(mod)]
             broadcast_parameters(keys)
         if info["started"] and self.writer is not None:
             ph = info["phase"]

@@ -1,39 +1,46 @@
-"""Multi-scale PCE backbones, their dense twins, and the preset registry.
-
-``build_backbone("pce_tiny", router="gate", num_experts=8)`` builds a preset with overrides;
-``list_backbones()`` names the presets. Every ``pce_X`` preset has a ``dense_X`` twin with the same stem,
-stages and expert block but no routing (one expert on the whole map), for comparisons at equal active FLOPs.
+"""Multi-scale PCE backbones (stem + stages of PCE or dense layers) and their controls.
 
 ``forward(x)`` returns an ``OrderedDict`` of feature maps (``stage1`` ... ) that torchvision's FPN and
-segmentation-models-pytorch decoders consume as is; ``forward(x, return_routing=True)`` also returns the
-per-layer :class:`~pce.moe.routing.RoutingResult` list. ``feature_info`` lists ``name``, ``channels``, ``stride``
+segmentation-models-pytorch decoders consume as is; :meth:`PCEBackbone.forward_intermediates` (timm's
+interface) gives chosen stage maps, optionally with the stem's; ``forward(x, return_routing=True)`` is a
+convenience over :func:`pce.record_routing`. ``feature_info`` lists ``name``, ``channels``, ``stride``
 and ``patch_size`` of each returned map (plus timm's ``num_chs``/``reduction``/``module`` keys).
+Presets (``pce_tiny`` ...) and ``build_backbone`` live in :mod:`pce.models.presets`.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from pce.layers.attention import DeformableAttention
 from pce.models.layer import DenseLayer, PCELayer
-from pce.registry import BACKBONES
-from pce.moe.routers.cosine import CosineRouter
-from pce.moe.routing import RoutingResult
+from pce.moe.recorder import record_routing
+from pce.moe.routing import Router
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class Stem(nn.Sequential):
+    """Conv-BN-ReLU blocks, each of stride 2 (or one of stride 1); :meth:`forward_intermediates` also returns
+    every block's output (the stride-2 map that Unet-style decoders read)."""
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs = []
+        for block in self:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+
 class Stage(nn.Module):
     """Downsample (3x3 conv, stride 2, when needed) then ``depth`` PCE (or dense) layers, each optionally
-    followed by deformable attention."""
+    followed by deformable attention. ``[B, C_in, H, W] -> [B, C_out, H / s, W / s]``."""
 
     def __init__(self, cin: int, cout: int, stride: int, depth: int, layer_fn, attention_fn=None) -> None:
         super().__init__()
@@ -41,12 +48,10 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList([layer_fn() for _ in range(depth)])
         self.attn = nn.ModuleList([attention_fn() for _ in range(depth)]) if attention_fn else None
 
-    def forward(self, x: torch.Tensor, routing: Optional[List[RoutingResult]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, return_routing=True)
-            if routing is not None and r is not None:
-                routing.append(r)
+            x = layer(x)
             if self.attn is not None:
                 x = self.attn[i](x)
         return x
@@ -89,7 +94,7 @@ class PCEBackbone(nn.Module):
         stem: List[nn.Module] = [conv_bn_relu(in_chans, stem_channels, 2 if stem_stride >= 2 else 1)]
         if stem_stride == 4:
             stem.append(conv_bn_relu(stem_channels, stem_channels, 2))
-        self.stem = nn.Sequential(*stem)
+        self.stem = Stem(*stem)
         self.stages = nn.ModuleList()
         info: List[Dict[str, Any]] = []
         cin, stride = stem_channels, stem_stride
@@ -142,28 +147,56 @@ class PCEBackbone(nn.Module):
             return math.lcm(max(strides), *patched)
         return max(strides)
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
-        """``x [B, in_chans, H, W]`` -> ``OrderedDict[name, [B, C_i, H/s_i, W/s_i]]`` (and routing list)."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"backbone expects input [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
-        routing: Optional[List[RoutingResult]] = [] if return_routing else None
-        feats: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        x = self.stem(x)
-        last = max(self.out_indices)
-        for i, stage in enumerate(self.stages):
-            x = stage(x, routing)
-            if i in self.out_indices:
-                feats[self._all_info[i]["name"]] = x
-            if i == last and not return_routing:
-                break
-        return (feats, routing) if return_routing else feats
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              intermediates_only: bool = False, stop_early: bool = True,
+                              stem_outputs: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's interface: the maps of stages ``indices`` (default ``out_indices``; an int ``n``: the last
+        ``n`` stages; negative indices count from the end), ``[B, C_i, H / s_i, W / s_i]`` each.
+
+        ``intermediates_only=False`` returns ``(final, intermediates)`` with ``final`` the deepest stage's map
+        (all stages run); otherwise the list, computing no stage past the last one asked for when
+        ``stop_early``. ``stem_outputs``: prepend the output of every stem block (strides 2, 4)."""
+        self._check_input(x)
+        n = len(self.stages)
+        if indices is None:
+            wanted = list(self.out_indices)
+        elif isinstance(indices, int):
+            wanted = list(range(n - indices, n))
+        else:
+            wanted = [i % n for i in indices]
+        stem = self.stem.forward_intermediates(x)
+        outs: List[torch.Tensor] = list(stem) if stem_outputs else []
+        h = stem[-1]
+        last = max(wanted) if (intermediates_only and stop_early and wanted) else n - 1
+        for i, stage in enumerate(self.stages[:last + 1]):
+            h = stage(h)
+            if i in wanted:
+                outs.append(h)
+        return outs if intermediates_only else (h, outs)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        """``x [B, in_chans, H, W]`` -> ``OrderedDict[name, [B, C_i, H/s_i, W/s_i]]``; with ``return_routing``
+        also the :class:`~pce.moe.routing.RoutingResult` of every PCE layer (forward order), as
+        :func:`pce.record_routing` gives them."""
+        if return_routing:
+            with record_routing(self) as rec:
+                feats = self.forward(x)
+            return feats, rec.results
+        maps = self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        return OrderedDict((self._all_info[i]["name"], m) for i, m in zip(self.out_indices, maps))
 
     # -- PCE controls ------------------------------------------------------------------------------
     def pce_layers(self) -> Iterator[PCELayer]:
         return (m for m in self.modules() if isinstance(m, PCELayer))
 
-    def key_routers(self) -> Iterator[CosineRouter]:
-        return (l.router for l in self.pce_layers() if isinstance(l.router, CosineRouter))
+    def key_routers(self) -> Iterator[Router]:
+        """The learned routers that use keys (``Router.uses_keys``), in layer order."""
+        return (l.router for l in self.pce_layers() if l.router.uses_keys)
 
     def set_keys_trainable(self, flag: bool) -> None:
         """Phase switch for every key-based router: keys EMA-updated (False) or in the graph (True)."""
@@ -216,51 +249,7 @@ class PCEBackbone(nn.Module):
         return count
 
 
-# -- presets ----------------------------------------------------------------------------------------
-def _stages(channels, depths, patches, strides, attention=(False,) * 8):
-    return [dict(channels=c, depth=d, patch_size=p, stride=s, attention=a)
-            for c, d, p, s, a in zip(channels, depths, patches, strides, attention)]
-
-
-_PRESETS: Dict[str, Dict[str, Any]] = {
-    # 28x28 grey images (MNIST, Fashion-MNIST): maps 28 -> 14 -> 7 -> 4, four patches per map.
-    "fmnist": dict(in_chans=1, stem_channels=32, stem_stride=1, num_experts=4, top_k=1,
-                   stages=_stages((48, 96, 192), (1, 1, 1), (7, 4, 2), (2, 2, 2))),
-    # 32x32 colour images (CIFAR): 32 -> 16 -> 8 -> 4.
-    "cifar": dict(in_chans=3, stem_channels=32, stem_stride=1, num_experts=4, top_k=1,
-                  stages=_stages((64, 128, 256), (1, 1, 1), (8, 4, 2), (2, 2, 2))),
-    # 224-ish images: strides 4, 8, 16, 32; patches 16, 8, 4, 2 (a 4x4 grid at 256x256).
-    "tiny": dict(in_chans=3, stem_channels=32, stem_stride=4, num_experts=4, top_k=1,
-                 stages=_stages((32, 64, 128, 256), (1, 1, 1, 1), (16, 8, 4, 2), (1, 2, 2, 2))),
-    "small": dict(in_chans=3, stem_channels=48, stem_stride=4, num_experts=8, top_k=1,
-                  stages=_stages((64, 128, 256, 512), (1, 1, 2, 1), (16, 8, 4, 2), (1, 2, 2, 2))),
-    "base": dict(in_chans=3, stem_channels=64, stem_stride=4, num_experts=8, top_k=1,
-                 stages=_stages((64, 128, 256, 512), (2, 2, 4, 2), (16, 8, 4, 2), (1, 2, 2, 2))),
-}
-for _name, _cfg in _PRESETS.items():
-    BACKBONES.register(f"pce_{_name}", obj=dict(_cfg, layer="pce"))
-    BACKBONES.register(f"dense_{_name}", obj=dict(_cfg, layer="dense"))
-
-_ARGS = set(inspect.signature(PCEBackbone.__init__).parameters) - {"self"}
-
-
-def list_backbones(pattern: str = "") -> List[str]:
-    """Names of the registered presets (containing ``pattern``)."""
-    return [n for n in BACKBONES.names() if pattern in n]
-
-
-def backbone_config(name: str, **overrides: Any) -> Dict[str, Any]:
-    """The keyword arguments a preset passes to :class:`PCEBackbone`, with ``overrides`` applied."""
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone preset {name!r}; available: {', '.join(list_backbones())}")
-    unknown = set(overrides) - _ARGS
-    if unknown:
-        raise TypeError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: {sorted(_ARGS)}")
-    cfg = copy.deepcopy(BACKBONES.get(name))
-    cfg.update(copy.deepcopy(overrides))
-    return cfg
-
-
-def build_backbone(name: str, **overrides: Any) -> PCEBackbone:
-    """Build a preset, e.g. ``build_backbone("pce_tiny", router="gate", num_experts=8, top_k=1)``."""
-    return PCEBackbone(**backbone_config(name, **overrides))
+def iter_backbones(model: nn.Module) -> Iterator[PCEBackbone]:
+    """Every :class:`PCEBackbone` inside ``model`` (a detector, an smp model, a DDP / EMA wrapper, ...): the
+    objects whose controls (``set_router_override``, ``set_keys_trainable``, ``init_keys``, ...) phases use."""
+    return (m for m in model.modules() if isinstance(m, PCEBackbone))

@@ -1,15 +1,14 @@
 """Image classifier: PCE (or dense) backbone -> SPP on the last map -> fully connected head (seeds 000/001)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pce.models.backbone import PCEBackbone, build_backbone
-from pce.moe.losses import RouterLossWeights, router_loss
 from pce.layers.spp import SpatialPyramidPooling
+from pce.models.backbone import PCEBackbone
+from pce.models.presets import build_backbone
 
 
 class PCEClassifier(nn.Module):
@@ -20,13 +19,12 @@ class PCEClassifier(nn.Module):
         num_classes: number of classes.
         spp_levels: pyramid levels of the head's SPP (the seeds use 1, 2, 4).
         dropout: dropout before the FC layer.
-        router_loss_weights: weights of the router regularisers added by :meth:`losses`.
+
+    Routing: ``with pce.record_routing(model) as rec`` around the forward (the task adds the router loss).
     """
 
     def __init__(self, backbone: Union[PCEBackbone, str], num_classes: int, spp_levels: Sequence[int] = (1, 2, 4),
-                 spp_mode: str = "avg", dropout: float = 0.0,
-                 router_loss_weights: Optional[Union[RouterLossWeights, Mapping[str, float]]] = None,
-                 **overrides: Any) -> None:
+                 spp_mode: str = "avg", dropout: float = 0.0, **overrides: Any) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -42,33 +40,18 @@ class PCEClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(self.num_features, num_classes)
         self.num_classes = num_classes
-        if isinstance(router_loss_weights, Mapping):
-            router_loss_weights = RouterLossWeights(**router_loss_weights)
-        self.router_loss_weights = router_loss_weights or RouterLossWeights()
 
-    def forward_features(self, x: torch.Tensor, return_routing: bool = False):
-        feats, routing = self.backbone(x, return_routing=True)
-        last = next(reversed(feats.values()))
-        return (last, routing) if return_routing else last
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> the deepest map ``[B, C_last, H / s, W / s]``."""
+        return self.backbone.forward_intermediates(x, indices=[len(self.backbone.stages) - 1],
+                                                   intermediates_only=True)[-1]
 
     def forward_head(self, feat: torch.Tensor) -> torch.Tensor:
+        """The deepest map -> logits ``[B, num_classes]`` (SPP, dropout, FC)."""
         return self.fc(self.drop(self.spp(feat)))
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
-        if return_routing:
-            feat, routing = self.forward_features(x, True)
-            return self.forward_head(feat), routing
-        return self.forward_head(self.backbone(x)[self.backbone.feature_info[-1]["name"]])
-
-    def losses(self, images: torch.Tensor, targets: torch.Tensor,
-               label_smoothing: float = 0.0) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """Cross-entropy plus the weighted router losses. Returns ``(losses, logits)``; the total is
-        ``sum(losses.values())``."""
-        logits, routing = self(images, return_routing=True)
-        out = {"loss_cls": F.cross_entropy(logits, targets, label_smoothing=label_smoothing)}
-        if routing:
-            out["loss_router"] = router_loss(routing, self.router_loss_weights).to(logits.device)
-        return out, logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     # timm-style accessors
     def get_classifier(self) -> nn.Module:
@@ -81,8 +64,8 @@ class PCEClassifier(nn.Module):
 
 def build_classifier(name: str, num_classes: int, **kwargs: Any) -> PCEClassifier:
     """``build_classifier("pce_fmnist", 10, router="gate")``: a backbone preset with an SPP + FC head.
-    Head options (``spp_levels``, ``spp_mode``, ``dropout``, ``router_loss_weights``) are taken from ``kwargs``;
-    the rest are backbone overrides."""
-    head_keys = {"spp_levels", "spp_mode", "dropout", "router_loss_weights"}
+    Head options (``spp_levels``, ``spp_mode``, ``dropout``) are taken from ``kwargs``; the rest are backbone
+    overrides."""
+    head_keys = {"spp_levels", "spp_mode", "dropout"}
     head = {k: kwargs.pop(k) for k in list(kwargs) if k in head_keys}
     return PCEClassifier(name, num_classes, **head, **kwargs)

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 Handle = Callable[[List[Any], List[Any]], Union[int, float, Counter]]
 
-__all__ = ["count_flops", "active_params_per_token", "count_params", "routed_fraction", "EXTRA_HANDLES",
+__all__ = ["count_flops", "active_params_per_token", "count_params", "EXTRA_HANDLES",
            "ZERO_FLOP_OPS"]
 
 
@@ -162,25 +162,9 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def routed_fraction(router: nn.Module) -> float:
-    """Fraction of a PCE layer's experts that one patch runs: ``top_k / E`` for top-k routers, the capacity
-    factor over ``E`` for expert choice, ``1 / E`` for hard Gumbel sampling, 1 for soft routing (including
-    the soft threshold mask, which keeps every weight non-zero)."""
-    E = int(getattr(router, "num_experts", 1))
-    top_k = getattr(router, "top_k", None)
-    if top_k is not None and top_k < E:
-        return top_k / E
-    cf = getattr(router, "choice_capacity_factor", None)
-    if cf is not None:
-        return min(1.0, float(cf) / E)
-    if getattr(router, "hard", False) and hasattr(router, "tau"):  # hard Gumbel: one expert per patch
-        return 1.0 / E
-    return 1.0
-
-
 def active_params_per_token(model: nn.Module) -> int:
     """Parameters one patch (token) uses: all parameters, minus ``(1 - k/E)`` of every PCE layer's expert
-    parameters (see :func:`routed_fraction`). For a model without PCE layers this is :func:`count_params`.
+    parameters (``k / E`` = the router's :attr:`~pce.moe.routing.Router.active_fraction`). For a model without PCE layers this is :func:`count_params`.
     Routers, positional projections, the 1x1 output projection, stems, heads and dense layers count fully.
     Under a parameter-free router override (``set_router_override``) the override's sparsity is used."""
     from pce.models.layer import PCELayer  # local: keeps this module importable without building the package graph
@@ -190,7 +174,7 @@ def active_params_per_token(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, PCELayer):
             expert_params = count_params(m.experts)
-            inactive += expert_params * (1.0 - routed_fraction(m.active_router))
+            inactive += expert_params * (1.0 - m.current_router().active_fraction)
     return int(round(total - inactive))
 
 

@@ -14,7 +14,8 @@ from timm.models import register_model
 from timm.models._features import FeatureInfo
 from torch import nn
 
-from pce.models.backbone import PCEBackbone, build_backbone, list_backbones
+from pce.models.backbone import PCEBackbone
+from pce.models.presets import build_backbone, list_backbones
 from pce.models.classifier import PCEClassifier
 
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate", "global_pool")

@@ -194,7 +194,3 @@ def dispatch_context(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tens
         y = bank.run(sel.routed, sel)
     return plan.scatter(plan.weigh(y, weights))
 
-
-# dispatchers with the common signature (bank, tokens, weights); dispatch_context also needs the patch geometry
-DISPATCHERS = {"reference": dispatch_reference, "fused": dispatch_fused, "dense": dispatch_dense,
-               "sparse": dispatch_sparse}

@@ -14,22 +14,16 @@ Losses (all differentiable, unweighted; :func:`router_loss` combines them):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pce.moe.routing import RoutingResult
-
-COLLAPSE_TAU = 0.01
+from pce.moe.metrics import COLLAPSE_TAU, entropy
+from pce.moe.routing import RoutingResult
 
 
-def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy along ``dim`` (natural log), with 0 log 0 = 0."""
-    return -(p * p.clamp_min(1e-12).log()).sum(dim)
-
-
-def routing_aux_losses(result: "RoutingResult", tau: float = COLLAPSE_TAU) -> Dict[str, torch.Tensor]:
+def routing_aux_losses(result: RoutingResult, tau: float = COLLAPSE_TAU) -> Dict[str, torch.Tensor]:
+    """The unweighted differentiable losses of one layer's routing: ``entropy``, ``balance``, ``collapse``, ``z``."""
     probs = result.probs
     E = probs.shape[-1]
     flat_p = probs.reshape(-1, E)
@@ -48,19 +42,6 @@ def routing_aux_losses(result: "RoutingResult", tau: float = COLLAPSE_TAU) -> Di
     return losses
 
 
-@torch.no_grad()
-def routing_statistics(result: "RoutingResult", tau: float = COLLAPSE_TAU) -> Dict[str, torch.Tensor]:
-    w = result.weights.detach().reshape(-1, result.weights.shape[-1])
-    usage = (w > 0).float().mean(0)
-    return {
-        "entropy": entropy(result.probs.detach().reshape(-1, w.shape[-1])).mean(),
-        "usage": usage,
-        "mean_weight": w.mean(0),
-        "dropped_fraction": (w.sum(-1) == 0).float().mean(),
-        "collapsed_experts": (usage < tau).sum().float(),
-    }
-
-
 @dataclass
 class RouterLossWeights:
     """Weights of the router regularisers in the total loss (0 disables a term)."""
@@ -74,22 +55,32 @@ class RouterLossWeights:
         return asdict(self)
 
 
-def router_loss(routing: Iterable["RoutingResult"],
-                weights: RouterLossWeights | Mapping[str, float] | None = None) -> torch.Tensor:
-    """Weighted sum of every layer's auxiliary losses, averaged over layers. Returns a scalar tensor."""
-    if weights is None:
-        weights = RouterLossWeights()
-    w = weights.as_dict() if isinstance(weights, RouterLossWeights) else dict(weights)
-    unknown = set(w) - set(RouterLossWeights().as_dict())
-    if unknown:
-        raise KeyError(f"unknown router loss term(s) {sorted(unknown)}; known: {sorted(RouterLossWeights().as_dict())}")
+    @classmethod
+    def coerce(cls, weights: "RouterLossWeights | Mapping[str, float] | None") -> "RouterLossWeights":
+        """``None`` -> defaults; a mapping -> its fields (``KeyError`` naming unknown terms)."""
+        if weights is None or isinstance(weights, cls):
+            return weights or cls()
+        w = dict(weights)
+        unknown = set(w) - set(cls().as_dict())
+        if unknown:
+            raise KeyError(f"unknown router loss term(s) {sorted(unknown)}; known: {sorted(cls().as_dict())}")
+        return cls(**{k: float(v) for k, v in w.items()})
+
+
+def router_loss(routing: Iterable[RoutingResult],
+                weights: RouterLossWeights | Mapping[str, float] | None = None,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Weighted sum of every layer's auxiliary losses, averaged over layers: a float32 scalar (zero, on
+    ``device``, when ``routing`` is empty, e.g. for a dense twin)."""
+    w = RouterLossWeights.coerce(weights).as_dict()
     total, count = None, 0
     for r in routing:
         count += 1
+        aux = routing_aux_losses(r) if any(w.values()) else {}
         for name, coef in w.items():
-            if coef and name in r.aux_losses:
-                term = coef * r.aux_losses[name]
+            if coef and name in aux:
+                term = coef * aux[name].float()
                 total = term if total is None else total + term
     if total is None:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return total / max(count, 1)

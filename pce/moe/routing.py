@@ -14,52 +14,47 @@ patches; the lowest-probability assignments beyond capacity are dropped).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from pce.moe.losses import routing_aux_losses, routing_statistics
+if TYPE_CHECKING:  # pragma: no cover - type hints only
+    from pce.layers.patched_map import PatchedMap
 
 
 @dataclass
 class RoutingResult:
-    """Output of a router for one layer.
+    """What a router decided for one layer: plain data, no caches, no methods with side effects.
 
     Attributes:
         weights: ``[B, P, E]`` mixing weights used by the layer (zeros = expert skipped for that patch).
         probs: ``[B, P, E]`` the router's probabilities before top-k / threshold / capacity.
         logits: ``[B, P, E]`` pre-softmax scores, or ``None`` for routers without logits.
-        aux_losses: unweighted differentiable losses (``entropy``, ``balance``, ``z``, ``collapse``),
-            computed on first access (inference that never asks pays nothing).
-        stats: detached metrics (``entropy``, ``usage`` [E], ``dropped_fraction``, ``collapsed_experts``),
-            computed on first access.
-        grid: ``(grid_h, grid_w)`` of the patch grid (set by the layer).
+        grid: ``(grid_h, grid_w)`` of the patch grid (set by the layer): patch ``p`` sits at row
+            ``p // grid_w``, column ``p % grid_w``.
+        patch_size / patch_stride: the patch side and step in the layer's map pixels (set by the layer).
+
+    Losses: :func:`pce.moe.losses.routing_aux_losses`; statistics: :func:`pce.moe.metrics.routing_statistics`.
     """
 
     weights: torch.Tensor
     probs: torch.Tensor
     logits: Optional[torch.Tensor] = None
-    grid: Optional[tuple] = None
-    _aux: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
-    _stats: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
-
-    @property
-    def aux_losses(self) -> Dict[str, torch.Tensor]:
-        if self._aux is None:
-            self._aux = routing_aux_losses(self)
-        return self._aux
-
-    @property
-    def stats(self) -> Dict[str, torch.Tensor]:
-        if self._stats is None:
-            self._stats = routing_statistics(self)
-        return self._stats
+    grid: Optional[Tuple[int, int]] = None
+    patch_size: Optional[int] = None
+    patch_stride: Optional[int] = None
 
     @property
     def num_experts(self) -> int:
         return self.weights.shape[-1]
+
+    def detach(self) -> "RoutingResult":
+        """A copy with every tensor detached from the autograd graph."""
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        return RoutingResult(d(self.weights), d(self.probs), d(self.logits), self.grid, self.patch_size,
+                             self.patch_stride)
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +77,18 @@ def capacity_mask(assigned: torch.Tensor, priority: torch.Tensor, capacity: int)
 
 
 class Router(nn.Module):
-    """Base class: subclasses implement :meth:`score` and may override :meth:`forward`.
+    """Base class: subclasses implement :meth:`score` and may override :meth:`forward` or :meth:`route`.
+
+    The protocol the layer, the engine and the tools rely on (never the class):
+
+    * :meth:`route` ``(view: PatchedMap) -> RoutingResult``: what :class:`~pce.models.layer.PCELayer` calls.
+      The default cuts patches with positional channels and calls ``forward``; a router may route from the
+      map itself (the cosine router projects the map first, a fast path with the same result).
+    * ``parameter_free``: a router without parameters, usable as a phase's ``router_override``.
+    * ``uses_keys``: a keyed router (keys initialised by K-Means, EMA-updated, then trainable) also has
+      ``keys``, ``set_keys_trainable(flag)``, ``start_collecting()`` / ``stop_collecting()`` and
+      ``init_keys(embeddings, seed, max_samples)``.
+    * :attr:`active_fraction`: the fraction of the experts one patch runs (FLOP and parameter counts).
 
     Args:
         num_experts: E >= 1.
@@ -92,7 +98,8 @@ class Router(nn.Module):
         capacity_factor: expert capacity ``ceil(cf * N * k / E)``; ``None`` disables dropping.
     """
 
-    uses_keys = False
+    uses_keys: ClassVar[bool] = False
+    parameter_free: ClassVar[bool] = False
 
     def __init__(self, num_experts: int, top_k: Optional[int] = None, renormalize: Union[bool, str] = False,
                  capacity_factor: Optional[float] = None) -> None:
@@ -114,6 +121,17 @@ class Router(nn.Module):
     def is_sparse(self) -> bool:
         """True when weights contain exact zeros, so skipping experts saves work."""
         return (self.top_k is not None and self.top_k < self.num_experts) or self.capacity_factor is not None
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of the experts one patch runs: ``top_k / E`` under top-k, else 1 (soft routing)."""
+        if self.top_k is not None and self.top_k < self.num_experts:
+            return self.top_k / self.num_experts
+        return 1.0
+
+    def route(self, view: "PatchedMap") -> RoutingResult:
+        """Route the patches of one map (``view``: :class:`~pce.layers.patched_map.PatchedMap`)."""
+        return self(view.patches_with_position(), view.positions)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
@@ -147,3 +165,9 @@ class Router(nn.Module):
             unit = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
             weights = unit if self.renormalize is True else weights + (unit - weights).detach()
         return RoutingResult(weights=weights, probs=probs, logits=logits)
+
+
+def keyed_routers(model: nn.Module) -> List[Router]:
+    """Every router of ``model`` that uses keys (``Router.uses_keys``), in module order (what K-Means
+    initialisation, EMA and DDP key synchronisation act on)."""
+    return [m for m in model.modules() if isinstance(m, Router) and m.uses_keys]

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pce.models.classifier import PCEClassifier, build_classifier
-from pce.moe.losses import router_loss
 
-from ..common import SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
+from ..common import RouterLossMixin, SplitDatasetsMixin, head_options, image_batch_to, to_plain
 from ..registry import register_task
 from .metrics import ClassificationEvaluator
 
@@ -20,7 +19,7 @@ HEAD_OPTIONS = ("spp_levels", "spp_mode", "dropout")
 
 
 @register_task("classification")
-class ClassificationTask(SplitDatasetsMixin):
+class ClassificationTask(RouterLossMixin, SplitDatasetsMixin):
     """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`).
 
     Batches are ``(images [B, C, H, W], targets [B])``. Losses: ``loss_cls`` (cross-entropy with
@@ -43,9 +42,9 @@ class ClassificationTask(SplitDatasetsMixin):
         overrides = to_plain(cfg.model.backbone_overrides)
         self.channels_last = bool(cfg.runtime.channels_last)
         self.label_smoothing = float(cfg.model.label_smoothing)
+        self.configure_router_loss(cfg)
         try:
-            return build_classifier(cfg.model.backbone, cfg.model.num_classes,
-                                    router_loss_weights=dict(cfg.model.router_loss_weights), **head, **overrides)
+            return build_classifier(cfg.model.backbone, cfg.model.num_classes, **head, **overrides)
         except (KeyError, TypeError) as e:
             raise ValueError(f"model.backbone={cfg.model.backbone!r} / model.backbone_overrides: "
                              f"{e.args[0] if e.args else e}") from e
@@ -62,15 +61,11 @@ class ClassificationTask(SplitDatasetsMixin):
         images = image_batch_to(batch[0], device, self.channels_last)
         return images, torch.as_tensor(batch[1]).to(device, non_blocking=True)
 
-    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
-        """``PCEClassifier.losses`` through ``model(...)`` so DDP's forward synchronises gradients."""
+    def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        """Cross-entropy of ``model(images)`` (through the wrapper, so DDP's forward synchronises gradients)."""
         images, targets = self._inputs(batch, device)
-        logits, routing = model(images, return_routing=True)
-        losses = {"loss_cls": F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
-        if routing:
-            weights = getattr(unwrap(model, PCEClassifier), "router_loss_weights", None)
-            losses["loss_router"] = router_loss(routing, weights).to(logits.device).float()
-        return losses
+        logits = model(images)
+        return {"loss_cls": F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,26 +1,23 @@
 """Faster R-CNN + FPN on a PCE (or dense) backbone.
 
 >>> model = build_detector("pce_tiny", num_classes=21, min_size=256, max_size=256)
->>> losses = model(images, targets)          # training: torchvision's losses + "loss_router"
+>>> losses = model(images, targets)          # training: torchvision's losses
 >>> model.eval(); detections = model(images) # list of {"boxes", "labels", "scores"}
 
 Pieces:
 
 * :class:`PCEFPNBackbone` -- the backbone (``.body``, a :class:`~pce.models.backbone.PCEBackbone`) plus torchvision's
   :class:`~torchvision.ops.FeaturePyramidNetwork` with a ``LastLevelMaxPool`` level ("pool"). Its output is an
-  ``OrderedDict`` ``stage1 .. stageN, pool`` of ``out_channels`` maps. The routing of the body's last forward
-  is kept in ``last_routing`` (a fresh list every forward; ``[]`` for a dense body) so the detector can add
-  the router regularisers to its loss.
-* :class:`PCEFasterRCNN` -- a :class:`torchvision.models.detection.FasterRCNN` whose training ``forward`` also
-  returns ``"loss_router"`` (:func:`pce.moe.losses.router_loss` of the last routing, weighted by
-  ``router_loss_weights``; a zero tensor for dense backbones). In eval it returns torchvision's detections.
+  ``OrderedDict`` ``stage1 .. stageN, pool`` of ``out_channels`` maps.
+* :class:`PCEFasterRCNN` -- a :class:`torchvision.models.detection.FasterRCNN` on it: torchvision's losses in
+  training, detections in eval. Routing leaves it, as every model, through :func:`pce.record_routing`; the
+  detection task adds the router loss at the tasks' one loss site.
 * :func:`build_detector` -- derives the anchors, the RoIAlign feature names and the batching of the
   transform from the backbone's ``feature_info`` and ``size_divisibility``.
 
 Where the PCE controls live: ``model.pce_backbone`` is the :class:`~pce.models.backbone.PCEBackbone`
-(``set_keys_trainable``, ``set_router_override``, ``set_attention_enabled``, ``init_keys``, ...). The FPN
-wrapper ``model.backbone`` forwards the same controls to it, and the engine's phase controller finds the
-backbone anyway through ``model.modules()`` (:func:`pce.engine.phases.find_backbones`). Detection batches are
+(``set_keys_trainable``, ``set_router_override``, ``set_attention_enabled``, ``init_keys``, ...); the engine's
+phase controller finds it through ``model.modules()`` (:func:`pce.iter_backbones`). Detection batches are
 lists of variable-size images: :meth:`PCEFasterRCNN.preprocess` turns them into the normalised, padded tensor
 the backbone sees (use it to build the K-Means batches for ``init_keys``; :meth:`PCEFasterRCNN.init_keys`
 accepts image lists directly).
@@ -45,9 +42,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from pce.models.backbone import PCEBackbone, backbone_config
-from pce.moe.losses import RouterLossWeights, router_loss
-from pce.moe.routing import RoutingResult
+from pce.models.backbone import PCEBackbone
+from pce.models.presets import backbone_config
 
 __all__ = ["PCEFPNBackbone", "PCEFasterRCNN", "build_detector", "default_anchor_sizes",
            "DEFAULT_ASPECT_RATIOS", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -101,8 +97,7 @@ class PCEFPNBackbone(nn.Module):
 
     ``forward(x [B, 3, H, W])`` -> ``OrderedDict`` of ``[B, fpn_channels, H / s, W / s]`` maps named like the
     body's stages, plus ``"pool"``. ``feature_info`` lists ``name`` / ``channels`` / ``stride`` of each output
-    map; ``featmap_names`` the names without the pool level (the ones RoIAlign uses). After every forward,
-    ``last_routing`` holds that forward's :class:`~pce.moe.routing.RoutingResult` list (replaced, never appended).
+    map; ``featmap_names`` the names without the pool level (the ones RoIAlign uses).
     """
 
     def __init__(self, body: PCEBackbone, returned_stages: Optional[Sequence[StageRef]] = None,
@@ -124,13 +119,6 @@ class PCEFPNBackbone(nn.Module):
         if extra_pool:
             self.feature_info.append({"name": POOL_NAME, "channels": fpn_channels,
                                       "stride": 2 * self.in_feature_info[-1]["stride"], "patch_size": None})
-        self.last_routing: List[RoutingResult] = []
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # copies (deepcopy for an EMA model, pickling) never carry the last forward's autograd graph
-        state = dict(super().__getstate__())
-        state["last_routing"] = []
-        return state
 
     @property
     def featmap_names(self) -> List[str]:
@@ -142,65 +130,29 @@ class PCEFPNBackbone(nn.Module):
         return self.body.size_divisibility
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        self.last_routing = []
-        feats, routing = self.body(x, return_routing=True)
-        self.last_routing = list(routing)
+        feats = self.body(x)
         return self.fpn(OrderedDict((n, feats[n]) for n in self.in_names))
-
-    # -- the PCE controls, forwarded to the body ---------------------------------------------------
-    def pce_layers(self):
-        return self.body.pce_layers()
-
-    def key_routers(self):
-        return self.body.key_routers()
-
-    def set_keys_trainable(self, flag: bool) -> None:
-        self.body.set_keys_trainable(flag)
-
-    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        self.body.set_router_override(name, **kwargs)
-
-    def set_attention_enabled(self, flag: bool) -> None:
-        self.body.set_attention_enabled(flag)
-
-    def init_keys(self, batches: Iterable[torch.Tensor], seed: int = 0, max_samples: int = 20000) -> int:
-        """K-Means key initialisation of the body; ``batches`` are already normalised image tensors."""
-        return self.body.init_keys(batches, seed=seed, max_samples=max_samples)
 
 
 class PCEFasterRCNN(FasterRCNN):
-    """torchvision Faster R-CNN on a :class:`PCEFPNBackbone` that adds the router loss.
+    """torchvision Faster R-CNN on a :class:`PCEFPNBackbone`.
 
     ``forward(images: list[[3, H, W]], targets)`` in training returns torchvision's loss dict
-    (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg``) plus ``loss_router``;
+    (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg``);
     in eval it returns ``[{"boxes" [N, 4] xyxy in input pixels, "labels" [N] (1..num_classes-1), "scores" [N]}]``.
 
     Args:
         backbone: a :class:`PCEFPNBackbone`.
         num_classes: classes including background (label 0); ``None`` when a ``box_predictor`` is given.
-        router_loss_weights: :class:`~pce.moe.losses.RouterLossWeights` or a mapping of its fields
-            (default ``RouterLossWeights()``).
         **kwargs: :class:`~torchvision.models.detection.FasterRCNN` arguments.
     """
 
-    def __init__(self, backbone: PCEFPNBackbone, num_classes: Optional[int] = None,
-                 router_loss_weights: Union[RouterLossWeights, Mapping[str, float], None] = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, backbone: PCEFPNBackbone, num_classes: Optional[int] = None, **kwargs: Any) -> None:
         if not isinstance(backbone, PCEFPNBackbone):
             raise TypeError(f"PCEFasterRCNN needs a PCEFPNBackbone, got {type(backbone).__name__}")
         super().__init__(backbone, num_classes=num_classes, **kwargs)
         predictor = self.roi_heads.box_predictor
         self.num_classes = int(num_classes if num_classes is not None else predictor.cls_score.out_features)
-        if router_loss_weights is None:
-            router_loss_weights = RouterLossWeights()
-        elif not isinstance(router_loss_weights, RouterLossWeights):
-            w = dict(router_loss_weights)
-            unknown = set(w) - set(RouterLossWeights().as_dict())
-            if unknown:
-                raise KeyError(f"unknown router loss term(s) {sorted(unknown)}; "
-                               f"known: {sorted(RouterLossWeights().as_dict())}")
-            router_loss_weights = RouterLossWeights(**{k: float(v) for k, v in w.items()})
-        self.router_loss_weights: RouterLossWeights = router_loss_weights
 
     # -- access to the PCE backbone ------------------------------------------------------------------
     @property
@@ -209,36 +161,8 @@ class PCEFasterRCNN(FasterRCNN):
         return self.backbone.body
 
     @property
-    def last_routing(self) -> List[RoutingResult]:
-        """Routing of the last forward (empty for a dense backbone or before the first forward)."""
-        return self.backbone.last_routing
-
-    @property
     def size_divisibility(self) -> int:
         return self.backbone.size_divisibility
-
-    def set_keys_trainable(self, flag: bool) -> None:
-        self.pce_backbone.set_keys_trainable(flag)
-
-    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        self.pce_backbone.set_router_override(name, **kwargs)
-
-    def set_attention_enabled(self, flag: bool) -> None:
-        self.pce_backbone.set_attention_enabled(flag)
-
-    # -- losses / forward -------------------------------------------------------------------------------
-    def router_loss(self) -> torch.Tensor:
-        """Weighted router regularisers of the last forward (a zero scalar without routing)."""
-        routing = self.last_routing
-        if not routing:
-            return next(self.parameters()).new_zeros(())
-        return router_loss(routing, self.router_loss_weights)
-
-    def forward(self, images, targets=None):
-        out = super().forward(images, targets)
-        if self.training and isinstance(out, dict):
-            out["loss_router"] = self.router_loss()
-        return out
 
     # -- helpers ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -300,7 +224,6 @@ def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
                    max_size: int = 1000, anchor_sizes: Optional[Sequence[Any]] = None, anchor_scale: float = 8.0,
                    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS, extra_pool: bool = True,
                    roi_output_size: int = 7, roi_sampling_ratio: int = 2, representation_size: int = 1024,
-                   router_loss_weights: Union[RouterLossWeights, Mapping[str, float], None] = None,
                    image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
                    **frcnn_kwargs: Any) -> PCEFasterRCNN:
     """Faster R-CNN + FPN on a backbone preset (:func:`pce.build_backbone` name, ``pce_*`` or ``dense_*``).
@@ -320,7 +243,6 @@ def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
         roi_output_size, roi_sampling_ratio: :class:`~torchvision.ops.MultiScaleRoIAlign` settings (it pools
             from the stage levels, not from "pool").
         representation_size: width of the two-layer MLP box head (torchvision's default 1024).
-        router_loss_weights: weights of the router regularisers in ``loss_router``.
         image_mean, image_std: normalisation of the [0, 1] input images.
         **frcnn_kwargs: any other :class:`~torchvision.models.detection.FasterRCNN` argument
             (``box_score_thresh``, ``box_detections_per_img``, ``rpn_batch_size_per_image``, ...).
@@ -359,8 +281,7 @@ def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
                                   sampling_ratio=roi_sampling_ratio)
     box_head = TwoMLPHead(fpn_channels * roi_output_size ** 2, representation_size)
     box_predictor = FastRCNNPredictor(representation_size, num_classes)
-    return PCEFasterRCNN(fpn_backbone, num_classes=None, router_loss_weights=router_loss_weights,
-                         min_size=min_size, max_size=max_size, image_mean=list(image_mean),
+    return PCEFasterRCNN(fpn_backbone, num_classes=None, min_size=min_size, max_size=max_size, image_mean=list(image_mean),
                          image_std=list(image_std), rpn_anchor_generator=anchor_generator, box_roi_pool=roi_pool,
                          box_head=box_head, box_predictor=box_predictor,
                          size_divisible=int(body.size_divisibility), **frcnn_kwargs)

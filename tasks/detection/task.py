@@ -34,7 +34,7 @@ from torch import nn
 from pce.datasets import TRANSFORMS
 from pce.datasets.collate import detection_collate
 
-from ..common import SplitDatasetsMixin, accepts, to_plain
+from ..common import RouterLossMixin, SplitDatasetsMixin, accepts, to_plain
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector
@@ -45,7 +45,7 @@ _TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
 
 
 @register_task("detection")
-class DetectionTask(SplitDatasetsMixin):
+class DetectionTask(RouterLossMixin, SplitDatasetsMixin):
     """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`); see the module doc."""
 
     name = "detection"
@@ -57,6 +57,7 @@ class DetectionTask(SplitDatasetsMixin):
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> PCEFasterRCNN:
+        self.configure_router_loss(cfg)
         head = to_plain(cfg.model.head)
         for k in _TUPLE_OPTIONS:
             if isinstance(head.get(k), list):
@@ -69,7 +70,7 @@ class DetectionTask(SplitDatasetsMixin):
         try:
             model = build_detector(cfg.model.backbone, num_classes=int(cfg.model.num_classes),
                                    backbone_overrides=to_plain(cfg.model.backbone_overrides),
-                                   router_loss_weights=dict(cfg.model.router_loss_weights), **head)
+                                   **head)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"model (backbone={cfg.model.backbone!r}, backbone_overrides, head): "
                              f"{e.args[0] if e.args else e}") from e
@@ -104,8 +105,8 @@ class DetectionTask(SplitDatasetsMixin):
                         "labels": labels[keep].to(device, non_blocking=True)})
         return out
 
-    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
-        """torchvision's losses + ``loss_router``, computed inside ``model(...)`` (DDP-safe)."""
+    def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        """torchvision's losses, computed inside ``model(...)`` (DDP-safe)."""
         images, targets = batch[0], batch[1]
         images = [im.to(device, non_blocking=True) for im in images]
         losses = model(images, self._train_targets(targets, device))

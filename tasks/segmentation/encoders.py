@@ -13,8 +13,8 @@ no pretrained weights and asking for some (smp's default is ``"imagenet"``) rais
 Features. smp decoders read ``depth + 1`` maps at strides 1, 2, 4, ... 2**depth. :class:`PCEEncoder` returns
 
 * stride 1: the input itself (as smp's ResNet encoders do; Unet drops it, FPN / DeepLabV3Plus never read it);
-* stride 2: the activation of the first stride-2 conv of the backbone's stem (``stem[0]``): free, no extra
-  parameters (Unet uses it as its highest-resolution skip);
+* stride 2: the output of the backbone stem's first stride-2 block
+  (``forward_intermediates(..., stem_outputs=True)``): free, no extra parameters (Unet's highest-resolution skip);
 * strides 4 ... 32: ``stage1`` ... ``stage4`` of the backbone. FPN reads the last four, DeepLabV3Plus the
   stride-4 map and the deepest one.
 
@@ -29,26 +29,23 @@ patches instead of stride 32 with 2x2 patches; one patch still covers 64x64 inpu
 ``make_dilated`` (which smp calls afterwards) only checks that the requested stride is the one built.
 
 Backbone overrides. smp's model constructors drop unknown keyword arguments for non-timm encoders, so
-``smp.create_model(..., router="gate")`` cannot reach the backbone. Use :func:`create_smp_model` (or
-:func:`~pce.tasks.segmentation.model.build_segmentation_model`)::
+``smp.create_model(..., router="gate")`` cannot reach the backbone. Register a named variant, usable by any
+smp constructor, or let :func:`create_smp_model` (and
+:func:`~pce.tasks.segmentation.model.build_segmentation_model`) do it::
 
+    name = register_smp_encoder("pce_tiny_gate8", "pce_tiny", router="gate", num_experts=8)
+    smp.create_model("Unet", encoder_name=name, encoder_weights=None, classes=21)
     create_smp_model("FPN", "pce_tiny", encoder_overrides={"router": "gate", "num_experts": 8}, classes=21)
 
-or, around any smp constructor, the :func:`backbone_overrides` context (a ``ContextVar``, so thread- and
-task-local; it is read only while an encoder is being constructed).
-
-Routing. Every forward stores the per-layer :class:`~pce.moe.routing.RoutingResult` list of *that* forward in
-``encoder.routing`` (replaced at each call; empty for dense twins), so the training loss can add
-:func:`pce.moe.losses.router_loss`. (Under ``nn.DataParallel`` the attribute is set on the replicas and lost;
-use DDP.)
+Routing leaves the model through :func:`pce.record_routing`, as for every PCE model.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
+import hashlib
 import inspect
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+import json
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -56,15 +53,14 @@ from torch import nn
 import segmentation_models_pytorch as smp
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 
-from pce.models.backbone import PCEBackbone, backbone_config, list_backbones
-from pce.moe.routing import RoutingResult
+from pce.models.backbone import PCEBackbone
+from pce.models.presets import backbone_config, list_backbones
 
 __all__ = [
-    "PCEEncoder", "PretrainedWeightsError", "backbone_overrides", "create_smp_model", "is_pce_encoder_name",
-    "pce_encoder_names", "register_smp_encoders",
+    "PCEEncoder", "PretrainedWeightsError", "create_smp_model", "is_pce_encoder_name",
+    "pce_encoder_names", "register_smp_encoder", "register_smp_encoders",
 ]
 
-_OVERRIDES: contextvars.ContextVar[Dict[str, Any]] = contextvars.ContextVar("pce_smp_encoder_overrides", default={})
 # Keys the encoder sets itself: the smp model decides the depth (stages built) and the input channels.
 _RESERVED = {"out_indices": "use encoder_depth", "in_chans": "use in_channels of the smp model"}
 
@@ -101,19 +97,6 @@ def _check_reserved(overrides: Mapping[str, Any]) -> None:
     for key in overrides:
         if key in _RESERVED:
             raise TypeError(f"backbone option {key!r} is set by the smp encoder: {_RESERVED[key]}")
-
-
-@contextlib.contextmanager
-def backbone_overrides(**overrides: Any) -> Iterator[None]:
-    """Backbone overrides (``router=``, ``num_experts=``, ``top_k=``, any :class:`~pce.models.backbone.PCEBackbone`
-    argument) for the PCE encoders constructed inside the block, e.g. by ``smp.create_model``. Nested blocks
-    merge (inner keys win)."""
-    _check_reserved(overrides)
-    token = _OVERRIDES.set({**_OVERRIDES.get(), **copy.deepcopy(overrides)})
-    try:
-        yield
-    finally:
-        _OVERRIDES.reset(token)
 
 
 def _encoder_config(preset: str, depth: int, output_stride: int, overrides: Mapping[str, Any]) -> Dict[str, Any]:
@@ -153,35 +136,25 @@ class PCEEncoder(EncoderMixin, nn.Module):
         preset: backbone preset name (stride-4 stem, stages at strides 4, 8, 16, 32).
         depth: 3, 4 or 5; ``forward`` returns ``depth + 1`` maps at strides 1, 2, 4, ... 2**depth.
         output_stride: 32, or 16 / 8 (stages beyond it are built at that stride).
-        overrides: backbone overrides (merged over those of an active :func:`backbone_overrides` block).
+        overrides: backbone overrides (``router``, ``num_experts``, ... ; see :func:`register_smp_encoder`).
 
-    ``forward(x)`` -> list of maps; ``self.routing`` -> routing of the last forward.
+    ``forward(x)`` -> list of ``depth + 1`` maps.
     """
 
-    _is_torch_scriptable = False  # RoutingResult dataclasses, routing attribute
+    _is_torch_scriptable = False  # RoutingResult dataclasses
 
     def __init__(self, preset: str, depth: int = 5, output_stride: int = 32, **overrides: Any) -> None:
         nn.Module.__init__(self)  # EncoderMixin.__init__ does not chain to nn.Module
-        merged = {**_OVERRIDES.get(), **overrides}
-        _check_reserved(merged)
+        _check_reserved(overrides)
         self.preset = preset
-        self.overrides = copy.deepcopy(merged)
-        cfg = _encoder_config(preset, depth, output_stride, merged)
+        self.overrides = copy.deepcopy(overrides)
+        cfg = _encoder_config(preset, depth, output_stride, overrides)
         self.backbone = PCEBackbone(**cfg)
-        if len(self.backbone.stem) != 2:  # pragma: no cover - guaranteed by stem_stride == 4
-            raise ValueError("an smp encoder needs a two-block stem")
         self._depth = depth
         self._in_channels = self.backbone.in_chans
         self._output_stride = output_stride
         self._out_channels = ([self.backbone.in_chans, int(cfg.get("stem_channels", 32))]
                               + [int(s["channels"]) for s in cfg["stages"]])
-        self.routing: List[RoutingResult] = []
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # deepcopy (e.g. an EMA copy) / pickling: drop the last forward's routing (tensors in an autograd graph)
-        state = dict(super().__getstate__())
-        state["routing"] = []
-        return state
 
     # -- smp encoder interface ---------------------------------------------------------------------------
     @property
@@ -198,16 +171,9 @@ class PCEEncoder(EncoderMixin, nn.Module):
         if x.dim() != 4 or x.shape[1] != self.backbone.in_chans:
             raise ValueError(f"encoder {self.preset!r} expects input [B, {self.backbone.in_chans}, H, W], "
                              f"got {tuple(x.shape)}")
-        routing: List[RoutingResult] = []
-        stem = self.backbone.stem
-        s2 = stem[0](x)
-        h = stem[1](s2)
-        features = [x, s2]
-        for stage in self.backbone.stages:
-            h = stage(h, routing)
-            features.append(h)
-        self.routing = routing
-        return features
+        maps = self.backbone.forward_intermediates(x, indices=range(len(self.backbone.stages)),
+                                                   intermediates_only=True, stem_outputs=True)
+        return [x, maps[0]] + maps[len(self.backbone.stem):]
 
     def get_stages(self) -> Dict[int, List[nn.Module]]:
         raise NotImplementedError("PCE encoders are built for their output stride (smp passes it to the "
@@ -228,16 +194,6 @@ class PCEEncoder(EncoderMixin, nn.Module):
         self.backbone.in_chans = in_channels
         self._in_channels = in_channels
         self._out_channels = [in_channels] + list(self._out_channels[1:])
-
-    # -- PCE controls (delegated) ---------------------------------------------------------------------------
-    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        self.backbone.set_router_override(name, **kwargs)
-
-    def set_keys_trainable(self, flag: bool) -> None:
-        self.backbone.set_keys_trainable(flag)
-
-    def set_attention_enabled(self, flag: bool) -> None:
-        self.backbone.set_attention_enabled(flag)
 
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, depth={self._depth}, output_stride={self._output_stride}"
@@ -260,12 +216,28 @@ def register_smp_encoders() -> List[str]:
     """Add every fitting preset to ``smp.encoders.encoders`` (idempotent). Returns the names."""
     names = pce_encoder_names()
     for name in names:
-        smp.encoders.encoders[name] = {
-            "encoder": PCEEncoder,
-            "pretrained_settings": _NoPretrainedWeights(name),
-            "params": {"preset": name},
-        }
+        register_smp_encoder(name, name)
     return names
+
+
+def register_smp_encoder(name: str, preset: str, **overrides: Any) -> str:
+    """Register ``preset`` with backbone ``overrides`` as the smp encoder ``name`` (any smp constructor can then
+    build it: ``smp.create_model("FPN", encoder_name=name, encoder_weights=None)``). Returns ``name``;
+    re-registering a name with other settings raises ``ValueError``."""
+    _check_reserved(overrides)
+    _encoder_config(preset, min(5, len(backbone_config(preset, **overrides)["stages"]) + 1), 32, overrides)
+    params = {"preset": preset, **copy.deepcopy(overrides)}
+    old = smp.encoders.encoders.get(name)
+    if old is not None and (old["encoder"] is not PCEEncoder or old["params"] != params):
+        raise ValueError(f"smp encoder {name!r} is already registered with other settings")
+    smp.encoders.encoders[name] = {"encoder": PCEEncoder, "pretrained_settings": _NoPretrainedWeights(name),
+                                   "params": params}
+    return name
+
+
+def _variant_name(preset: str, overrides: Mapping[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=repr).encode()).hexdigest()[:10]
+    return f"{preset}[{digest}]"
 
 
 def is_pce_encoder_name(name: str) -> bool:
@@ -296,8 +268,12 @@ def create_smp_model(arch: str = "FPN", encoder: str = "pce_tiny",
         if unknown:
             raise TypeError(f"{cls.__name__} has no option(s) {unknown} (smp would ignore them silently); "
                             f"its options: {sorted(known - {'encoder_name'})}")
-    with backbone_overrides(**overrides):
-        return smp.create_model(arch, encoder_name=encoder, **kwargs)
+    if overrides:  # a named variant of the (possibly already customised) encoder
+        base = dict(smp.encoders.encoders[encoder]["params"])
+        preset = base.pop("preset")
+        merged = {**base, **overrides}
+        encoder = register_smp_encoder(_variant_name(preset, merged), preset, **merged)
+    return smp.create_model(arch, encoder_name=encoder, **kwargs)
 
 
 REGISTERED = register_smp_encoders()

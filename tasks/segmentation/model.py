@@ -2,11 +2,11 @@
 
 >>> model = build_segmentation_model("FPN", "pce_tiny", num_classes=21, encoder_overrides={"router": "gate"})
 >>> logits = model(images)                      # [B, 21, H, W] for any H, W (padded, then cropped back)
->>> losses = model.losses(images, masks)        # {"loss_ce", ["loss_dice", "loss_lovasz"], "loss_router"}
+>>> losses = model.losses(images, masks)        # {"loss_ce", ["loss_dice", "loss_lovasz"]}
 >>> labels = model.predict(images, mode="slide", window=512, stride=341)   # [B, H, W]
 
-The total training loss is ``sum(losses.values())``; every term is already weighted. ``loss_router`` is
-:func:`pce.moe.losses.router_loss` of the routing of *that* forward (zero for dense twins and non-PCE encoders).
+Every term is already weighted. Routing leaves the model through :func:`pce.record_routing`; the segmentation
+task adds ``loss_router`` at the tasks' one loss site (:class:`pce.tasks.common.RouterLossMixin`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pce.models.backbone import PCEBackbone
-from pce.moe.losses import RouterLossWeights, router_loss
-from pce.moe.routing import RoutingResult
 
 from .encoders import PCEEncoder, create_smp_model
 
@@ -55,7 +53,6 @@ class SegmentationModel(nn.Module):
         net: an smp model (``encoder`` / ``decoder`` / ``segmentation_head``) returning logits.
         num_classes: K, the logit channels.
         ignore_index: target value excluded from every loss (VOC: 255).
-        router_loss_weights: :class:`~pce.moe.losses.RouterLossWeights` (or a mapping) of the router regularisers.
         ce_weight, dice_weight, lovasz_weight: weights of cross-entropy, smp ``DiceLoss`` and ``LovaszLoss``
             (multiclass, on logits, ``ignore_index`` honoured); a 0 weight leaves the term out.
         class_weights: optional per-class weights of the cross-entropy.
@@ -63,13 +60,9 @@ class SegmentationModel(nn.Module):
         size_divisibility: inputs are zero-padded (bottom / right) to a multiple of this; default: the least
             common multiple of the encoder's requirement (``PCEBackbone.size_divisibility``) and the decoder's
             (smp's ``encoder.output_stride``, e.g. 32 for FPN / Unet, 16 for DeepLabV3Plus at output stride 16).
-
-    Attributes:
-        routing: per-layer routing of the last forward (empty for dense encoders).
     """
 
     def __init__(self, net: nn.Module, num_classes: int, ignore_index: int = 255,
-                 router_loss_weights: Optional[Union[RouterLossWeights, Mapping[str, float]]] = None,
                  ce_weight: float = 1.0, dice_weight: float = 0.0, lovasz_weight: float = 0.0,
                  class_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
                  size_divisibility: Optional[int] = None) -> None:
@@ -79,9 +72,6 @@ class SegmentationModel(nn.Module):
         self.net = net
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
-        if isinstance(router_loss_weights, Mapping):
-            router_loss_weights = RouterLossWeights(**router_loss_weights)
-        self.router_loss_weights = router_loss_weights or RouterLossWeights()
         self.ce_weight, self.dice_weight, self.lovasz_weight = float(ce_weight), float(dice_weight), float(lovasz_weight)
         self.label_smoothing = float(label_smoothing)
         if class_weights is not None:
@@ -106,13 +96,6 @@ class SegmentationModel(nn.Module):
         if int(size_divisibility) < 1:
             raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
         self.size_divisibility = int(size_divisibility)
-        self.routing: List[RoutingResult] = []
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # deepcopy (e.g. an EMA copy) / pickling: drop the last forward's routing (tensors in an autograd graph)
-        state = dict(super().__getstate__())
-        state["routing"] = []
-        return state
 
     # -- PCE access --------------------------------------------------------------------------------------------
     @property
@@ -127,7 +110,7 @@ class SegmentationModel(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> logits [B, K, H, W]`` for any ``H, W``: zero-padded to ``size_divisibility``,
-        logits cropped back. Sets :attr:`routing`."""
+        logits cropped back."""
         if images.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got {tuple(images.shape)}")
         H, W = images.shape[-2:]
@@ -135,22 +118,19 @@ class SegmentationModel(nn.Module):
         ph, pw = (-H) % d, (-W) % d
         x = F.pad(images, (0, pw, 0, ph)) if (ph or pw) else images
         logits = self.net(x)
-        self.routing = list(getattr(self.net.encoder, "routing", None) or [])
         if ph or pw:
             logits = logits[..., :H, :W]
         return logits
 
     def losses(self, images: torch.Tensor, masks: torch.Tensor, return_logits: bool = False):
-        """Weighted losses of one forward: ``{"loss_ce", ["loss_dice"], ["loss_lovasz"], "loss_router"}``
+        """Weighted losses of one forward: ``{"loss_ce", ["loss_dice"], ["loss_lovasz"]}``
         (``masks [B, H, W]`` int labels, ``ignore_index`` ignored). With ``return_logits``: ``(losses, logits)``."""
         logits = self(images)
         out = self.loss_terms(logits, masks)
         return (out, logits) if return_logits else out
 
-    def loss_terms(self, logits: torch.Tensor, masks: torch.Tensor,
-                   routing: Optional[Sequence[RoutingResult]] = None) -> Dict[str, torch.Tensor]:
-        """The losses of :meth:`losses` from logits already computed (e.g. by a DDP-wrapped forward) and the
-        routing of that forward (default: :attr:`routing`, the last forward's)."""
+    def loss_terms(self, logits: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The losses of :meth:`losses` from logits already computed (e.g. by a DDP-wrapped forward)."""
         if masks.dim() == 4 and masks.shape[1] == 1:
             masks = masks[:, 0]
         if masks.shape != (logits.shape[0], *logits.shape[2:]):
@@ -165,8 +145,6 @@ class SegmentationModel(nn.Module):
             out["loss_dice"] = self.dice_weight * self.dice(logits, masks)
         if self.lovasz is not None:
             out["loss_lovasz"] = self.lovasz_weight * self.lovasz(logits, masks)
-        routing = self.routing if routing is None else routing
-        out["loss_router"] = router_loss(routing, self.router_loss_weights).to(logits.device).float()
         return out
 
     def _cross_entropy(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -226,7 +204,6 @@ class SegmentationModel(nn.Module):
 
 def build_segmentation_model(arch: str = "FPN", encoder: str = "pce_tiny", num_classes: int = 21,
                              encoder_overrides: Optional[Mapping[str, Any]] = None, *, ignore_index: int = 255,
-                             router_loss_weights: Optional[Union[RouterLossWeights, Mapping[str, float]]] = None,
                              ce_weight: float = 1.0, dice_weight: float = 0.0, lovasz_weight: float = 0.0,
                              class_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
                              size_divisibility: Optional[int] = None, **decoder_kwargs: Any) -> SegmentationModel:
@@ -245,7 +222,7 @@ def build_segmentation_model(arch: str = "FPN", encoder: str = "pce_tiny", num_c
     if decoder_kwargs.get("aux_params") is not None:
         raise ValueError("aux_params (smp's classification head) is not supported by SegmentationModel")
     net = create_smp_model(arch, encoder, encoder_overrides, classes=num_classes, **decoder_kwargs)
-    return SegmentationModel(net, num_classes, ignore_index=ignore_index, router_loss_weights=router_loss_weights,
+    return SegmentationModel(net, num_classes, ignore_index=ignore_index,
                              ce_weight=ce_weight, dice_weight=dice_weight, lovasz_weight=lovasz_weight,
                              class_weights=class_weights, label_smoothing=label_smoothing,
                              size_divisibility=size_divisibility)

@@ -27,7 +27,7 @@ from torch import nn
 
 from pce.datasets import SegmentationCollate
 
-from ..common import SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
+from ..common import RouterLossMixin, SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
@@ -47,7 +47,7 @@ def _num_classes(ds: Any) -> Optional[int]:
 
 
 @register_task("segmentation")
-class SegmentationTask(SplitDatasetsMixin):
+class SegmentationTask(RouterLossMixin, SplitDatasetsMixin):
     """Adapter: :func:`build_segmentation_model` from the config, registered datasets + transforms,
     :class:`SegmentationCollate`, whole-image or sliding-window inference, :class:`SegmentationEvaluator`."""
 
@@ -62,6 +62,7 @@ class SegmentationTask(SplitDatasetsMixin):
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> SegmentationModel:
+        self.configure_router_loss(cfg)
         head = head_options(cfg, HEAD_OPTIONS, "segmentation")
         arch = head.pop("arch", "FPN")
         decoder = dict(head.pop("decoder", None) or {})
@@ -79,7 +80,6 @@ class SegmentationTask(SplitDatasetsMixin):
             return build_segmentation_model(
                 arch, cfg.model.backbone, int(cfg.model.num_classes),
                 encoder_overrides=to_plain(cfg.model.backbone_overrides),
-                router_loss_weights=dict(cfg.model.router_loss_weights),
                 label_smoothing=float(cfg.model.label_smoothing), **head, **decoder)
         except (KeyError, TypeError) as e:
             raise ValueError(f"model.backbone={cfg.model.backbone!r} / model.backbone_overrides / model.head "
@@ -97,9 +97,9 @@ class SegmentationTask(SplitDatasetsMixin):
         images = image_batch_to(batch[0], device, self.channels_last)
         return images, torch.as_tensor(batch[1]).to(device, non_blocking=True)
 
-    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+    def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
         """One forward through ``model(...)`` (so DDP synchronises gradients), then the losses of the wrapped
-        :class:`SegmentationModel` on those logits and that forward's routing."""
+        :class:`SegmentationModel` on those logits."""
         images, masks = self._inputs(batch, device)
         logits = model(images)
         return unwrap(model, SegmentationModel).loss_terms(logits, masks)

@@ -3,7 +3,7 @@ from pce.registry import ROUTERS
 from pce.moe.routing import Router, RoutingResult
 from pce.moe.routers.cosine import CosineRouter
 from pce.moe.routers.gate import ExpertChoiceRouter, GateRouter
-from pce.moe.routers.simple import GumbelRouter, PositionalRouter, UniformRouter
+from pce.moe.routers.simple import GumbelRouter, PositionalRouter, SharedRouter, UniformRouter
 from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 
 
@@ -12,8 +12,13 @@ def build_router(name: str, in_channels: int, num_experts: int, **kwargs) -> Rou
     return ROUTERS.get(name)(in_channels=in_channels, num_experts=num_experts, **kwargs)
 
 
+def parameter_free_routers() -> list:
+    """Names of the registered routers without parameters: the valid phase ``router_override`` values."""
+    return [n for n in ROUTERS.names() if getattr(ROUTERS.get(n), "parameter_free", False)]
+
+
 __all__ = [
     "ROUTERS", "Router", "RoutingResult", "build_router", "CosineRouter", "GateRouter", "ExpertChoiceRouter",
-    "GumbelRouter", "PositionalRouter", "UniformRouter", "adaptive_threshold", "soft_threshold_mask",
+    "GumbelRouter", "PositionalRouter", "SharedRouter", "UniformRouter", "parameter_free_routers", "adaptive_threshold", "soft_threshold_mask",
     "hard_threshold_mask",
 ]

@@ -1,7 +1,7 @@
 """Cosine-similarity router with K-Means-initialised, EMA-updated keys (seeds 000/001, option B of 004)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -10,6 +10,9 @@ from torch import nn
 
 from pce.registry import ROUTERS
 from pce.moe.routing import Router, RoutingResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pce.layers.patched_map import PatchedMap
 from pce.layers.pointwise import PointwiseConv
 from pce.layers.spp import SpatialPyramidPooling
 from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
@@ -95,8 +98,14 @@ class CosineRouter(Router):
         """Mixing weights from the similarity scores (subclasses change the sampling)."""
         return self.mask(probs)
 
-    # -- routing from a projected map (what PCELayer uses: no concatenated positional copy of the map) -------
-    supports_map_projection = True
+    # -- routing from a projected map (the fast path of route(): no concatenated positional copy of the map) --
+    def route(self, view: "PatchedMap") -> RoutingResult:
+        """Project the map, then cut patches of the few projected channels (equal to routing the patches with
+        positional channels, without building them); overlapping grids take the generic path."""
+        if view.grid.overlapping:
+            return super().route(view)
+        projected = self.project_map(view.padded, view.pos_map if view.pos_channels else None)
+        return self.forward_projected(view.extractor.extract(projected, view.grid)[0], view.positions)
 
     def project_map(self, x: torch.Tensor, pos_map: Optional[torch.Tensor]) -> torch.Tensor:
         """The 1x1 projection of ``cat([x, pos])`` computed without the concatenation:

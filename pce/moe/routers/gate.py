@@ -76,6 +76,10 @@ class ExpertChoiceRouter(Router):
     def is_sparse(self) -> bool:
         return True
 
+    @property
+    def active_fraction(self) -> float:
+        return min(1.0, float(self.choice_capacity_factor) / self.num_experts)
+
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
         logits = self.scorer(patches, positions)
         probs = logits.softmax(-1)

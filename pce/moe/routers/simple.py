@@ -30,6 +30,10 @@ class GumbelRouter(CosineRouter):
     def is_sparse(self) -> bool:
         return super().is_sparse or self.hard
 
+    @property
+    def active_fraction(self) -> float:
+        return 1.0 / self.num_experts if self.hard else super().active_fraction
+
     def route_weights(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         if self.training:
             weights = F.gumbel_softmax(logits, tau=self.tau, hard=self.hard, dim=-1)
@@ -48,6 +52,8 @@ class PositionalRouter(Router):
     its region. Logits are ``strength * one_hot + noise_std * N(0, 1)`` in training (noise only in training),
     so experts specialise by region while the noise keeps a mix.
     """
+
+    parameter_free = True
 
     def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, strength: float = 4.0,
                  noise_std: float = 0.5, top_k: Optional[int] = None, renormalize: bool = False,
@@ -79,6 +85,8 @@ class UniformRouter(Router):
     """Equal weights ``1/E`` (seed 003 stabilisation, seed 004 option C). With ``subset=k`` each patch is sent
     to k random experts averaged with weights ``1/k`` during training (all experts at eval)."""
 
+    parameter_free = True
+
     def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, subset: Optional[int] = None,
                  top_k: Optional[int] = None, renormalize: bool = False,
                  capacity_factor: Optional[float] = None) -> None:
@@ -91,6 +99,10 @@ class UniformRouter(Router):
     @property
     def is_sparse(self) -> bool:
         return (self.subset is not None and self.subset < self.num_experts) or self.capacity_factor is not None
+
+    @property
+    def active_fraction(self) -> float:
+        return self.subset / self.num_experts if self.subset is not None else 1.0
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
         B, P = patches.shape[:2]
@@ -111,6 +123,8 @@ class SharedRouter(Router):
     copy it into the others (phase option ``upcycle``, :meth:`pce.models.backbone.PCEBackbone.upcycle_experts`) before
     the learned routers take over, so that every expert starts from weights trained on all the data."""
 
+    parameter_free = True
+
     def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, top_k: Optional[int] = None,
                  **_: object) -> None:
         super().__init__(num_experts)
@@ -118,6 +132,10 @@ class SharedRouter(Router):
     @property
     def is_sparse(self) -> bool:
         return self.num_experts > 1
+
+    @property
+    def active_fraction(self) -> float:
+        return 1.0 / self.num_experts
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
         B, P = patches.shape[:2]

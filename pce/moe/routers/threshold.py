@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from pce.moe.losses import entropy
+from pce.moe.metrics import entropy
 
 
 def adaptive_threshold(w: torch.Tensor, lambdas: Sequence[float] = (0.1, 0.1, 0.1),
