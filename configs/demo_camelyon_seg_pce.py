@@ -23,10 +23,10 @@ model = dict(
     input_shape=(3, 128, 128),
 )
 optimizer = dict(type="adamw", lr=2e-3, weight_decay=1e-4, grad_clip=10.0)
-schedule = dict(epochs=16, lr_scheduler=dict(type="cosine", warmup_epochs=0.5))
+schedule = dict(epochs=12, lr_scheduler=dict(type="cosine", warmup_epochs=0.5))
 phases = [
-    dict(name="shared", epochs=8, router_override="shared", keys_trainable=False),
-    dict(name="route", epochs=3, upcycle=True, keys_trainable=False),
+    dict(name="shared", epochs=6, router_override="shared", keys_trainable=False),
+    dict(name="route", epochs=2, upcycle=True, keys_trainable=False),
     dict(name="finetune", epochs=-1, keys_trainable=True),
 ]
 runtime = dict(kmeans_init_batches=8, log_interval=10, eval_interval=2)

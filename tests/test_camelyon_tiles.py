@@ -32,8 +32,8 @@ def test_generated_slide_opens_as_a_pyramid_with_mpp_and_tissue_mask(slides):
     with openslide.OpenSlide(str(slides["tumour"]["slide"])) as s:
         assert s.level_count == 3 and s.level_dimensions == ((768, 512), (384, 256), (192, 128))
         assert s.level_downsamples == (1.0, 2.0, 4.0)
-        assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
-        assert choose_level(s, downsample=2.5) == 1 and choose_level(s, mpp=2.1) == 2
+        assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(2.0)
+        assert choose_level(s, downsample=2.5) == 1 and choose_level(s, mpp=8.4) == 2
     mask, ds = tissue_mask(slides["tumour"]["slide"])
     assert ds == 32.0 and mask.shape == (16, 24)
     truth = slides["tumour"]["tissue"].reshape(16, 32, 24, 32).mean(axis=(1, 3)) > 0.5  # level-0 tissue, pooled

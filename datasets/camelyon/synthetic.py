@@ -3,7 +3,9 @@ regions on white glass, tumour-like regions of a different texture, and the matc
 with a ``_2`` exclusion inside one of them), laid out as Camelyon16 is.
 
 Each pyramid level is a separate top-level tiled page (``subfiletype=1`` on the reduced levels), RGB, zlib;
-level 0 carries the resolution tags (``mpp``), so OpenSlide reads levels, downsamples and mpp.
+level 0 carries the resolution tags (``mpp``, default 2 um/px: a 2048 px slide is a 4 mm tissue fragment and its
+lesions are macro-metastases of 0.5-1 mm, not isolated tumour cells, for the FROC), so OpenSlide reads levels,
+downsamples and mpp.
 Normal tissue: pink stroma with small, sparse nuclei; tumour: purple, dense, large nuclei.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ _NUCLEUS = np.array([90, 50, 140], np.float32)
 
 
 def write_pyramid_tiff(path: str | os.PathLike, image: np.ndarray, levels: int = 4, tile: int = 256,
-                       mpp: float = 0.5) -> Path:
+                       mpp: float = 2.0) -> Path:
     """Write ``image`` (uint8 [H, W, 3]) as a pyramid of ``levels`` 2x reductions (each a tiled page)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def _lesions(rng: np.random.Generator, tissue_poly: np.ndarray, count: int) -> L
 
 def make_synthetic_slide(path: str | os.PathLike, xml_path: Optional[str | os.PathLike] = None,
                          size: Tuple[int, int] = (2048, 1536), tumour: bool = True, seed: int = 0,
-                         levels: int = 4, tile: int = 256, mpp: float = 0.5) -> Dict[str, object]:
+                         levels: int = 4, tile: int = 256, mpp: float = 2.0) -> Dict[str, object]:
     """Write one slide of ``size=(w, h)`` level-0 pixels (and, with ``tumour``, its ASAP XML at ``xml_path``).
 
     Returns ``{"slide": path, "xml": path or None, "annotations": [...], "tissue": bool [h, w]}``
