@@ -29,5 +29,7 @@ phases = [
     dict(name="route", epochs=2, upcycle=True, keys_trainable=False),
     dict(name="finetune", epochs=-1, keys_trainable=True),
 ]
-runtime = dict(kmeans_init_batches=8, log_interval=10, eval_interval=2)
+# One CPU thread (as configs/demo_cls_digits.py): on a busy 2-core machine torch's spinning thread pool costs far
+# more than a second thread gains on 128 px tiles.
+runtime = dict(kmeans_init_batches=8, log_interval=10, eval_interval=2, num_threads=1)
 eval = dict(metric="mIoU", mode="max")
