@@ -12,6 +12,7 @@ from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, s
 from pce.moe.routing import capacity_mask
 from pce.layers.positional import patch_centers
 from pce.moe.losses import routing_aux_losses
+from pce.models.presets import build_backbone as pce_build
 from pce.moe.metrics import routing_statistics
 
 B, P, C, N, E = 2, 4, 6, 4, 4
@@ -249,3 +250,36 @@ def test_bad_router_arguments():
         build_router("mlp", C, 4)
     with pytest.raises(ValueError, match="expects 6 patch channels, got 5"):
         build_router("cosine", C, 4)(torch.randn(1, 4, 5, N, N), patch_centers(2, 2))
+
+
+@pytest.mark.parametrize("name,kw", [("cosine", dict(top_k=1)), ("cosine", dict(threshold=False)),
+                                     ("gate", dict(top_k=2, capacity_factor=None)), ("gumbel", dict(hard=True)),
+                                     ("uniform", dict(subset=2)), ("shared", {}), ("positional", dict(top_k=1)),
+                                     ("expert_choice", dict(capacity_factor=2.0))])
+def test_active_fraction_is_the_measured_share_of_experts(name, kw):
+    """The protocol's active_fraction (what FLOP counts use) equals the mean share of experts a patch runs."""
+    from pce.moe.routers import build_router
+    from pce.layers.patched_map import PatchedMap
+    from pce.layers.patches import PatchExtractor
+    from pce.layers.positional import PositionalEncoding
+
+    torch.manual_seed(0)
+    E = 4
+    router = build_router(name, in_channels=8 + 4, num_experts=E, **kw).train()
+    view = PatchedMap(torch.randn(8, 8, 16, 16), PatchExtractor(4, padding="fit"), PositionalEncoding("coord"))
+    w = router.route(view).weights
+    measured = (w > 0).float().sum(-1).mean().item() / E
+    assert measured == pytest.approx(router.active_fraction, abs=1e-6)
+    if name == "gate":  # capacity drops make it an upper bound
+        capped = build_router(name, in_channels=12, num_experts=E, top_k=2, capacity_factor=0.5).train()
+        assert 0 < (capped.route(view).weights > 0).float().sum(-1).mean().item() / E < capped.active_fraction
+
+
+def test_active_params_follow_the_router_override():
+    from pce.models.flops import active_params_per_token, count_params
+
+    bb = pce_build("pce_tiny", num_experts=4, top_k=2)
+    expert = sum(count_params(l.experts) for l in bb.pce_layers())
+    assert active_params_per_token(bb) == pytest.approx(count_params(bb) - expert / 2, abs=1)
+    bb.set_router_override("shared")  # every patch on expert 0: one expert of four runs
+    assert active_params_per_token(bb) == pytest.approx(count_params(bb) - expert * 3 / 4, abs=1)
