@@ -124,7 +124,8 @@ class Router(nn.Module):
 
     @property
     def active_fraction(self) -> float:
-        """Fraction of the experts one patch runs: ``top_k / E`` under top-k, else 1 (soft routing)."""
+        """Fraction of the experts one patch runs: ``top_k / E`` under top-k, else 1 (soft routing). With a
+        ``capacity_factor`` this is an upper bound (patches over capacity run fewer experts)."""
         if self.top_k is not None and self.top_k < self.num_experts:
             return self.top_k / self.num_experts
         return 1.0
