@@ -127,7 +127,7 @@ def cluster_routes(vectors: np.ndarray, k: int = 4, seed: int = 0, examples: int
     N = vectors.shape[0]
     if N < 2 or vectors.shape[1] == 0:
         return {"k": 0, "assignment": [], "sizes": [], "examples": []}
-    k = max(1, min(int(k), N))
+    k = max(1, min(int(k), len(np.unique(vectors.round(6), axis=0))))  # no more clusters than distinct routes
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(vectors.astype(np.float64))
     dist = km.transform(vectors.astype(np.float64))
     assign = km.labels_

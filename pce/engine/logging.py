@@ -133,7 +133,7 @@ class RoutingStatsCollector:
     """Per-layer routing statistics of the forwards run while :attr:`active` is True, through
     :func:`pce.record_routing` (the recorder is attached only while active, so an inactive collector costs nothing).
 
-    ``pop()`` -> ``{layer: stats}`` (layer names without the first ``backbone.``) with ``entropy`` (mean routing
+    ``pop()`` -> ``{layer: stats}`` (layer names as the recorder gives them, e.g. ``backbone.stages.2.layers.0``) with ``entropy`` (mean routing
     entropy, nats), ``usage [E]`` (fraction of patches using each expert), ``mean_weight [E]``,
     ``dropped_fraction``, ``collapsed_experts`` (how many have usage < 1%), ``usage_entropy``, ``imbalance``
     (max / min load; ``inf`` with an unused expert), ``nmi_position`` / ``nmi_position_baseline`` (expert vs grid
@@ -210,9 +210,8 @@ class RoutingStatsCollector:
             self._rec.clear()
         out: Dict[str, Dict[str, Any]] = {}
         for name, result in self._records:
-            key = name.replace("backbone.", "", 1)
-            if key not in out:
-                out[key] = self._layer_stats(result)
+            if name not in out:
+                out[name] = self._layer_stats(result)
         self._records, self._targets = [], None
         return out
 
