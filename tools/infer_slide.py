@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Slide a trained tumour model over every tissue tile of whole slides; write tumour-probability heat-maps.
 
-    python tools/infer_slide.py configs/demo_camelyon_seg_pce.py --checkpoint work_dirs/demo_camelyon_seg_pce/best.pth \\
-        data/demo_camelyon/testing/images/test_001.tif --out out/heatmaps
+    python tools/infer_slide.py configs/demo_camelyon_seg_pce.py \\
+        --checkpoint work_dirs/demo_camelyon_seg_pce/best.pth data/demo_camelyon/testing/images/test_001.tif --out out/
     python tools/infer_slide.py CONFIG --checkpoint CKPT data/camelyon16/testing/images/*.tif --out out/ \\
         --annotations data/camelyon16/testing/lesion_annotations       # + slide AUC and FROC
 
@@ -94,7 +94,7 @@ def write_outputs(slide: Path, res: Dict[str, Any], out: Path, png_size: int) ->
     cov = cv2.resize(res["covered"].astype(np.uint8), (thumb.shape[1], thumb.shape[0]),
                      interpolation=cv2.INTER_NEAREST) > 0
     png = out / f"{slide.stem}_heatmap.png"
-    cv2.imwrite(str(png), overlay_heatmap(thumb, prob, cov)[..., ::-1])
+    cv2.imwrite(str(png), overlay_heatmap(thumb, prob, cov)[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
     np.save(out / f"{slide.stem}_prob.npy", res["prob"])
     meta = {k: res[k] for k in ("downsample", "level", "tile_size", "stride", "num_tiles", "mpp", "score")}
     (out / f"{slide.stem}_heatmap.json").write_text(json.dumps({"slide": str(slide), **meta}, indent=1))

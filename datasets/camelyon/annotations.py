@@ -6,8 +6,8 @@ Y/>...`` with coordinates in level-0 pixels. :func:`read_asap_xml` parses it int
 convention of OpenSlide's ``read_region``: mask pixel ``(c, r)`` covers the level-0 square starting at
 ``(x + c * d, y + r * d)`` and is inside a polygon when its centre ``(x + (c + 0.5) d, y + (r + 0.5) d)`` is
 (even-odd rule; a centre exactly on a left or top edge is inside, on a right or bottom edge outside, so
-abutting polygons never overlap). Sampling pixel centres makes the mask at downsample 4 the level-0 mask pooled, up to the pixels
-the outline crosses.
+abutting polygons never overlap). Sampling pixel centres makes the mask at downsample 4 the level-0 mask pooled,
+up to the pixels the outline crosses.
 """
 from __future__ import annotations
 

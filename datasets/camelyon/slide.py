@@ -95,9 +95,9 @@ def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample
                 min_threshold: int = 15) -> Tuple[np.ndarray, float]:
     """Tissue on a low-resolution level (the one nearest ``target_downsample``) or the thumbnail.
 
-    Median blur (``blur`` px, at most 1/8 of the mask's shorter side) of the HSV saturation, Otsu threshold (at least ``min_threshold``, so a blank
-    slide is not split in two), morphological closing (``close`` px ellipse), then connected components smaller
-    than ``min_object`` of the image area and holes smaller than it removed.
+    Median blur (``blur`` px, at most 1/8 of the mask's shorter side) of the HSV saturation, Otsu threshold (at
+    least ``min_threshold``, so a blank slide is not split in two), morphological closing (``close`` px ellipse),
+    then connected components smaller than ``min_object`` of the image area and holes smaller than it removed.
     Returns ``(mask bool [h, w], downsample)``: level-0 pixels per mask pixel (level-0 width / mask width).
     """
     sl, owned = _as_slide(slide)

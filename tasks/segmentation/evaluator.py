@@ -175,7 +175,8 @@ class SegmentationEvaluator:
 
     def _update_tiles(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Per-image predicted class-1 fraction and ground-truth class-1 presence (ignored pixels left out)."""
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        valid = (target != self.ignore_index if self.ignore_index is not None
+                 else torch.ones_like(target, dtype=torch.bool))
         n = valid.flatten(1).sum(1).clamp(min=1).double()
         self.tile_scores += ((pred == 1) & valid).flatten(1).sum(1).double().div(n).tolist()
         self.tile_labels += ((target == 1) & valid).flatten(1).any(1).long().tolist()
