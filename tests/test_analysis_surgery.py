@@ -53,7 +53,8 @@ def test_pruned_bank_holds_the_kept_experts():
     c = old.experts.bn1.channels
     for j, i in enumerate([1, 3]):
         assert torch.equal(new.experts.conv1.weights[j], old.experts.conv1.weights[i])
-        assert torch.equal(new.experts.bn1.running_mean[j * c:(j + 1) * c], old.experts.bn1.running_mean[i * c:(i + 1) * c])
+        new_rm, old_rm = new.experts.bn1.running_mean, old.experts.bn1.running_mean
+        assert torch.equal(new_rm[j * c:(j + 1) * c], old_rm[i * c:(i + 1) * c])
         assert torch.equal(new.router.keys[j], old.router.keys[i])
     assert new.experts.bn1.running_var.shape == (2 * c,) and new.router.keys.shape[0] == 2
 
@@ -93,7 +94,8 @@ def test_jittered_duplicate_shares_the_load():
     busy = int(used[layer].argmax())
     after = usage(duplicate_expert(model, layer, busy, jitter=0.05))[layer]
     assert after[busy] + after[4] == used[layer][busy] and after[4] > 0 and after[busy] > 0
-    assert torch.equal(torch.cat([after[:busy], after[busy + 1:4]]), torch.cat([used[layer][:busy], used[layer][busy + 1:]]))
+    others = [e for e in range(4) if e != busy]
+    assert torch.equal(after[others], used[layer][others])  # the other experts keep their patches
 
 
 def test_bad_edits_are_errors():

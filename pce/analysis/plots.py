@@ -133,13 +133,14 @@ def expert_class_figure(s: Dict[str, Any], name: str, path, class_names: Optiona
     im = ax.imshow(rows, cmap="magma", vmin=0, vmax=max(rows.max(), 1e-9), aspect="auto")
     ax.set_yticks(range(cm.shape[0]))
     ax.set_ylabel("expert", fontsize=7)
-    labels = list(class_names) if class_names and len(class_names) == cm.shape[1] else [str(k) for k in range(cm.shape[1])]
+    K = cm.shape[1]
+    labels = list(class_names) if class_names and len(class_names) == K else [str(k) for k in range(K)]
     ax.set_xticks(range(cm.shape[1]))
     ax.set_xticklabels(labels, rotation=60, fontsize=6)
     ax.tick_params(labelsize=6)
     nmi = (s.get("nmi_class") or {})
-    ax.set_title(f"{name}: P(class | expert)\nNMI {nmi.get('nmi', 0) or 0:.3f} (shuffled {nmi.get('baseline', 0) or 0:.3f})",
-                 fontsize=7)
+    ax.set_title(f"{name}: P(class | expert)\nNMI {nmi.get('nmi', 0) or 0:.3f} "
+                 f"(shuffled {nmi.get('baseline', 0) or 0:.3f})", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     return _save(fig, path)
 

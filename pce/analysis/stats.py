@@ -148,7 +148,8 @@ class _LayerAccumulator:
         gid = hash(grid) % 1000 if grid != self.grid else 0
         pos = np.tile(np.arange(P, dtype=np.int64) + gid * 1_000_000, B)
         self.positions.append(pos)
-        lab = np.full(B * P, -1, dtype=np.int64) if labels is None else labels.reshape(-1).cpu().numpy().astype(np.int64)
+        lab = (np.full(B * P, -1, dtype=np.int64) if labels is None
+               else labels.reshape(-1).cpu().numpy().astype(np.int64))
         if lab.size != B * P:
             raise ValueError(f"patch labels have {lab.size} entries for {B} x {P} patches")
         self.labels.append(lab)

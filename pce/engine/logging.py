@@ -133,7 +133,8 @@ class RoutingStatsCollector:
     """Per-layer routing statistics of the forwards run while :attr:`active` is True, through
     :func:`pce.record_routing` (the recorder is attached only while active, so an inactive collector costs nothing).
 
-    ``pop()`` -> ``{layer: stats}`` (layer names as the recorder gives them, e.g. ``backbone.stages.2.layers.0``) with ``entropy`` (mean routing
+    ``pop()`` -> ``{layer: stats}`` (layer names as the recorder gives them, e.g. ``backbone.stages.2.layers.0``)
+    with ``entropy`` (mean routing
     entropy, nats), ``usage [E]`` (fraction of patches using each expert), ``mean_weight [E]``,
     ``dropped_fraction``, ``collapsed_experts`` (how many have usage < 1%), ``usage_entropy``, ``imbalance``
     (max / min load; ``inf`` with an unused expert), ``nmi_position`` / ``nmi_position_baseline`` (expert vs grid
