@@ -25,6 +25,12 @@ def expert_colors(n: int) -> np.ndarray:
     return np.array([cmap(i % cmap.N) for i in range(n)])
 
 
+def short(layer: str) -> str:
+    """``net.encoder.backbone.stages.3.layers.0`` -> ``stages.3.layers.0`` (titles)."""
+    i = layer.find("stages.")
+    return layer[i:] if i >= 0 else layer
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,7 @@ def routing_figure(image: torch.Tensor, maps: Mapping[str, Any], index: int, pat
             ax.axhline(r * H / gh, color="white", lw=0.5)
         for c in range(1, gw):
             ax.axvline(c * W / gw, color="white", lw=0.5)
-        ax.set_title(f"{name}\n{gh}x{gw} patches", fontsize=7)
+        ax.set_title(f"{short(name)}\n{gh}x{gw} patches", fontsize=7)
         ax.axis("off")
         ax = axes[1, j]
         im = ax.imshow(ent, vmin=0, vmax=math.log(max(m.num_experts, 2)), cmap="viridis", extent=(0, W, H, 0),
@@ -101,7 +107,7 @@ def usage_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
         ax.bar(x + 0.2, s["mean_weight"], 0.4, color="tab:orange", label="mean weight")
         ax.axhline(1.0 / E, color="grey", ls="--", lw=0.8)
         ax.set_xticks(x)
-        ax.set_title(f"{name}\nH={s['entropy']:.2f}/{s['max_entropy']:.2f} nats", fontsize=7)
+        ax.set_title(f"{short(name)}\nH={s['entropy']:.2f}/{s['max_entropy']:.2f} nats", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0, 0].legend(fontsize=6)
     return _save(fig, path)
@@ -118,7 +124,7 @@ def nmi_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
         ax.bar(x + off, vals, 0.2, color=col, label=key.replace("nmi_", "expert vs "))
         ax.bar(x + off + 0.2, base, 0.2, color=col, alpha=0.35, hatch="//", label="shuffled baseline")
     ax.set_xticks(x)
-    ax.set_xticklabels([n.replace("backbone.", "").replace(".layers", "") for n in names], fontsize=6, rotation=20)
+    ax.set_xticklabels([short(n).replace(".layers", "") for n in names], fontsize=6, rotation=20)
     ax.set_ylabel("NMI", fontsize=7)
     ax.tick_params(labelsize=6)
     ax.legend(fontsize=6, ncol=2)
@@ -139,7 +145,7 @@ def expert_class_figure(s: Dict[str, Any], name: str, path, class_names: Optiona
     ax.set_xticklabels(labels, rotation=60, fontsize=6)
     ax.tick_params(labelsize=6)
     nmi = (s.get("nmi_class") or {})
-    ax.set_title(f"{name}: P(class | expert)\nNMI {nmi.get('nmi', 0) or 0:.3f} "
+    ax.set_title(f"{short(name)}: P(class | expert)\nNMI {nmi.get('nmi', 0) or 0:.3f} "
                  f"(shuffled {nmi.get('baseline', 0) or 0:.3f})", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     return _save(fig, path)
@@ -157,7 +163,7 @@ def expert_position_figure(s: Dict[str, Any], name: str, path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     nmi = (s.get("nmi_position") or {})
-    fig.suptitle(f"{name}: expert share per grid cell, NMI {nmi.get('nmi', 0) or 0:.3f} "
+    fig.suptitle(f"{short(name)}: expert share per grid cell, NMI {nmi.get('nmi', 0) or 0:.3f} "
                  f"(shuffled {nmi.get('baseline', 0) or 0:.3f})", fontsize=7)
     fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02).ax.tick_params(labelsize=6)
     return _save(fig, path)
@@ -212,7 +218,7 @@ def routing_curves_figure(train: List[Dict[str, Any]], path) -> Path:
     for layer in layers:
         for ax, key in zip(axes, ("entropy", "collapsed_experts")):
             ys = [(r["routing"].get(layer) or {}).get(key, np.nan) for r in train]
-            ax.plot(steps, ys, label=layer.replace(".layers", ""))
+            ax.plot(steps, ys, label=short(layer).replace(".layers", ""))
     axes[0].set_title("routing entropy (nats)", fontsize=8)
     axes[1].set_title("collapsed experts", fontsize=8)
     for ax in axes:
