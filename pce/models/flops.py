@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from pce.moe.execution import eager_routing
+
 Handle = Callable[[List[Any], List[Any]], Union[int, float, Counter]]
 
 __all__ = ["count_flops", "active_params_per_token", "count_params", "EXTRA_HANDLES",
@@ -247,7 +249,7 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
     level = fv_logger.level
     fv_logger.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _TraceableScatter():
+        with torch.no_grad(), warnings.catch_warnings(), _TraceableScatter(), eager_routing():
             warnings.simplefilter("ignore")
             total = int(analysis.total())
             by_module_raw = analysis.by_module()

@@ -90,6 +90,11 @@ class PCELayer(RoutingSource, nn.Module):
         """The router this forward uses: the override when one is set, else the learned router."""
         return self.router_override if self.router_override is not None else self.router
 
+    def __prepare_scriptable__(self) -> "PCELayer":
+        raise RuntimeError("PCE layers cannot be compiled with torch.jit.script (routing, registries and "
+                           "dataclasses are plain Python); export with torch.export / ONNX (tools/export.py) "
+                           "or torch.jit.trace, which keep routing input-dependent")
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, H, W]`` -> ``[B, C, H, W]``."""

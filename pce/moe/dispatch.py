@@ -16,6 +16,10 @@ weights outputs zeros.
   When every token goes to exactly one expert (top-1 without drops) the gather and the scatter are row
   permutations, executed as :class:`_PermuteRows` (no zero-filled buffers in forward or backward), and skipped
   when every token goes to the same expert.
+* :func:`dispatch_capacity`: static shapes for captured graphs (export, ONNX, compile): expert e runs on a
+  fixed buffer of ``capacity`` tokens, those with its largest weights (top-``capacity`` over tokens), one
+  gather and one weighted index-add per expert; all tokens (:func:`dispatch_dense`) when ``capacity >= N``.
+  Equal to :func:`dispatch_sparse` in eval mode whenever no expert has more than ``capacity`` tokens.
 * :func:`dispatch_context`: top-1 routing where each expert's convolutions read their neighbours' activations
   across patch borders (each pixel computed once, by its patch's expert: a halo at no extra FLOPs).
 """
@@ -73,6 +77,24 @@ def dispatch_dense(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor
         for e in range(bank.num_experts):
             y = bank.forward_one(tokens, e) * weights[:, e].view(-1, 1, 1, 1)
             out = y if out is None else out + y
+    return out
+
+
+def dispatch_capacity(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``tokens [N, C, h, w]``, ``weights [N, E]`` -> ``[N, C_out, h, w]`` with every shape fixed by ``N`` and
+    ``capacity`` (no host sync, no data-dependent size). Assignments beyond an expert's ``capacity`` largest
+    weights are dropped (those tokens take the layer's skip path for that expert)."""
+    _check(tokens, weights, bank)
+    n = tokens.shape[0]
+    if capacity >= n:  # masked dense: every expert on every token, zero weights mask the unassigned ones
+        return dispatch_dense(bank, tokens, weights)
+    top = weights.detach().topk(capacity, dim=0).indices  # [capacity, E]: each expert's buffer
+    out = tokens.new_zeros(n, bank.out_channels, *tokens.shape[-2:])
+    with bank.per_expert():
+        for e in range(bank.num_experts):
+            idx = top[:, e]
+            y = bank.forward_one(tokens.index_select(0, idx), e) * weights[idx, e].to(tokens.dtype).view(-1, 1, 1, 1)
+            out = out.index_add(0, idx, y)
     return out
 
 

@@ -16,24 +16,54 @@ Every strategy is one class registered in :data:`~pce.registry.EXECUTIONS` and h
   neighbours; cost E x one expert);
 * ``context``: top-1 routing where each pixel is computed by its patch's expert and convolutions read the
   neighbouring patches across the border, at the cost of one expert per pixel.
+* ``capacity``: static shapes (GShard / Switch style): each expert runs on a fixed buffer of
+  ``ceil(cf * N * k / E)`` tokens, its highest-weight ones; tokens over capacity take the skip path. This is what
+  runs whenever a graph is captured (:func:`is_capturing`: ``torch.export``, ONNX, ``torch.compile``,
+  ``torch.jit.trace``, FX): ``sparse``/``reference``/``auto`` switch to it, ``context`` raises.
 
 A new strategy: subclass :class:`Execution`, implement ``__call__``, add ``@EXECUTIONS.register("name")``.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Tuple
+from typing import Callable, ClassVar, Iterator, Optional, Tuple
 
 import torch
 
 from pce.layers.patched_map import PatchedMap
-from pce.moe.dispatch import (dispatch_context, dispatch_dense, dispatch_fused, dispatch_reference,
+from pce.moe.dispatch import (dispatch_capacity, dispatch_context, dispatch_dense, dispatch_fused, dispatch_reference,
                               dispatch_sparse)
 from pce.moe.experts import ExpertBank
 from pce.moe.routing import Router
 from pce.registry import EXECUTIONS
 
-__all__ = ["ExecutionOptions", "Execution", "build_execution"]
+__all__ = ["ExecutionOptions", "Execution", "build_execution", "is_capturing", "eager_routing", "CapacityExecution"]
+
+
+_EAGER_UNDER_TRACE = [False]
+
+
+@contextmanager
+def eager_routing() -> Iterator[None]:
+    """Inside this block a ``torch.jit.trace`` runs the eager strategies (routing frozen to the example input,
+    on purpose): for analyses of one forward such as FLOP counting (:func:`pce.models.flops.count_flops`)."""
+    prev, _EAGER_UNDER_TRACE[0] = _EAGER_UNDER_TRACE[0], True
+    try:
+        yield
+    finally:
+        _EAGER_UNDER_TRACE[0] = prev
+
+
+def is_capturing() -> bool:
+    """True while a graph is being captured: ``torch.compile`` / ``torch.export`` (dynamo or non-strict),
+    ``torch.onnx.export``, ``torch.jit.trace`` or FX symbolic tracing. Data-dependent shapes and host
+    synchronisations are impossible (or silently frozen) there."""
+    if _EAGER_UNDER_TRACE[0] and torch.jit.is_tracing():
+        return False
+    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export() or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 
 @dataclass(frozen=True)
@@ -68,9 +98,17 @@ class Execution:
         if opt.halo and opt.experts_see_position and opt.overlapping:
             raise ValueError("experts_see_position with halo needs non-overlapping patches")
 
+    #: shapes independent of the routing (no host sync, no data-dependent sizes): safe in a captured graph
+    static: ClassVar[bool] = False
+
     def resolve(self, router: Router, device: torch.device) -> "Execution":
-        """The strategy that runs for this router and device (``auto`` picks one; others are themselves)."""
-        return self
+        """The strategy that runs for this router and device (``auto`` picks one; others are themselves).
+        Under graph capture a data-dependent strategy becomes :class:`CapacityExecution`."""
+        return self.captured(router) if (not self.static and is_capturing()) else self
+
+    def captured(self, router: Router) -> "Execution":
+        """The static strategy standing in for this one in a captured graph (same outputs in eval mode)."""
+        return CapacityExecution()
 
     def __call__(self, bank: ExpertBank, view: PatchedMap, weights: torch.Tensor,
                  opt: ExecutionOptions) -> torch.Tensor:
@@ -92,10 +130,14 @@ class IsolatedPatches(Execution):
             tokens = view.extractor.extract_windows(view.map(opt.experts_see_position), view.grid, h)
         else:
             tokens = view.patches(opt.experts_see_position)
-        out = type(self).dispatch(bank, tokens.reshape(B * P, *tokens.shape[2:]), weights.reshape(B * P, -1))
+        out = self.run_experts(bank, tokens.reshape(B * P, *tokens.shape[2:]), weights.reshape(B * P, -1))
         if h:
             out = out[..., h:h + n, h:h + n]
         return view.reassemble(out)
+
+    def run_experts(self, bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``tokens [N, C, h, w]``, ``weights [N, E]`` -> weighted expert outputs ``[N, C_out, h, w]``."""
+        return type(self).dispatch(bank, tokens, weights)
 
 
 @EXECUTIONS.register("reference")
@@ -105,12 +147,12 @@ class ReferenceExecution(IsolatedPatches):
 
 @EXECUTIONS.register("fused")
 class FusedExecution(IsolatedPatches):
-    name, dispatch = "fused", dispatch_fused
+    name, dispatch, static = "fused", dispatch_fused, True
 
 
 @EXECUTIONS.register("dense")
 class DenseExecution(IsolatedPatches):
-    name, dispatch = "dense", dispatch_dense
+    name, dispatch, static = "dense", dispatch_dense, True
 
 
 @EXECUTIONS.register("sparse")
@@ -126,15 +168,47 @@ class AutoExecution(Execution):
 
     def resolve(self, router: Router, device: torch.device) -> Execution:
         if router.is_sparse:
-            return SparseExecution()
+            return SparseExecution().resolve(router, device)
         return FusedExecution() if device.type == "cuda" else DenseExecution()
+
+
+@EXECUTIONS.register("capacity")
+class CapacityExecution(IsolatedPatches):
+    """Static-shape top-k dispatch (:func:`pce.moe.dispatch.dispatch_capacity`): expert e runs on the
+    ``capacity`` tokens with the largest weights for e, ``ceil(cf * N * k / E)`` with the router's
+    ``capacity_factor`` and ``top_k`` (so a capacity router never overflows it), or all ``N`` tokens (masked
+    dense execution) when the router has no capacity factor. With no overflow and batch norm in eval mode
+    this equals ``sparse`` exactly; in training mode an expert's batch-norm statistics also see the
+    zero-weight tokens of its buffer."""
+
+    name, static = "capacity", True
+
+    def __init__(self, router: Optional[Router] = None) -> None:
+        self.router = router
+
+    def resolve(self, router: Router, device: torch.device) -> Execution:
+        return CapacityExecution(router)
+
+    @staticmethod
+    def capacity(n: int, num_experts: int, router: Optional[Router]) -> int:
+        """Tokens per expert for ``n`` tokens: ``ceil(cf * n * k / E)`` capped at ``n``; ``n`` without a
+        router capacity factor."""
+        cf = getattr(router, "capacity_factor", None)
+        if cf is None:
+            return n
+        k = getattr(router, "top_k", None) or num_experts
+        return min(n, math.ceil(cf * n * k / num_experts))
+
+    def run_experts(self, bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        cap = self.capacity(tokens.shape[0], bank.num_experts, self.router)
+        return dispatch_capacity(bank, tokens, weights, cap)
 
 
 @EXECUTIONS.register("map")
 class MapExecution(Execution):
     """Every expert on the whole (padded) map; per-patch weights broadcast to their pixels."""
 
-    name, neighbours = "map", True
+    name, neighbours, static = "map", True, True
 
     def __call__(self, bank: ExpertBank, view: PatchedMap, weights: torch.Tensor,
                  opt: ExecutionOptions) -> torch.Tensor:
@@ -151,6 +225,11 @@ class ContextExecution(Execution):
     """Top-1 routing, experts reading across patch borders (:func:`pce.moe.dispatch.dispatch_context`)."""
 
     name, neighbours, norm_stats = "context", True, ("expert", "layer")
+
+    def captured(self, router: Router) -> Execution:
+        raise RuntimeError("execution='context' has data-dependent shapes and cannot be captured in a graph "
+                           "(torch.export / ONNX / torch.compile / jit.trace / FX); build the model with "
+                           "execution='capacity' (or 'map') to export it")
 
     def __call__(self, bank: ExpertBank, view: PatchedMap, weights: torch.Tensor,
                  opt: ExecutionOptions) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Static-shape execution for captured graphs: ``execution="capacity"`` equals the eager sparse path, and
+torch.export / jit.trace keep routing input-dependent (two inputs through the captured model match eager)."""
+import pytest
+import torch
+
+from pce.models.classifier import build_classifier
+from pce.models.layer import PCELayer
+from pce.moe.dispatch import dispatch_capacity, dispatch_sparse
+from pce.moe.experts import build_expert_bank
+from pce.moe.recorder import record_routing
+from pce.moe.routing import capacity_mask
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    a = PCELayer(8, 4, num_experts=4, execution="sparse", **kw).eval()
+    b = PCELayer(8, 4, num_experts=4, execution="capacity", **kw).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_k=2),
+                                dict(router="gate", top_k=1, router_kwargs=dict(capacity_factor=1.0))])
+def test_capacity_equals_sparse_without_overflow(kw):
+    a, b = _pair(**kw)
+    x = torch.randn(3, 8, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_capacity_drops_lowest_weights_on_overflow():
+    torch.manual_seed(0)
+    bank = build_expert_bank("residual", 3, 4, 4).eval()
+    tokens, w = torch.randn(10, 4, 3, 3), torch.rand(10, 3)
+    keep = capacity_mask(torch.ones_like(w, dtype=torch.bool), w, 4)  # independent: 4 largest per expert
+    with torch.no_grad():
+        assert torch.allclose(dispatch_capacity(bank, tokens, w, 4), dispatch_sparse(bank, tokens, w * keep),
+                              atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def classifier_and_inputs():
+    torch.manual_seed(0)
+    m = build_classifier("pce_fmnist", 10).eval()
+    xs = [torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28) * 2 + 1]
+    with torch.no_grad(), record_routing(m) as rec:
+        eager = [m(x) for x in xs]
+    w = [r.weights.argmax(-1) for r in rec.results]
+    n = len(w) // 2
+    assert any(not torch.equal(w[i], w[i + n]) for i in range(n)), "inputs must route differently"
+    return m, xs, eager
+
+
+def test_torch_export_keeps_routing(classifier_and_inputs):
+    m, xs, eager = classifier_and_inputs
+    ep = torch.export.export(m, (xs[0],)).module()
+    with torch.no_grad():
+        for x, e in zip(xs, eager):
+            assert torch.allclose(ep(x), e, atol=1e-5)
+
+
+def test_jit_trace_keeps_routing(classifier_and_inputs):
+    m, xs, eager = classifier_and_inputs
+    with torch.no_grad():
+        tr = torch.jit.trace(m, (xs[0],), check_trace=False)
+        for x, e in zip(xs, eager):
+            assert torch.allclose(tr(x), e, atol=1e-5)
+
+
+def test_jit_script_raises_clear_error(classifier_and_inputs):
+    with pytest.raises(RuntimeError, match="torch.jit.script"):
+        torch.jit.script(classifier_and_inputs[0])
+
+
+def test_context_execution_refuses_capture():
+    layer = PCELayer(8, 4, num_experts=2, top_k=1, execution="context").eval()
+    with pytest.raises(RuntimeError, match="execution='context'.*cannot be captured"):
+        torch.jit.trace(layer, (torch.randn(1, 8, 8, 8),), check_trace=False)
+
+
+def test_onnx_round_trip_keeps_routing(classifier_and_inputs, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    m, xs, eager = classifier_and_inputs
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(m, (xs[0],), str(path), dynamo=True, verbose=False)
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for x, e in zip(xs, eager):
+        assert abs(sess.run(None, {name: x.numpy()})[0] - e.numpy()).max() < 1e-4
