@@ -26,6 +26,28 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+_STAGE_KEYS = {"channels", "depth", "patch_size", "stride", "attention", "layer", "num_experts"}
+
+
+def _stage_spec(i: int, spec: Dict[str, Any], layer: str, num_experts: int) -> Dict[str, Any]:
+    """One stage dict, checked, with the backbone's defaults filled in (``ValueError`` naming the stage)."""
+    spec = dict(spec)
+    unknown = set(spec) - _STAGE_KEYS
+    if unknown:
+        raise ValueError(f"stage {i}: unknown key(s) {sorted(unknown)}")
+    spec.setdefault("depth", 1)
+    spec.setdefault("stride", 2)
+    spec.setdefault("layer", layer)
+    spec.setdefault("num_experts", num_experts)
+    if spec["stride"] not in (1, 2):
+        raise ValueError(f"stage {i}: stride must be 1 or 2, got {spec['stride']}")
+    if spec["layer"] not in ("pce", "dense"):
+        raise ValueError(f"stage {i}: layer must be 'pce' or 'dense', got {spec['layer']!r}")
+    if not isinstance(spec["num_experts"], int) or spec["num_experts"] < 1:
+        raise ValueError(f"stage {i}: num_experts must be an integer >= 1, got {spec['num_experts']!r}")
+    return spec
+
+
 class Stem(nn.Sequential):
     """Conv-BN-ReLU blocks, each of stride 2 (or one of stride 1); :meth:`forward_intermediates` also returns
     every block's output (the stride-2 map that Unet-style decoders read)."""
@@ -99,19 +121,9 @@ class PCEBackbone(nn.Module):
         info: List[Dict[str, Any]] = []
         cin, stride = stem_channels, stem_stride
         for i, spec in enumerate(stages):
-            spec = dict(spec)
-            unknown = set(spec) - {"channels", "depth", "patch_size", "stride", "attention", "layer", "num_experts"}
-            if unknown:
-                raise ValueError(f"stage {i}: unknown key(s) {sorted(unknown)}")
-            cout, depth, patch = spec["channels"], spec.get("depth", 1), spec["patch_size"]
-            s = spec.get("stride", 2)
-            if s not in (1, 2):
-                raise ValueError(f"stage {i}: stride must be 1 or 2, got {s}")
-            stage_layer, stage_experts = spec.get("layer", layer), spec.get("num_experts", num_experts)
-            if stage_layer not in ("pce", "dense"):
-                raise ValueError(f"stage {i}: layer must be 'pce' or 'dense', got {stage_layer!r}")
-            if not isinstance(stage_experts, int) or stage_experts < 1:
-                raise ValueError(f"stage {i}: num_experts must be an integer >= 1, got {stage_experts!r}")
+            spec = _stage_spec(i, spec, layer, num_experts)
+            cout, depth, patch, s = spec["channels"], spec["depth"], spec["patch_size"], spec["stride"]
+            stage_layer, stage_experts = spec["layer"], spec["num_experts"]
             stride *= s
 
             def make_layer(c=cout, p=patch, kind=stage_layer, e=stage_experts):
