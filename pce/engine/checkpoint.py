@@ -289,7 +289,8 @@ def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int
 # ------------------------------------------------------------------------------------------- work dir
 class WorkDirLock:
     """An exclusive ``fcntl.flock`` on ``work_dir/.lock`` for the lifetime of a run. The kernel drops it when the
-    process dies, so a stale lock file never blocks."""
+    process dies, so a stale lock file never blocks; :meth:`release` removes the file (an acquirer checks that
+    the file it locked is still the one at the path, so removal cannot let two runs in)."""
 
     NAME = ".lock"
 
@@ -310,19 +311,27 @@ class WorkDirLock:
         except ImportError:  # pragma: no cover - Windows: no lock
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        while True:
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            except OSError:  # pragma: no cover
-                other = "?"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise WorkDirError(self.dir, f"in use by another training (pid {other}, lock {self.path})",
-                                   "one run per work dir: wait for it or pass another --work-dir") from None
-            raise
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                try:
+                    other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                except OSError:  # pragma: no cover
+                    other = "?"
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise WorkDirError(self.dir, f"in use by another training (pid {other}, lock {self.path})",
+                                       "one run per work dir: wait for it or pass another --work-dir") from None
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and removed it meanwhile: lock the current file
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -334,6 +343,10 @@ class WorkDirLock:
         try:
             import fcntl
 
+            try:
+                self.path.unlink()  # while still holding the lock
+            except OSError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)

@@ -37,7 +37,7 @@ class NonFiniteStateError(PCEError, FloatingPointError):
     """A parameter or buffer of a model (or a checkpoint) is NaN or infinite."""
 
 
-_MAX_LEN = 800
+_MAX_LEN = 4000
 
 
 def one_line(e: BaseException) -> str:

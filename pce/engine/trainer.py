@@ -290,8 +290,6 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
         resume_path = self.checkpoints.find_resume(resume)  # fail before anything is written
-        if self.is_main:
-            self._claim_work_dir(resume_path, force)
         if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
             raise FileNotFoundError(f"model.pretrained: checkpoint not found: {cfg.model.pretrained}")
 
@@ -300,6 +298,7 @@ class Trainer:
         if "train" not in self.datasets:
             raise ValueError("the config defines no data.train dataset")
         if self.is_main:
+            self._claim_work_dir(resume_path, force)  # after the data checks: a missing dataset writes nothing
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if resume_path is None:  # a resumed run's config.py is replaced only once its checkpoint loaded
                 dump_config(cfg, self.work_dir / "config.py")
@@ -492,10 +491,13 @@ class Trainer:
     def _begin_epoch(self, epoch: int) -> None:
         self.train_sampler.set_epoch(epoch)
         self._loader_gen.manual_seed(self.cfg.runtime.seed * 100003 + epoch * 1009 + self.rank)
+        if hasattr(self.task, "set_epoch"):
+            self.task.set_epoch(epoch)
         with self._thread_limit():
             info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches, self.optimizer)
-        if hasattr(self.task, "set_epoch"):  # after the K-Means batches: the epoch's augmentation stream starts
-            self.task.set_epoch(epoch)       # fresh, also when a resume inside the epoch skips K-Means
+        if info["kmeans_routers"] and hasattr(self.task, "set_epoch"):
+            self.task.set_epoch(epoch)  # the epoch's augmentation stream starts fresh after the K-Means batches,
+            #                             as in a run resumed inside this epoch (which skips K-Means)
         if info["kmeans_routers"] and self.world_size > 1:
             keys = [r.keys for mod in self._models() for r in keyed_routers(mod)]
             broadcast_parameters(keys)
