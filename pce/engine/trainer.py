@@ -552,6 +552,8 @@ class Trainer:
                     break
                 log_now = (self.iteration + 1) % cfg.runtime.log_interval == 0 or i + 1 == self.iters_per_epoch
                 self.routing.active = log_now and self.is_main
+                if log_now and self.is_main:
+                    self.routing.set_batch(self.task, batch)  # its labels give the class NMI
                 with _autocast(self.amp_dtype):
                     losses = self.task.train_step(model, batch, self.device)
                 self.routing.active = False
