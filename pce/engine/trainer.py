@@ -35,164 +35,35 @@ import contextlib
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pce.engine.checkpoint import (CheckpointManager, WorkDirLock, capture_rng_state, check_finite,
-                                   checkpoint_is_finite, checkpoint_phase, load_checkpoint, load_model_weights,
-                                   load_pretrained, nonfinite_tensors, remove_stale_temps, restore_rng_state,
-                                   unwrap_model)
+                                   checkpoint_is_finite, load_checkpoint, load_pretrained, nonfinite_tensors,
+                                   remove_stale_temps, restore_rng_state, unwrap_model)
 from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
 from pce.engine.config import dump_config, format_config
-from pce.engine.distributed import (InferenceShardSampler, all_gather_object, all_reduce_max, all_reduce_mean,
-                          broadcast_parameters, get_rank, get_world_size, sync_router_keys)
+from pce.engine.distributed import (all_gather_object, all_reduce_max, all_reduce_mean, broadcast_parameters,
+                                    get_rank, get_world_size, sync_router_keys)
 from pce.engine.ema import build_ema
 from pce.engine.logging import MetricWriter, ProgressBar, RoutingStatsCollector, scalar_metrics, setup_logger
 from pce.engine.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from pce.engine.phases import PhaseController, build_phases
 from pce.moe.routing import keyed_routers
+from pce.engine.runtime import (NonFiniteLossError, _amp_dtype, _autocast, _batch_images, _batch_size,  # noqa: F401
+                                _format_metrics, resolve_device, seed_everything, to_channels_last)
+from pce.engine.evaluation import build_eval_loader, evaluate_checkpoint, evaluate_model  # noqa: F401
 
 __all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "resolve_device", "evaluate_model",
            "evaluate_checkpoint", "build_eval_loader", "to_channels_last"]
 
 logger = logging.getLogger("pce")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the step and every loss term."""
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch; ``deterministic`` also asks torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "none":
-        return None
-    if device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def _autocast(dtype: Optional[torch.dtype]):
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """Channels-last layout for every 4-d parameter / buffer (``Module.to(memory_format=...)`` fails on the
-    5-d stacked expert weights)."""
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
-    return model
-
-
-def _format_metrics(results: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scalar_metrics(results).items())
-
-
-def _batch_images(task: Any, batch: Any) -> torch.Tensor:
-    if hasattr(task, "batch_images"):
-        return task.batch_images(batch)
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-def _batch_size(task: Any, batch: Any) -> int:
-    if hasattr(task, "batch_size"):
-        return int(task.batch_size(batch))
-    first = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
-
-
-def build_eval_loader(cfg: Any, task: Any, dataset: Dataset, device: torch.device) -> DataLoader:
-    """Sequential loader over this rank's shard of ``dataset`` (every sample once over all ranks)."""
-    bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
-    return DataLoader(dataset, batch_size=bs, sampler=InferenceShardSampler(len(dataset)),
-                      num_workers=cfg.data.num_workers, collate_fn=getattr(task, "collate_fn", None),
-                      pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                      generator=torch.Generator().manual_seed(cfg.runtime.seed))
-
-
-def _synchronize(evaluator: Any) -> None:
-    if get_world_size() == 1:
-        return
-    if hasattr(evaluator, "synchronize"):
-        evaluator.synchronize()
-        return
-    if not (hasattr(evaluator, "state_dict") and hasattr(evaluator, "merge") and hasattr(evaluator, "reset")):
-        raise TypeError(f"{type(evaluator).__name__} needs synchronize() or state_dict()/merge()/reset() for DDP")
-    states = all_gather_object(evaluator.state_dict())
-    evaluator.reset()
-    for s in states:
-        evaluator.merge(s)
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, device: torch.device,
-                   amp_dtype: Optional[torch.dtype] = None, loader: Optional[DataLoader] = None) -> Dict[str, Any]:
-    """Run ``task.predict`` over ``dataset`` (sharded over ranks), feed the task's evaluator, merge across
-    ranks and return ``evaluator.compute()``."""
-    loader = loader or build_eval_loader(cfg, task, dataset, device)
-    was_training = model.training
-    model.eval()
-    evaluator = task.build_evaluator(cfg, dataset)
-    try:
-        for batch in loader:
-            with _autocast(amp_dtype):
-                out = task.predict(model, batch, device)
-            evaluator.update(*out)
-    finally:
-        model.train(was_training)
-    _synchronize(evaluator)
-    return evaluator.compute()
-
-
-def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
-                        device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
-    the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured)."""
-    if not Path(checkpoint).is_file():  # fail before building the data and the model
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if split == "test" and not cfg.data.test.name:
-        split = "val"
-    datasets = task.build_datasets(cfg, splits=(split,))
-    if split not in datasets:
-        raise ValueError(f"the config defines no data.{split} dataset")
-    model = task.build_model(cfg).to(device)
-    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)  # refuses non-finite weights
-    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
-    if cfg.runtime.channels_last:
-        to_channels_last(model)
-    results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))
-    results.setdefault("split", split)
-    return results
 
 
 class Trainer:

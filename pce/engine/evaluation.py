@@ -1,0 +1,86 @@
+"""Evaluation: the sharded evaluation loader, a model over a split, a checkpoint in its own phase."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pce.engine.checkpoint import checkpoint_phase, load_model_weights
+from pce.engine.distributed import InferenceShardSampler, all_gather_object, get_world_size
+from pce.engine.phases import PhaseController, build_phases
+from pce.engine.runtime import _amp_dtype, _autocast, resolve_device, to_channels_last
+
+__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint"]
+
+logger = logging.getLogger("pce")
+
+
+def build_eval_loader(cfg: Any, task: Any, dataset: Dataset, device: torch.device) -> DataLoader:
+    """Sequential loader over this rank's shard of ``dataset`` (every sample once over all ranks)."""
+    bs = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    return DataLoader(dataset, batch_size=bs, sampler=InferenceShardSampler(len(dataset)),
+                      num_workers=cfg.data.num_workers, collate_fn=getattr(task, "collate_fn", None),
+                      pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.runtime.seed))
+
+
+def _synchronize(evaluator: Any) -> None:
+    if get_world_size() == 1:
+        return
+    if hasattr(evaluator, "synchronize"):
+        evaluator.synchronize()
+        return
+    if not (hasattr(evaluator, "state_dict") and hasattr(evaluator, "merge") and hasattr(evaluator, "reset")):
+        raise TypeError(f"{type(evaluator).__name__} needs synchronize() or state_dict()/merge()/reset() for DDP")
+    states = all_gather_object(evaluator.state_dict())
+    evaluator.reset()
+    for s in states:
+        evaluator.merge(s)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, device: torch.device,
+                   amp_dtype: Optional[torch.dtype] = None, loader: Optional[DataLoader] = None) -> Dict[str, Any]:
+    """Run ``task.predict`` over ``dataset`` (sharded over ranks), feed the task's evaluator, merge across
+    ranks and return ``evaluator.compute()``."""
+    loader = loader or build_eval_loader(cfg, task, dataset, device)
+    was_training = model.training
+    model.eval()
+    evaluator = task.build_evaluator(cfg, dataset)
+    try:
+        for batch in loader:
+            with _autocast(amp_dtype):
+                out = task.predict(model, batch, device)
+            evaluator.update(*out)
+    finally:
+        model.train(was_training)
+    _synchronize(evaluator)
+    return evaluator.compute()
+
+
+def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
+                        device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
+    the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured)."""
+    if not Path(checkpoint).is_file():  # fail before building the data and the model
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if split == "test" and not cfg.data.test.name:
+        split = "val"
+    datasets = task.build_datasets(cfg, splits=(split,))
+    if split not in datasets:
+        raise ValueError(f"the config defines no data.{split} dataset")
+    model = task.build_model(cfg).to(device)
+    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)  # refuses non-finite weights
+    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
+    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
+    if cfg.runtime.channels_last:
+        to_channels_last(model)
+    results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))
+    results.setdefault("split", split)
+    return results

@@ -1,0 +1,79 @@
+"""Run-time helpers of the trainer: seeding, device and AMP choice, channels-last, batch accessors."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from pce.engine.logging import scalar_metrics
+
+logger = logging.getLogger("pce")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and every loss term."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; ``deterministic`` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _autocast(dtype: Optional[torch.dtype]):
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Channels-last layout for every 4-d parameter / buffer (``Module.to(memory_format=...)`` fails on the
+    5-d stacked expert weights)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def _format_metrics(results: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scalar_metrics(results).items())
+
+
+def _batch_images(task: Any, batch: Any) -> torch.Tensor:
+    if hasattr(task, "batch_images"):
+        return task.batch_images(batch)
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _batch_size(task: Any, batch: Any) -> int:
+    if hasattr(task, "batch_size"):
+        return int(task.batch_size(batch))
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
