@@ -1,0 +1,122 @@
+"""Loading weights into a model: checkpoints (model or EMA weights), pretrained partial loads with a report,
+and the phase a checkpoint was saved in."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Mapping, Union
+
+import torch
+
+from pce.engine.errors import PCEError
+
+from pce.engine.checkpoint import check_finite, load_checkpoint
+
+logger = logging.getLogger("pce")
+
+PathLike = Union[str, os.PathLike]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel / AveragedModel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, prefer_ema: bool = False
+                       ) -> Dict[str, Any]:
+    """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
+    ``prefer_ema``: use the EMA weights when the checkpoint has them. Returns the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    state = _model_state(ckpt, prefer_ema)
+    check_finite(state, path, " in the saved weights")
+    try:
+        unwrap_model(model).load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise PCEError(path, f"the weights do not fit the model built from the config ({_mismatch_summary(model, state)})",
+                       "a checkpoint of the same model config") from e
+    return ckpt
+
+
+def _model_state(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> Mapping[str, Any]:
+    if prefer_ema and ckpt.get("ema"):
+        return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        return ckpt["model"]
+    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
+        return ckpt["state_dict"]
+    return ckpt
+
+
+def _mismatch_summary(model: torch.nn.Module, state: Mapping[str, Any]) -> str:
+    own = unwrap_model(model).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
+        if keys:
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:3])}" + (", ..." if len(keys) > 3 else ""))
+    if shape:
+        k = shape[0]
+        parts.append(f"{k}: saved {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+    return "; ".join(parts) or "load_state_dict failed"
+
+
+def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pretrained") -> Dict[str, Any]:
+    """Load the tensors of ``path`` whose names and shapes match ``model``; report the missing, unexpected and
+    shape-mismatched ones. Raises :class:`PCEError` naming ``key`` when nothing matched. Returns
+    ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
+    ckpt = load_checkpoint(path)
+    state = _model_state(ckpt)
+    check_finite(state, f"{key}={path}", " in the pretrained weights")
+    own = unwrap_model(model).state_dict()
+    matched = {k: v for k, v in state.items()
+               if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and k not in matched]
+    if not matched:
+        raise PCEError(f"{key}={path}", f"none of its {len(state)} tensors matches the model's {len(own)} "
+                       f"(e.g. {', '.join(list(state)[:2]) or 'no tensors'} vs {', '.join(list(own)[:2])})",
+                       "a checkpoint of the same architecture")
+    unwrap_model(model).load_state_dict(matched, strict=False)
+    report = {"matched": len(matched), "total": len(own), "missing": missing, "unexpected": unexpected,
+              "mismatched": mismatched}
+    msg = f"loaded pretrained weights from {path}: {len(matched)} of {len(own)} model tensors matched"
+    if missing or unexpected or mismatched:
+        details = [f"{len(v)} {n} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                   for n, v in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+                   if v]
+        logger.warning("%s; %s", msg, "; ".join(details))
+    else:
+        logger.info(msg)
+    return report
+
+
+def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int) -> Any:
+    """The :class:`~pce.engine.phases.Phase` a checkpoint was saved in (its ``phase`` entry), falling back to the
+    config's phase of its epoch for checkpoints without one. A config that disagrees is a warning naming both."""
+    from pce.engine.phases import Phase, PhaseController, build_phases
+
+    ctl = PhaseController(build_phases(phases_cfg, total_epochs), kmeans_init_batches=0)
+    epoch = int(ckpt.get("epoch", total_epochs))
+    done_in_epoch = int(ckpt.get("epoch_iter", 0) or 0)
+    from_cfg = ctl.phase_at(epoch if done_in_epoch else max(epoch - 1, 0))
+    saved = ckpt.get("phase") or {}
+    cur, phases = int(saved.get("current", -1)), saved.get("phases") or []
+    if not 0 <= cur < len(phases):
+        return from_cfg
+    fields = {k: phases[cur].get(k) for k in ("name", "epochs", "router_override", "keys_trainable", "attention",
+                                               "lr_mult", "upcycle", "start_epoch") if k in phases[cur]}
+    phase = Phase(**fields)
+    keys = ("router_override", "keys_trainable", "attention")
+    if phase.name != from_cfg.name or any(getattr(phase, k) != getattr(from_cfg, k) for k in keys):
+        logger.warning("the checkpoint was saved in phase '%s' (%s) but the config puts its epoch %d in phase '%s' "
+                       "(%s): evaluating in the checkpoint's phase '%s'", phase.name, phase.describe(), epoch,
+                       from_cfg.name, from_cfg.describe(), phase.name)
+    return phase
+
+
+# ------------------------------------------------------------------------------------------- work dir
