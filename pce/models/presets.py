@@ -59,6 +59,30 @@ def backbone_config(name: str, **overrides: Any) -> Dict[str, Any]:
     return cfg
 
 
+def apply_output_stride(cfg: Dict[str, Any], output_stride: int) -> Dict[str, Any]:
+    """A copy of backbone kwargs ``cfg`` whose deepest map sits at stride ``output_stride`` (8, 16, 32, ...).
+
+    The backbone is *built* for the stride (no dilation of a built model): every stage whose nominal stride
+    exceeds ``output_stride`` gets ``stride=1`` (its downsampling 3x3 conv keeps the resolution) and its
+    ``patch_size`` is multiplied by ``nominal_stride / output_stride``, so each PCE layer keeps the same patch
+    grid in image pixels (``pce_tiny`` at 16: stage 4 at stride 16 with 4x4 patches instead of stride 32 with
+    2x2; one patch still covers 64x64 input pixels). Used by the smp encoder and the timm entry points."""
+    cfg = copy.deepcopy(cfg)
+    stages = [dict(s) for s in cfg["stages"]]
+    previous = int(cfg.get("stem_stride", 4))
+    if not isinstance(output_stride, int) or output_stride < previous or output_stride & (output_stride - 1):
+        raise ValueError(f"output_stride must be a power of two >= the stem stride ({previous}), got {output_stride!r}")
+    nominal = previous
+    for s in stages:
+        nominal *= int(s.get("stride", 2))
+        actual = min(nominal, output_stride)
+        s["stride"] = 2 if actual > previous else 1
+        s["patch_size"] = int(s["patch_size"]) * (nominal // actual)
+        previous = actual
+    cfg["stages"] = stages
+    return cfg
+
+
 def build_backbone(name: str, **overrides: Any) -> PCEBackbone:
     """Build a preset, e.g. ``build_backbone("pce_tiny", router="gate", num_experts=8, top_k=1)``."""
     return PCEBackbone(**backbone_config(name, **overrides))

@@ -54,7 +54,7 @@ import segmentation_models_pytorch as smp
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 
 from pce.models.backbone import PCEBackbone
-from pce.models.presets import backbone_config, list_backbones
+from pce.models.presets import apply_output_stride, backbone_config, list_backbones
 
 __all__ = [
     "PCEEncoder", "PretrainedWeightsError", "create_smp_model", "is_pce_encoder_name",
@@ -117,16 +117,8 @@ def _encoder_config(preset: str, depth: int, output_stride: int, overrides: Mapp
         raise ValueError(f"{preset!r}: an smp encoder of depth {depth} needs stages at strides "
                          f"{[4 * 2 ** i for i in range(depth - 1)]} (stage strides 1, 2, 2, ...), "
                          f"got stage strides {strides}")
-    stages = stages[:depth - 1]
-    previous = 4  # the stem's stride
-    for i, s in enumerate(stages):
-        nominal = 4 * 2 ** i
-        actual = min(nominal, output_stride)
-        s["stride"] = 2 if actual > previous else 1
-        s["patch_size"] = int(s["patch_size"]) * (nominal // actual)
-        previous = actual
-    cfg["stages"] = stages
-    return cfg
+    cfg["stages"] = stages[:depth - 1]
+    return apply_output_stride(cfg, output_stride)
 
 
 class PCEEncoder(EncoderMixin, nn.Module):
