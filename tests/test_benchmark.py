@@ -152,3 +152,25 @@ def test_count_flops_backbone_mapping_output():
     r = count_flops(bb, torch.randn(1, 3, 64, 64))
     assert r["total"] > 0 and r["unsupported"] == {}
     assert "stages.0" in r["by_module"] and r["by_module"][""] == r["total"]
+
+
+def test_benchmark_compile_section_rows():
+    """``--compile``'s layer cells (dynamo's ``eager`` backend: the capture path without code generation):
+    every candidate timed, ratios consistent with the times, compiled outputs equal to eager ones."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import benchmark
+    import benchmark_compile
+
+    cfg = dict(batch=2, channels=8, size=16, patch=8, experts=(2,), warmup=0, reps=1, min_reps=1, budget_s=0.0)
+    rows = benchmark_compile.run_compile_layer(cfg, 1, "eager", benchmark, lambda msg: None)
+    names = {"pce_eager", "pce_compiled", "pce_cap_eager", "pce_cap_compiled", "dense_eager", "dense_compiled"}
+    assert {(r["candidate"], r["mode"]) for r in rows} == {(n, m) for n in names for m in ("fwd", "train")}
+    for mode in ("fwd", "train"):
+        cell = {r["candidate"]: r for r in rows if r["mode"] == mode}
+        for r in cell.values():
+            assert _positive_finite(r["ms"])
+            assert r["ratio_vs_dense_eager"] == pytest.approx(r["ms"] / cell["dense_eager"]["ms"])
+            assert r["ratio_vs_pce_eager"] == pytest.approx(r["ms"] / cell["pce_eager"]["ms"])
+            assert (r["compile_s"] is not None) == r["candidate"].endswith("compiled")
+    assert max(rows[0]["max_abs_diff"].values()) < 1e-5
+    assert "torch.compile (backend eager" in benchmark_compile.format_compile(rows, "eager")

@@ -6,6 +6,7 @@
     python tools/benchmark.py --quick --threads 1 2        # model level with 1 and 2 threads
     python tools/benchmark.py --quick --profile            # + torch.profiler top ops of the PCE paths
     python tools/benchmark.py --quick --smoke --json b.json  # tiny shapes, every code path (tests)
+    python tools/benchmark.py --quick --compile              # + torch.compile (inductor) on layer and model
 
 What it measures, in one process, candidates interleaved (A B C, C B A, ...) after warm-up, medians of wall
 time (the ratios and targets) and of process CPU time (``*_cpu*`` keys: with one thread, what the computation
@@ -390,6 +391,30 @@ def run_profile(layer_cfg: Dict[str, Any], preset: str, model_cfg: Dict[str, Any
         log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
 
 
+# -- torch.compile -------------------------------------------------------------------------------------------------
+def _compile_module():
+    tools = str(Path(__file__).resolve().parent)
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import benchmark_compile  # noqa: E402  (tools/benchmark_compile.py)
+
+    return benchmark_compile
+
+
+def run_compile(s: Dict[str, Any], args: argparse.Namespace, threads: Sequence[int], layer_threads: int,
+                log) -> List[Dict[str, Any]]:
+    """The ``--compile`` section (:mod:`benchmark_compile`): layer level with ``layer_threads``, model level
+    with the largest thread count."""
+    bc, me = _compile_module(), sys.modules[__name__]
+    log(f"torch.compile ({args.compile_backend}) ...")
+    rows = []
+    if "layer" not in args.skip:
+        rows += bc.run_compile_layer(s["layer"], layer_threads, args.compile_backend, me, log)
+    if "model" not in args.skip:
+        rows += bc.run_compile_model(s["model"], args.preset, max(threads), args.compile_backend, me, log)
+    return rows
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def check_targets(result: Dict[str, Any], preset: str) -> List[Dict[str, Any]]:
     """The issue's targets, judged on the wall-clock medians; ``value_cpu`` is the same ratio from CPU time."""
@@ -521,6 +546,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, help="soft limit of the whole run: past it (less a reserve for "
                     "FLOPs and memory) every cell stops at its minimum repetitions (default: full 8, quick 1)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of the PCE paths")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile on the layer and the "
+                    "classifier (PCE and dense twin, eager and compiled; tools/benchmark_compile.py; minutes)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile "
+                    "(default inductor; 'aot_eager' or 'eager' check the code paths quickly)")
     ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_mem-input", dest="mem_input", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_mem-batch", dest="mem_batch", type=int, help=argparse.SUPPRESS)
@@ -588,6 +617,10 @@ def main(argv=None) -> Dict[str, Any]:
     if procs is not None:
         result["memory"] = collect_memory(args.preset, procs)
         done("memory (after flops)")
+    if args.compile:
+        config["compile_backend"] = args.compile_backend
+        result["compile"] = run_compile(s, args, threads, layer_threads, log)
+        done("compile")
     if args.profile:
         run_profile(s["layer"], args.preset, s["model"], layer_threads, log)
         done("profile")
@@ -595,6 +628,8 @@ def main(argv=None) -> Dict[str, Any]:
     config["loadavg_end"] = loadavg()
     config["wall_s"] = round(time.perf_counter() - t_start, 1)
     log(format_report(result, args.preset))
+    if result.get("compile"):
+        log(_compile_module().format_compile(result["compile"], args.compile_backend))
     log(f"\ntotal {config['wall_s']} s ({', '.join(f'{k} {v} s' for k, v in sections.items())}), "
         f"load average at end {config['loadavg_end']}")
     if args.json:
