@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pce.layers.fx import fx_leaf
+
 
 class DeformableAttention(nn.Module):
     """``[B, C, H, W] -> [B, C, H, W]``: ``x + gamma * Attn(x)``; identity when disabled."""
@@ -50,7 +52,9 @@ class DeformableAttention(nn.Module):
         scale = q.new_tensor([2.0 * self.offset_range / Wr, 2.0 * self.offset_range / Hr])
         return (ref + off.permute(0, 2, 3, 1).tanh() * scale).clamp(-1, 1)
 
+    @fx_leaf  # one node in FX graphs, so that set_attention_enabled still acts on a traced model
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> ``[B, C, H, W]``."""
         if not self.enabled:
             return x
         B, C, H, W = x.shape

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pce.layers.fx import fx_leaf
+
 
 class PointwiseConv(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)``: ``[B, C, H, W] -> [B, O, H, W]``; small batches of maps under
@@ -21,6 +23,7 @@ class PointwiseConv(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
+    @fx_leaf  # its fast path branches on the device and shape: one node in FX graphs, like nn.Conv2d
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] < 16 and x.shape[2] * x.shape[3] < 16:
             y = F.linear(x.permute(0, 2, 3, 1), self.weight.view(self.out_channels, -1), self.bias)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from pce.layers.attention import DeformableAttention
+from pce.layers.fx import check_map, false_when_traced
+from pce.models import fx as _fx  # noqa: F401  registers the FX leaf modules with timm
 from pce.models.layer import DenseLayer, PCELayer
 from pce.moe.recorder import record_routing
 from pce.moe.routing import Router
@@ -159,9 +161,9 @@ class PCEBackbone(nn.Module):
             return math.lcm(max(strides), *patched)
         return max(strides)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"backbone expects input [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` when it is ``[B, in_chans, H, W]`` (else ``ValueError``); a checking node in FX graphs."""
+        return check_map(x, self.in_chans, "backbone")
 
     def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
                               intermediates_only: bool = False, stop_early: bool = True,
@@ -173,7 +175,7 @@ class PCEBackbone(nn.Module):
         ``intermediates_only=False`` returns ``(final, intermediates)`` with ``final`` the deepest stage's map
         (all stages run); otherwise the list, computing no stage past the last one asked for when
         ``stop_early``. ``stem_outputs``: prepend the output of every stem block (strides 2, 4)."""
-        self._check_input(x)
+        x = self._check_input(x)
         n = len(self.stages)
         if indices is None:
             wanted = list(self.out_indices)
@@ -194,7 +196,9 @@ class PCEBackbone(nn.Module):
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """``x [B, in_chans, H, W]`` -> ``OrderedDict[name, [B, C_i, H/s_i, W/s_i]]``; with ``return_routing``
         also the :class:`~pce.moe.routing.RoutingResult` of every PCE layer (forward order), as
-        :func:`pce.record_routing` gives them."""
+        :func:`pce.record_routing` gives them (not in FX graphs: record around the traced module's call)."""
+        return_routing = false_when_traced(return_routing, "an FX-traced backbone returns the maps only: "
+                                           "use pce.record_routing(traced_module) around its call")
         if return_routing:
             with record_routing(self) as rec:
                 feats = self.forward(x)

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Set, Tuple
 import torch
 from torch import nn
 
+from pce.layers.fx import fx_leaf
 from pce.layers.patched_map import PatchedMap
 from pce.layers.patches import PatchExtractor, PatchGrid
 from pce.layers.pointwise import PointwiseConv
@@ -96,8 +97,10 @@ class PCELayer(RoutingSource, nn.Module):
                            "or torch.jit.trace, which keep routing input-dependent")
 
     # -- forward -----------------------------------------------------------------------------------
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, C, H, W]`` -> ``[B, C, H, W]``."""
+        """``x [B, C, H, W]`` -> ``[B, C, H, W]``. An FX leaf (:func:`pce.layers.fx.fx_leaf`): the grid, padding
+        and routing depend on the map, so FX graphs hold the layer as one ``call_module`` node."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"PCELayer expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
         view = PatchedMap(x, self.extractor, self.pos)
@@ -134,7 +137,9 @@ class DenseLayer(nn.Module):
         self.experts = build_expert_bank(expert, 1, channels, channels, **(expert_kwargs or {}))
         self.proj = PointwiseConv(channels, channels, bias=False)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> ``[B, C, H, W]``; an FX leaf like :class:`PCELayer` (the same graph nodes)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"DenseLayer expects [B, {self.channels}, H, W], got {tuple(x.shape)}")
         return x + self.proj(self.experts.forward_one(x, 0))
