@@ -1,0 +1,137 @@
+"""How the :class:`~pce.engine.trainer.Trainer` is set up and how each epoch starts: datasets, loader, work
+dir, model, optimizer, phases, schedule, EMA (:class:`TrainerSetup`, a mixin), then per epoch the sampler and
+augmentation seeds, the phase switch (K-Means key initialisation with a fixed data subset, router override,
+upcycling), the DDP key broadcast and the DDP re-wrap when trainable parameters changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from pce.engine.checkpoint import load_pretrained
+from pce.engine.config import dump_config
+from pce.engine.distributed import broadcast_parameters
+from pce.engine.ema import build_ema
+from pce.engine.logging import MetricWriter, RoutingStatsCollector, setup_logger
+from pce.engine.optim import build_lr_scheduler, build_optimizer
+from pce.engine.phases import PhaseController, build_phases
+from pce.engine.runtime import _batch_images, to_channels_last
+from pce.moe.routing import keyed_routers
+
+__all__ = ["TrainerSetup"]
+
+logger = logging.getLogger("pce")
+
+
+class TrainerSetup:
+    """Construction steps and the start of every epoch for :class:`~pce.engine.trainer.Trainer`."""
+
+    def _build_data(self, cfg: Any, task: Any, resume_path: Optional[Path], force: bool) -> None:
+        """Datasets and the training loader (first: a missing dataset fails before anything is written), then
+        the work dir (rank 0)."""
+        self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))
+        if "train" not in self.datasets:
+            raise ValueError("the config defines no data.train dataset")
+        if self.is_main:
+            self._claim_work_dir(resume_path, force)  # after the data checks: a missing dataset writes nothing
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            if resume_path is None:  # a resumed run's config.py is replaced only once its checkpoint loaded
+                dump_config(cfg, self.work_dir / "config.py")
+            setup_logger(self.work_dir, self.rank)
+        if cfg.runtime.amp != "none" and self.amp_dtype is None:
+            logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
+        self.train_sampler = DistributedSampler(self.datasets["train"], num_replicas=self.world_size, rank=self.rank,
+                                                shuffle=True, seed=cfg.runtime.seed)
+        self._loader_gen = torch.Generator()
+        self.train_loader = DataLoader(
+            self.datasets["train"], batch_size=cfg.data.batch_size, sampler=self.train_sampler,
+            num_workers=cfg.data.num_workers, collate_fn=getattr(task, "collate_fn", None),
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda", drop_last=cfg.data.drop_last,
+            generator=self._loader_gen)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"the training set ({len(self.datasets['train'])} samples on this rank's share) gives no "
+                             f"batch of data.batch_size={cfg.data.batch_size} with drop_last={cfg.data.drop_last}")
+        self.iters_per_epoch = len(self.train_loader)
+        if cfg.schedule.iters_per_epoch:
+            self.iters_per_epoch = min(self.iters_per_epoch, cfg.schedule.iters_per_epoch)
+
+    def _build_training(self, cfg: Any, task: Any) -> None:
+        """Model (same initial weights on every rank), optimizer, phases, lr schedule, AMP scaler, EMA."""
+        torch.manual_seed(cfg.runtime.seed)
+        self.model = task.build_model(cfg).to(self.device)
+        torch.manual_seed(cfg.runtime.seed + self.rank)
+        if cfg.runtime.channels_last:
+            to_channels_last(self.model)
+        if cfg.model.pretrained:
+            load_pretrained(self.model, cfg.model.pretrained)  # reports missing / unexpected, fails on no match
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.phases = build_phases(cfg.phases, cfg.schedule.epochs)
+        self.phase_ctl = PhaseController(self.phases, cfg.runtime.kmeans_init_batches, seed=cfg.runtime.seed)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.schedule, self.phase_ctl.phase_epochs,
+                                            self.phase_ctl.lr_multipliers, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = build_ema(self.model, cfg.runtime.ema) if cfg.runtime.ema > 0 else None
+        self.ddp_model: Optional[DDP] = None
+        self.routing = RoutingStatsCollector(self.model)
+        self.writer: Optional[MetricWriter] = None
+
+    def _thread_limit(self):
+        """Limit the OpenMP / BLAS pools of scikit-learn's K-Means to runtime.num_threads."""
+        n = self.cfg.runtime.num_threads
+        if n > 0:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - a scikit-learn dependency
+                return contextlib.nullcontext()
+            return threadpool_limits(limits=n)
+        return contextlib.nullcontext()
+
+    def _kmeans_batches(self) -> List[torch.Tensor]:
+        n = self.cfg.runtime.kmeans_init_batches
+        ds = self.datasets["train"]
+        bs = self.cfg.data.batch_size
+        # a fixed random subset (datasets are often sorted by class)
+        g = torch.Generator().manual_seed(self.cfg.runtime.seed)
+        sub = Subset(ds, torch.randperm(len(ds), generator=g)[: n * bs].tolist())
+        loader = DataLoader(sub, batch_size=bs, shuffle=False, num_workers=self.cfg.data.num_workers,
+                            collate_fn=getattr(self.task, "collate_fn", None),
+                            generator=torch.Generator().manual_seed(self.cfg.runtime.seed))
+        batches = [_batch_images(self.task, b) for b in loader]
+        if self.cfg.runtime.channels_last:
+            batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        return batches
+
+    def _wrap_ddp(self) -> None:
+        if self.world_size == 1:
+            return
+        self.ddp_model = DDP(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                             find_unused_parameters=self.cfg.runtime.find_unused_parameters)
+
+    def _begin_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        self._loader_gen.manual_seed(self.cfg.runtime.seed * 100003 + epoch * 1009 + self.rank)
+        if hasattr(self.task, "set_epoch"):
+            self.task.set_epoch(epoch)
+        with self._thread_limit():
+            info = self.phase_ctl.on_epoch_start(epoch, self._models(), self._kmeans_batches, self.optimizer)
+        if info["kmeans_routers"] and hasattr(self.task, "set_epoch"):
+            self.task.set_epoch(epoch)  # the epoch's augmentation stream starts fresh after the K-Means batches,
+            #                             as in a run resumed inside this epoch (which skips K-Means)
+        if info["kmeans_routers"] and self.world_size > 1:
+            keys = [r.keys for mod in self._models() for r in keyed_routers(mod)]
+            broadcast_parameters(keys)
+        if info["started"] and self.writer is not None:
+            ph = info["phase"]
+            self.writer.write({"type": "phase", "epoch": epoch + 1, "iter": self.iteration, "phase": info["index"],
+                               "name": ph.name, "router_override": ph.router_override,
+                               "keys_trainable": ph.keys_trainable, "attention": ph.attention, "lr_mult": ph.lr_mult,
+                               "upcycle": ph.upcycle, "upcycled_layers": info["upcycled_layers"],
+                               "kmeans_routers": info["kmeans_routers"]}, step=self.iteration, prefix="phase")
+        if self.world_size > 1 and (self.ddp_model is None or info["requires_grad_changed"]):
+            self._wrap_ddp()

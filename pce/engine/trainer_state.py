@@ -1,0 +1,214 @@
+"""The trainer's persistent state: claiming the work dir, resume checks, ``state_dict`` / ``load_state``, the
+end of an epoch (validation when due, the best ``eval.metric``) and checkpoint saving (``best.pth`` before
+``latest.pth``, never a non-finite model).
+
+:class:`TrainerState` is a mixin of :class:`pce.engine.trainer.Trainer`; it reads the attributes the trainer
+sets up (``cfg``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, ``phase_ctl``, ``checkpoints``,
+``lock``, ``work_dir``, ``rank``, ``world_size``, ``is_main``, ``epoch``, ``epoch_iter``, ``iteration``, ``best``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from pce.engine.checkpoint import (capture_rng_state, checkpoint_is_finite, load_checkpoint, nonfinite_tensors,
+                                   remove_stale_temps, restore_rng_state, unwrap_model)
+from pce.engine.config import format_config
+from pce.engine.logging import scalar_metrics
+from pce.engine.runtime import _format_metrics
+from pce.engine.distributed import all_gather_object, all_reduce_max
+from pce.engine.ema import build_ema
+from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
+
+__all__ = ["TrainerState"]
+
+logger = logging.getLogger("pce")
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+class TrainerState:
+    """Work-dir claiming, resume checks and checkpoint state of the :class:`~pce.engine.trainer.Trainer`."""
+
+    def _claim_work_dir(self, resume_path: Optional[Path], force: bool) -> None:
+        """Rank 0: lock the work dir, refuse to overwrite a previous run's checkpoints, compare a resumed run's
+        config with the saved one, and remove the temp files of interrupted saves."""
+        self.lock.acquire()
+        old = self.checkpoints.has_checkpoints()
+        if resume_path is None and old and not force:
+            raise WorkDirError(self.work_dir, f"holds the checkpoints of a previous run "
+                               f"({', '.join(p.name for p in old)})", "--resume to continue it, --force to replace "
+                               "them, or another --work-dir")
+        if resume_path is None and old:
+            logger.warning("--force: the checkpoints in %s (%s) will be replaced by this run", self.work_dir,
+                           ", ".join(p.name for p in old))
+        if resume_path is not None:
+            self._check_resume_config(resume_path)
+        for f in remove_stale_temps(self.work_dir):
+            logger.info("removed %s (a temp file of an interrupted save)", f)
+
+    def _check_resume_config(self, resume_path: Path) -> None:
+        """The model config must be the saved run's (``config.py`` beside the checkpoint or in the work dir)."""
+        from pce.engine.config import config_to_dict, load_config
+
+        for saved in (self.work_dir / "config.py", Path(resume_path).parent / "config.py"):
+            if saved.is_file():
+                break
+        else:
+            return
+        try:
+            old = config_to_dict(load_config(saved))
+        except Exception as e:  # noqa: BLE001 - a damaged config.py: the weights check still applies
+            logger.warning("could not compare with %s: %s", saved, e)
+            return
+        new = config_to_dict(self.cfg)
+
+        a, b = _flatten(old), _flatten(new)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "runtime.work_dir"]
+        model = [k for k in diff if k.startswith("model.") and k != "model.pretrained"]
+        if model:
+            k = model[0]
+            raise PCEError(saved, f"--resume with a different model config: {k} is {a.get(k)!r} in the saved run, "
+                           f"{b.get(k)!r} now" + (f" (and {len(model) - 1} more model key(s))" if len(model) > 1
+                                                  else ""), "the saved run's model config; config.py is kept")
+        if diff:
+            logger.warning("resuming with config changes against %s: %s", saved,
+                           ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8]))
+
+    # -------------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything :meth:`load_state` needs (tensors and primitive containers only)."""
+        rng = all_gather_object(capture_rng_state())
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "phase": self.phase_ctl.state_dict(),
+            "epoch": self.epoch,
+            "epoch_iter": self.epoch_iter,
+            "iteration": self.iteration,
+            "rng": rng,
+            "best": dict(self.best),
+            "config": format_config(self.cfg),
+            "meta": {"torch": str(torch.__version__), "world_size": self.world_size, "time": time.time()},
+        }
+
+    def load_state(self, path: Union[str, os.PathLike]) -> None:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        try:
+            unwrap_model(self.model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            from pce.engine.checkpoint import _mismatch_summary
+
+            raise PCEError(path, f"--resume: the saved weights do not fit the model of the config "
+                           f"({_mismatch_summary(self.model, ckpt['model'])})", "the saved run's model config") from e
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                logger.warning("%s has no EMA weights: the EMA restarts from the current weights", path)
+                self.ema = build_ema(self.model, self.cfg.runtime.ema)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.phase_ctl.load_state_dict(ckpt.get("phase", {}))
+        self.epoch = int(ckpt["epoch"])
+        self.epoch_iter = int(ckpt.get("epoch_iter", 0) or 0)
+        self.iteration = int(ckpt["iteration"])
+        self.best = dict(ckpt.get("best") or self.best)
+        problem = self.checkpoints.verify_best(self.best)
+        if problem:
+            kept = load_checkpoint(self.checkpoints.best) if self.checkpoints.best.is_file() else None
+            if kept is not None and kept.get("best") and checkpoint_is_finite(self.checkpoints.best):
+                self.best = dict(kept["best"])
+                logger.warning("%s: the best is the one best.pth holds (%s %s, epoch %s)", problem,
+                               self.best.get("metric"), self.best.get("value"), self.best.get("epoch"))
+            else:
+                self.best = {"metric": self.cfg.eval.metric, "value": None, "epoch": -1}
+                logger.warning("%s: the best metric restarts at the next evaluation", problem)
+        rng = ckpt.get("rng") or []
+        if rng:
+            if self.rank >= len(rng):
+                logger.warning("checkpoint has RNG states of %d ranks; rank %d reuses rank 0's", len(rng), self.rank)
+            restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        logger.info("resumed from %s: %d epoch(s), %d iteration(s) done", path, self.epoch, self.iteration)
+
+    def save_checkpoint(self, save_latest: bool = True, save_best: bool = False) -> None:
+        state = self.state_dict()  # collective (RNG of every rank): all ranks call it
+        bad = nonfinite_tensors({"model": state["model"], "ema": state["ema"]})
+        if self.world_size > 1:
+            any_bad = all_reduce_max(1.0 if bad else 0.0) > 0  # every rank takes part
+            bad = bad or (["(another rank's tensors)"] if any_bad else [])
+        if bad:
+            latest = self.checkpoints.latest
+            kept = (f"; the last good checkpoint {latest} (epoch {load_checkpoint(latest).get('epoch')}) is kept"
+                    if latest.is_file() and checkpoint_is_finite(latest) else "; no good checkpoint was written")
+            msg = (f"not saved after epoch {self.epoch}: {len(bad)} non-finite parameter(s) / buffer(s): "
+                   f"{', '.join(bad[:5])}{kept}")
+            logger.error("%s", msg)
+            raise NonFiniteStateError(self.work_dir, msg, "every parameter and buffer finite: lower optimizer.lr, "
+                                      "set optimizer.grad_clip, or check the data")
+        if not self.is_main:
+            return
+        if save_best:  # best.pth first: a crash before latest.pth is written loses no best weights
+            self.checkpoints.save(state, "best.pth")
+            if save_latest:
+                self.checkpoints.copy(self.checkpoints.best, "latest.pth")
+        elif save_latest:
+            self.checkpoints.save(state, "latest.pth")
+
+    # ------------------------------------------------------------------------------- best / save
+    def _is_better(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        cur = self.best.get("value")
+        if cur is None:
+            return True
+        return value > cur if self.cfg.eval.mode == "max" else value < cur
+
+    def _end_epoch(self, stats: Dict[str, float]) -> None:
+        """Validate when due, track the best ``eval.metric``, save ``best.pth`` / ``latest.pth`` as configured."""
+        cfg = self.cfg
+        last = self.epoch == self.total_epochs or self._max_iters_reached()
+        results: Dict[str, Any] = {}
+        interval = cfg.runtime.eval_interval
+        if "val" in self.datasets and ((interval and self.epoch % interval == 0) or last):
+            results = self.evaluate("val")
+            self.last_val = results
+            if self.writer is not None:
+                self.writer.write({"type": "val", "epoch": self.epoch, "iter": self.iteration,
+                                   **scalar_metrics(results)}, step=self.iteration)
+            logger.info("epoch %d val: %s", self.epoch, _format_metrics(results))
+        better = False
+        if results:
+            if cfg.eval.metric not in results:
+                raise KeyError(f"eval.metric={cfg.eval.metric!r} is not among the evaluator's results: "
+                               f"{sorted(scalar_metrics(results))}")
+            value = float(results[cfg.eval.metric])
+            better = self._is_better(value)
+            if better:
+                self.best = {"metric": cfg.eval.metric, "value": value, "epoch": self.epoch}
+        ci = cfg.runtime.checkpoint_interval
+        save_latest = last or (ci > 0 and self.epoch % ci == 0)
+        if save_latest or better:
+            self.save_checkpoint(save_latest=save_latest, save_best=better)
+        logger.info("epoch %d/%d done: train loss %.4f%s", self.epoch, self.total_epochs, stats["loss"],
+                    f", best {cfg.eval.metric} {self.best['value']:.4f} (epoch {self.best['epoch']})"
+                    if self.best.get("value") is not None else "")
