@@ -161,3 +161,22 @@ def test_upcycle_copies_parameters_statistics_and_optimizer_state():
     bank2.upcycle(0)
     assert not opt2.state
 
+
+
+def test_captured_strategy_uses_the_router_capacity_factor(monkeypatch):
+    """Under capture a sparse layer runs the capacity strategy sized by its router's capacity factor
+    (``ceil(cf * N * k / E)``), not the masked-dense fallback of routers without one."""
+    import math
+
+    import pce.moe.execution as ex
+    from pce.models.layer import PCELayer
+
+    gate = PCELayer(8, 4, num_experts=4, router="gate", top_k=1, execution="sparse",
+                    router_kwargs=dict(capacity_factor=1.25))
+    cosine = PCELayer(8, 4, num_experts=4, top_k=1, execution="sparse")
+    monkeypatch.setattr(ex, "is_capturing", lambda: True)
+    strategy = gate.strategy.resolve(gate.router, torch.device("cpu"))
+    assert isinstance(strategy, ex.CapacityExecution) and strategy.router is gate.router
+    assert strategy.capacity(128, 4, strategy.router) == math.ceil(1.25 * 128 * 1 / 4) == 40
+    fallback = cosine.strategy.resolve(cosine.router, torch.device("cpu"))
+    assert fallback.capacity(128, 4, fallback.router) == 128  # no capacity factor: every token fits

@@ -19,7 +19,8 @@ Every strategy is one class registered in :data:`~pce.registry.EXECUTIONS` and h
 * ``capacity``: static shapes (GShard / Switch style): each expert runs on a fixed buffer of
   ``ceil(cf * N * k / E)`` tokens, its highest-weight ones; tokens over capacity take the skip path. This is what
   runs whenever a graph is captured (:func:`is_capturing`: ``torch.export``, ONNX, ``torch.compile``,
-  ``torch.jit.trace``, FX): ``sparse``/``reference``/``auto`` switch to it, ``context`` raises.
+  ``torch.jit.trace``): ``sparse``/``reference``/``auto`` switch to it, ``context`` raises. (FX keeps PCE layers
+  as leaves that run eagerly in the traced module: :mod:`pce.layers.fx`.)
 
 A new strategy: subclass :class:`Execution`, implement ``__call__``, add ``@EXECUTIONS.register("name")``.
 """
@@ -107,8 +108,9 @@ class Execution:
         return self.captured(router) if (not self.static and is_capturing()) else self
 
     def captured(self, router: Router) -> "Execution":
-        """The static strategy standing in for this one in a captured graph (same outputs in eval mode)."""
-        return CapacityExecution()
+        """The static strategy standing in for this one in a captured graph (same outputs in eval mode); it
+        sizes its buffers with ``router``'s capacity factor."""
+        return CapacityExecution(router)
 
     def __call__(self, bank: ExpertBank, view: PatchedMap, weights: torch.Tensor,
                  opt: ExecutionOptions) -> torch.Tensor:
@@ -228,7 +230,7 @@ class ContextExecution(Execution):
 
     def captured(self, router: Router) -> Execution:
         raise RuntimeError("execution='context' has data-dependent shapes and cannot be captured in a graph "
-                           "(torch.export / ONNX / torch.compile / jit.trace / FX); build the model with "
+                           "(torch.export / ONNX / torch.compile / jit.trace); build the model with "
                            "execution='capacity' (or 'map') to export it")
 
     def __call__(self, bank: ExpertBank, view: PatchedMap, weights: torch.Tensor,
