@@ -72,6 +72,7 @@ class PCEClassifier(nn.Module):
                  spp_mode: str = "avg", dropout: float = 0.0, global_pool: Optional[str] = None,
                  **overrides: Any) -> None:
         super().__init__()
+        self._check_head(num_classes, spp_mode if global_pool is None else global_pool)  # before the build
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, **overrides)
         elif overrides:
@@ -91,7 +92,9 @@ class PCEClassifier(nn.Module):
         """timm's ``feature_info``: one dict per stage, ``module`` the path inside this model."""
         return [dict(f, module=f"backbone.{f['module']}") for f in self.backbone._all_info]
 
-    def _set_head(self, num_classes: int, global_pool: str) -> None:
+    @staticmethod
+    def _check_head(num_classes: int, global_pool: str) -> None:
+        """``ValueError`` saying what to pass when ``num_classes`` / ``global_pool`` cannot make a head."""
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
         if global_pool not in POOL_TYPES:
@@ -100,6 +103,9 @@ class PCEClassifier(nn.Module):
         if global_pool == "" and num_classes > 0:
             raise ValueError("global_pool='' (no pooling) leaves a map the FC layer cannot read: use num_classes=0 "
                              "for a feature extractor, or global_pool='avg' / 'max' to keep a classifier")
+
+    def _set_head(self, num_classes: int, global_pool: str) -> None:
+        self._check_head(num_classes, global_pool)
         if global_pool:
             self.spp: nn.Module = SpatialPyramidPooling(self.spp_levels, global_pool)
             self.head_hidden_size = self.spp.output_dim(self.num_features)

@@ -27,7 +27,7 @@ from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
 from pce.models.backbone import PCEBackbone
-from pce.models.classifier import PCEClassifier
+from pce.models.classifier import PCEClassifier, take_indices
 from pce.models.presets import apply_output_stride, backbone_config, list_backbones
 
 __all__ = ["PCEFeatureListNet", "PCEFeatureDictNet", "default_cfgs", "create_timm_model", "pool_size"]
@@ -75,7 +75,7 @@ class PCEFeatureListNet(nn.Module):
 
     return_dict = False
 
-    def __init__(self, model: PCEClassifier, out_indices: Union[int, Sequence[int]] = 4,
+    def __init__(self, model: PCEClassifier, out_indices: Union[int, Sequence[int], None] = None,
                  out_map: Optional[Sequence[Union[int, str]]] = None, output_fmt: str = "NCHW") -> None:
         super().__init__()
         if output_fmt != "NCHW":
@@ -128,6 +128,7 @@ def _build_classifier(variant: str, num_classes: int = 1000, drop_rate: float = 
     for ``output_stride`` (:func:`~pce.models.presets.apply_output_stride`), and the SPP + FC head."""
     if drop_path_rate:
         raise ValueError(f"PCE models have no stochastic depth: drop_path_rate must be 0, got {drop_path_rate}")
+    PCEClassifier._check_head(num_classes, spp_mode if global_pool is None else global_pool)  # before the build
     cfg = backbone_config(variant, **overrides)
     if output_stride is not None:
         cfg = apply_output_stride(cfg, output_stride)
@@ -144,6 +145,8 @@ def create_timm_model(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     num_stages = len(kwargs.get("stages") or backbone_config(variant)["stages"])
     if kwargs.get("features_only"):
         kwargs["feature_cls"] = _feature_cls(kwargs.get("feature_cls"))
+        if kwargs.get("out_indices") is not None:
+            take_indices(num_stages, kwargs["out_indices"])  # ValueError before the (slow) build
         kwargs.setdefault("num_classes", 0)  # the head is pruned anyway: don't build a 1000-class layer
     return build_model_with_cfg(partial(_build_classifier, variant), variant, pretrained=False,
                                 feature_cfg=dict(out_indices=tuple(range(num_stages))), **kwargs)
