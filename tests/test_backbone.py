@@ -147,7 +147,7 @@ def test_classifier_head_and_errors():
     logits, routing = run_routed(clf, torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and len(routing) == 3
     with pytest.raises(ValueError, match="num_classes"):
-        PCEClassifier("pce_cifar", 0)
+        PCEClassifier("pce_cifar", -1)
 
 
 def _tiny_stages(**per_stage):
@@ -185,3 +185,27 @@ def test_experts_can_be_placed_in_some_stages_only():
         build_backbone("pce_tiny", stages=_tiny_stages(**{"2": dict(layer="moe")}))
     with pytest.raises(ValueError, match="stage 1: num_experts must be an integer >= 1"):
         build_backbone("pce_tiny", stages=_tiny_stages(**{"1": dict(num_experts=0)}))
+
+
+def test_truncate_stages_and_intermediate_index_errors():
+    from pce.models.presets import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone("pce_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = bb.forward_intermediates(x, intermediates_only=True)
+    with pytest.raises(ValueError, match="out of range"):
+        bb.forward_intermediates(x, indices=[7])
+    with pytest.raises(ValueError, match="last n stages"):
+        bb.forward_intermediates(x, indices=5)
+    n_params = sum(p.numel() for p in bb.parameters())
+    bb.truncate_stages(2)
+    assert len(bb.stages) == 2 and bb.out_indices == (0, 1) and bb.num_features == 64
+    assert [f["channels"] for f in bb.feature_info] == bb.out_channels == [32, 64]
+    assert sum(p.numel() for p in bb.parameters()) < n_params
+    with torch.no_grad():
+        kept = list(bb(x).values())
+    assert all(torch.equal(a, b) for a, b in zip(kept, full[:2]))
+    with pytest.raises(ValueError, match="keeps 1 .. 2"):
+        bb.truncate_stages(3)

@@ -26,7 +26,10 @@ CAPACITY_ROUTER = dict(router="gate", top_k=1, router_kwargs=dict(capacity_facto
 
 
 def _compile(model: nn.Module, backend: str) -> nn.Module:
-    return torch.compile(model, backend=backend)
+    """``torch.compile`` with static shapes: with automatic dynamic shapes (the default after a recompile, e.g.
+    the train-mode graph after the eval one) inductor 2.14 fails on the classifier's SPP
+    (``cannot determine truth value of Relational: 64*s0**2 < 64*s0``)."""
+    return torch.compile(model, backend=backend, dynamic=False)
 
 
 def _first_call(fn: Callable[[], Any]) -> float:
@@ -67,6 +70,7 @@ def run_compile_layer(cfg: Dict[str, Any], threads: int, backend: str, B: Any, l
     x = torch.randn(cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
     rows: List[Dict[str, Any]] = []
     for E in cfg["experts"]:
+        torch._dynamo.reset()  # fresh caches: past dynamo's recompile limit a compiled module silently runs eagerly
         torch.manual_seed(0)
         models = {"pce": PCELayer(cfg["channels"], cfg["patch"], num_experts=E, router="cosine", top_k=1),
                   "pce_cap": PCELayer(cfg["channels"], cfg["patch"], num_experts=E, **CAPACITY_ROUTER),
@@ -112,6 +116,7 @@ def run_compile_model(cfg: Dict[str, Any], preset: str, threads: int, backend: s
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, B.NUM_CLASSES, (batch,))
     rows: List[Dict[str, Any]] = []
+    torch._dynamo.reset()
     eager = {"pce": B.build_model(f"pce_{preset}"), "dense": B.build_model(f"dense_{preset}")}
     compiled = {n: _compile(m, backend) for n, m in eager.items()}
     cells = {}

@@ -180,8 +180,13 @@ class PCEBackbone(nn.Module):
         if indices is None:
             wanted = list(self.out_indices)
         elif isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: the last n stages need 1 <= n <= {n}")
             wanted = list(range(n - indices, n))
         else:
+            bad = [i for i in indices if not -n <= i < n]
+            if bad:
+                raise ValueError(f"indices {bad} out of range for {n} stages (0 .. {n - 1}, or negative from the end)")
             wanted = [i % n for i in indices]
         stem = self.stem.forward_intermediates(x)
         outs: List[torch.Tensor] = list(stem) if stem_outputs else []
@@ -205,6 +210,19 @@ class PCEBackbone(nn.Module):
             return feats, rec.results
         maps = self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return OrderedDict((self._all_info[i]["name"], m) for i, m in zip(self.out_indices, maps))
+
+    def truncate_stages(self, keep: int) -> None:
+        """Drop every stage from index ``keep`` on (their parameters go too), keeping ``feature_info``,
+        ``out_indices``, ``num_features`` and ``out_channels`` consistent with the stages left (timm's
+        ``prune_intermediate_layers``)."""
+        if not 1 <= keep <= len(self.stages):
+            raise ValueError(f"keep={keep}: a backbone keeps 1 .. {len(self.stages)} stages")
+        self.stages = self.stages[:keep]
+        self._all_info = self._all_info[:keep]
+        self.out_indices = tuple(i for i in self.out_indices if i < keep) or (keep - 1,)
+        self.feature_info = [self._all_info[i] for i in self.out_indices]
+        self.num_features = self._all_info[-1]["channels"]
+        self.out_channels = [f["channels"] for f in self.feature_info]
 
     # -- PCE controls ------------------------------------------------------------------------------
     def pce_layers(self) -> Iterator[PCELayer]:

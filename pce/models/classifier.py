@@ -41,17 +41,6 @@ def take_indices(num_stages: int, indices: Union[int, Sequence[int], None]) -> L
     return sorted(set(out))
 
 
-def _truncate_backbone(backbone: PCEBackbone, keep: int) -> None:
-    """Drop every stage from index ``keep`` on (their parameters go too), keeping the backbone's
-    ``feature_info`` / ``out_indices`` / ``num_features`` consistent with the stages left."""
-    backbone.stages = backbone.stages[:keep]
-    backbone._all_info = backbone._all_info[:keep]
-    backbone.out_indices = tuple(i for i in backbone.out_indices if i < keep) or (keep - 1,)
-    backbone.feature_info = [backbone._all_info[i] for i in backbone.out_indices]
-    backbone.num_features = backbone._all_info[-1]["channels"]
-    backbone.out_channels = [f["channels"] for f in backbone.feature_info]
-
-
 class PCEClassifier(nn.Module):
     """``[B, C, H, W] -> logits [B, num_classes]``.
 
@@ -163,7 +152,7 @@ class PCEClassifier(nn.Module):
             if not prune_head:
                 raise ValueError(f"pruning to {keep} stages changes the map the head reads: pass prune_head=True "
                                  "(the head is removed) or keep the deepest stage in indices")
-            _truncate_backbone(self.backbone, keep)
+            self.backbone.truncate_stages(keep)
             self.feature_info = self._stage_info()
             self.num_features = self.feature_info[-1]["num_chs"]
         if prune_head:
