@@ -7,13 +7,20 @@
 * every ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an ``nn.Sequential`` (stems, downsampling),
   with ``torch.nn.utils.fusion.fuse_conv_bn_eval``.
 The result is for inference only: calling ``train()`` on a fused model raises.
+
+``capture_blockers(model)`` lists the layers whose execution cannot run in a captured graph (torch.export, ONNX,
+torch.compile, jit.trace): ``execution="context"`` (data-dependent shapes). Every other strategy is static or
+becomes the static ``capacity`` execution under capture (:mod:`pce.moe.execution`).
 """
 from __future__ import annotations
+
+from typing import List, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pce.moe.execution import Execution
 from pce.moe.experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
 
 
@@ -70,3 +77,17 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     for m in model.modules():
         m.train = _no_train.__get__(m)  # type: ignore[method-assign]
     return model
+
+
+def capture_blockers(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(module name, reason)`` of every layer of ``model`` whose execution strategy cannot be captured in a
+    graph (its ``captured()`` stand-in raises); empty when ``model`` exports / compiles."""
+    out: List[Tuple[str, str]] = []
+    for name, m in model.named_modules():
+        strategy = getattr(m, "strategy", None)
+        if isinstance(strategy, Execution) and not strategy.static:
+            try:
+                strategy.captured(getattr(m, "router", None))
+            except RuntimeError as e:
+                out.append((name, str(e)))
+    return out

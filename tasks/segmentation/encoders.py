@@ -37,6 +37,14 @@ smp constructor, or let :func:`create_smp_model` (and
     smp.create_model("Unet", encoder_name=name, encoder_weights=None, classes=21)
     create_smp_model("FPN", "pce_tiny", encoder_overrides={"router": "gate", "num_experts": 8}, classes=21)
 
+Capability flags (what smp's own tests and encoder tables read, on the instance): ``_is_torch_scriptable`` is
+False (PCE layers refuse ``torch.jit.script``); ``_is_torch_compilable`` / ``_is_torch_exportable`` are True
+exactly when every PCE layer's execution can be captured in a graph (all strategies but ``"context"``: under
+capture the data-dependent ones run the static ``"capacity"`` execution, equal to ``"sparse"`` when no token
+overflows; see :func:`pce.models.fuse.capture_blockers`). On the encoder they are properties, so they follow
+the layers; :func:`create_smp_model` also sets them on the smp model it returns (``smp.create_model`` itself
+leaves the model's class defaults, True).
+
 Routing leaves the model through :func:`pce.record_routing`, as for every PCE model.
 """
 from __future__ import annotations
@@ -54,6 +62,7 @@ import segmentation_models_pytorch as smp
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 
 from pce.models.backbone import PCEBackbone
+from pce.models.fuse import capture_blockers
 from pce.models.presets import apply_output_stride, backbone_config, list_backbones
 
 __all__ = [
@@ -133,7 +142,17 @@ class PCEEncoder(EncoderMixin, nn.Module):
     ``forward(x)`` -> list of ``depth + 1`` maps.
     """
 
-    _is_torch_scriptable = False  # RoutingResult dataclasses
+    _is_torch_scriptable = False  # PCE layers refuse torch.jit.script (routing, registries, dataclasses)
+
+    @property
+    def _is_torch_compilable(self) -> bool:  # type: ignore[override]
+        """``torch.compile(fullgraph=True)`` works: no layer has an execution that cannot be captured."""
+        return not capture_blockers(self)
+
+    @property
+    def _is_torch_exportable(self) -> bool:  # type: ignore[override]
+        """``torch.export`` / ONNX (dynamo) work: no layer has an execution that cannot be captured."""
+        return not capture_blockers(self)
 
     def __init__(self, preset: str, depth: int = 5, output_stride: int = 32, **overrides: Any) -> None:
         nn.Module.__init__(self)  # EncoderMixin.__init__ does not chain to nn.Module
@@ -265,7 +284,11 @@ def create_smp_model(arch: str = "FPN", encoder: str = "pce_tiny",
         preset = base.pop("preset")
         merged = {**base, **overrides}
         encoder = register_smp_encoder(_variant_name(preset, merged), preset, **merged)
-    return smp.create_model(arch, encoder_name=encoder, **kwargs)
+    model = smp.create_model(arch, encoder_name=encoder, **kwargs)
+    if isinstance(model.encoder, PCEEncoder):  # the model's class flags, and what its PCE encoder can do
+        for flag in ("_is_torch_compilable", "_is_torch_exportable", "_is_torch_scriptable"):
+            setattr(model, flag, bool(getattr(type(model), flag, True) and getattr(model.encoder, flag)))
+    return model
 
 
 REGISTERED = register_smp_encoders()
