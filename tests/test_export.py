@@ -90,3 +90,45 @@ def test_onnx_round_trip_keeps_routing(classifier_and_inputs, tmp_path):
     name = sess.get_inputs()[0].name
     for x, e in zip(xs, eager):
         assert abs(sess.run(None, {name: x.numpy()})[0] - e.numpy()).max() < 1e-4
+
+
+# -- smp FPN on a PCE encoder (default routing: cosine top-1, execution "auto") --------------------------------
+@pytest.fixture(scope="module")
+def fpn_and_inputs():
+    """An FPN on ``pce_tiny`` (small decoder), two inputs ``[2, 3, 64, 64]`` that route differently, the eager
+    logits ``[2, 3, 64, 64]`` and the torch.export program captured on a third input."""
+    from pce.tasks.segmentation import build_segmentation_model
+
+    torch.manual_seed(0)
+    m = build_segmentation_model("FPN", "pce_tiny", num_classes=3, decoder_pyramid_channels=32,
+                                 decoder_segmentation_channels=32).eval()
+    xs = [torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64) * 4 - 1]
+    with torch.no_grad(), record_routing(m) as rec:
+        eager = [m(x) for x in xs]
+    w = [r.weights.argmax(-1) for r in rec.results]
+    n = len(w) // 2
+    assert n == 4 and any(not torch.equal(w[i], w[i + n]) for i in range(n)), "inputs must route differently"
+    with torch.no_grad():
+        ep = torch.export.export(m, (torch.randn(2, 3, 64, 64),))
+    return m, xs, eager, ep
+
+
+def test_fpn_torch_export_keeps_routing(fpn_and_inputs):
+    _, xs, eager, ep = fpn_and_inputs
+    with torch.no_grad():
+        for x, e in zip(xs, eager):
+            assert (ep.module()(x) - e).abs().max() < 1e-4
+
+
+def test_fpn_onnx_round_trip_keeps_routing(fpn_and_inputs, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, xs, eager, ep = fpn_and_inputs
+    path = tmp_path / "fpn.onnx"
+    torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False)  # the captured program, converted
+    onnx.checker.check_model(onnx.load(str(path)))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for x, e in zip(xs, eager):
+        assert abs(sess.run(None, {name: x.numpy()})[0] - e.numpy()).max() < 1e-4
