@@ -217,3 +217,31 @@ def test_overlay_mask_colours(tmp_path):
     from PIL import Image
     import numpy as np
     assert np.array_equal(np.asarray(Image.open(path)), out.permute(1, 2, 0).numpy())
+
+
+def test_torchvision_detection_contracts_negative_samples_bad_boxes_and_fx():
+    """What torchvision's detection tests assert of every detector: images without objects train (box
+    losses exactly 0, the rest finite), degenerate boxes are refused, and the backbone's FX feature
+    extraction gives the maps the detector's FPN reads."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = build_detector("pce_tiny", **SMALL).train()
+    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 96)]
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in images]
+    losses = model(images, empty)
+    assert set(losses) == TV_LOSSES and all(math.isfinite(float(v.detach())) for v in losses.values())
+    assert float(losses["loss_box_reg"].detach()) == 0.0 and float(losses["loss_rpn_box_reg"].detach()) == 0.0
+    sum(losses.values()).backward()
+    bad = [{"boxes": torch.tensor([[30.0, 20.0, 30.0, 70.0]]), "labels": torch.tensor([1])}] * 2
+    with pytest.raises((ValueError, AssertionError), match="positive height and width"):
+        model(images, bad)
+
+    body = model.pce_backbone.eval()
+    x = torch.randn(1, 3, 96, 128)
+    names = [f["module"] for f in body.feature_info]
+    fx = create_feature_extractor(body, return_nodes=names)
+    with torch.no_grad():
+        got, want = fx(x), body(x)
+    assert [tuple(v.shape) for v in got.values()] == [tuple(v.shape) for v in want.values()]
+    assert all(torch.equal(a, b) for a, b in zip(got.values(), want.values()))
