@@ -313,8 +313,9 @@ def run(args: argparse.Namespace) -> int:
         diff, scale = compare(module, runner, checks, names)
         changed, layers = routing_changes(module, checks)
         print(f"checked on {len(checks)} held-back inputs (batch sizes "
-              f"{', '.join(str(tree_flatten(x)[0][0].shape[0]) for x in checks)}); top-1 routing differs between "
-              f"two of them in {changed} of {layers} PCE layers")
+              f"{', '.join(str(tree_flatten(x)[0][0].shape[0]) for x in checks)}); "
+              + (f"top-1 routing differs between two of them in {changed} of {layers} PCE layers" if layers
+                 else "no PCE layers (a dense model)"))
         for n in names:
             print(f"  {n}: max |{args.format} - eager| = {diff[n]:.3g} (max |eager| = {scale[n]:.3g})")
         bad = [n for n in names if diff[n] > args.atol * max(1.0, scale[n])]
