@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,7 +48,6 @@ from pce.engine import PhaseController, build_phases, load_config, load_model_we
 from pce.engine.checkpoint import checkpoint_phase
 from pce.engine.errors import PCEError, add_debug_flag, one_line, run_cli
 from pce.engine.phases import find_backbones
-from pce.layers.pointwise import PointwiseConv
 from pce.models.fuse import capture_blockers, fuse_for_inference
 from pce.moe.experts import StackedBatchNorm2d
 from pce.moe.recorder import record_routing
@@ -206,15 +204,6 @@ def output_names(out: Any, what: str) -> List[str]:
     return [re.sub(r"\W+", "_", keystr(path)).strip("_") or f"output{i}" for i, (path, _) in enumerate(leaves)]
 
 
-def plain_pointwise(module: nn.Module) -> None:
-    """Make every :class:`~pce.layers.pointwise.PointwiseConv` of ``module`` (an export copy) a plain 1x1
-    convolution: its CPU fast path branches on ``batch < 16``, which pins a dynamic batch to 1..15 under
-    torch.export. Both paths compute the same; remove once PointwiseConv skips the branch under capture."""
-    for m in module.modules():
-        if isinstance(m, PointwiseConv):
-            m.forward = types.MethodType(nn.Conv2d.forward, m)  # type: ignore[method-assign]
-
-
 def capture(module: nn.Module, example: Any, dynamic_batch: bool) -> torch.export.ExportedProgram:
     """``torch.export`` of ``module`` on ``example`` (a batch ``[B, C, H, W]``); batch dim dynamic if asked."""
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -298,8 +287,6 @@ def run(args: argparse.Namespace) -> int:
                                                      if args.dynamic_batch else [])
     target = copy.deepcopy(module)  # what is exported; ``module`` stays the eager reference
     target = target.eval() if args.no_fuse else fuse_for_inference(target)
-    if args.dynamic_batch:
-        plain_pointwise(target)
     with torch.no_grad():
         names = output_names(module(example), args.what)
     shape = list(tree_flatten(example)[0][0].shape)
