@@ -80,6 +80,12 @@ def test_visualize_analyze_prune(run_dir: Path, tmp_path: Path):
     assert run("analyze_routing", DEMO, "--checkpoint", str(out), "--num", "16", "--out", str(tmp_path / "an2")) == 0
     s2 = json.loads((tmp_path / "an2" / "routing_stats.json").read_text())
     assert s2["layers"][first]["num_experts"] == 2
+    # tools/eval.py's path (evaluate_checkpoint) replays the pruned structure too
+    from pce.engine import evaluate_checkpoint
+
+    cfg = load_config(DEMO)
+    res = evaluate_checkpoint(cfg, get_task("classification"), str(out), split="val")
+    assert 0.0 <= res[cfg.eval.metric] <= 1.0 and res["split"] == "val"
 
 
 def test_tools_report_bad_input(run_dir: Path, tmp_path: Path, capsys):

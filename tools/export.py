@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
-from pce.engine import PhaseController, build_phases, load_config, load_model_weights
-from pce.engine.checkpoint import checkpoint_phase
+from pce.engine import load_config
+from pce.engine.evaluation import load_trained_weights
 from pce.engine.errors import PCEError, add_debug_flag, one_line, run_cli
 from pce.engine.phases import find_backbones
 from pce.models.fuse import capture_blockers, fuse_for_inference
@@ -116,9 +116,7 @@ def load_model(cfg: Any, task: Any, args: argparse.Namespace) -> nn.Module:
                        "an execution that captures: capacity, sparse, auto, dense, fused or map; a model trained "
                        "with 'context' computes differently under them, so train it with one of those")
     if args.checkpoint:
-        ckpt = load_model_weights(model, args.checkpoint, prefer_ema=True)  # refuses non-finite weights
-        ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-        ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
+        load_trained_weights(model, cfg, args.checkpoint)  # pruned structure, EMA weights, the saved phase
     else:
         print("warning: --random-weights: the exported model is untrained")
     return model.eval()

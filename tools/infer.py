@@ -34,8 +34,8 @@ from torch.utils.data import default_collate
 
 from pce.datasets import build_transform
 from pce.datasets.voc import image_to_array
-from pce.engine import PhaseController, build_phases, load_config, load_model_weights
-from pce.engine.checkpoint import checkpoint_phase
+from pce.engine import load_config
+from pce.engine.evaluation import load_trained_weights
 from pce.engine.errors import PCEError, add_debug_flag, one_line, run_cli
 from pce.engine.phases import find_backbones
 from pce.engine.trainer import resolve_device
@@ -155,9 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     paths = list_images(args.images)
     model = task.build_model(cfg)
-    ckpt = load_model_weights(model, args.checkpoint, prefer_ema=True)  # refuses non-finite weights
-    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
+    load_trained_weights(model, cfg, args.checkpoint)  # pruned structure, EMA weights, the saved phase
     model.to(device).eval()
     transform = eval_transform(cfg)
     names = class_names_from_config(cfg)

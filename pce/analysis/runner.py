@@ -6,7 +6,6 @@ weights (EMA when present), apply the routing of the phase the checkpoint was sa
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -17,7 +16,6 @@ from torch.utils.data import Subset
 from pce.analysis.labels import patch_labels
 from pce.analysis.maps import grid_of
 from pce.analysis.stats import RoutingStats
-from pce.analysis.surgery import apply_structure
 from pce.engine.errors import PCEError
 from pce.moe.recorder import record_routing
 
@@ -26,22 +24,10 @@ __all__ = ["load_model", "load_split", "collect_routing", "Collected", "batch_ta
 
 def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(model in eval mode on device, checkpoint dict)`` of ``checkpoint`` for ``cfg``'s task."""
-    from pce.engine import PhaseController, build_phases
-    from pce.engine.checkpoint import _model_state, check_finite, checkpoint_phase, load_checkpoint, unwrap_model
+    from pce.engine.evaluation import load_trained_weights  # the one loading path of eval / infer / export
 
-    path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
     model = task.build_model(cfg)
-    apply_structure(model, ckpt.get("expert_structure") or {})
-    state = _model_state(ckpt, prefer_ema=True)
-    check_finite(state, path, " in the saved weights")
-    try:
-        unwrap_model(model).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PCEError(path, f"the weights do not fit the model built from the config ({str(e).splitlines()[0]})",
-                       "a checkpoint of the same model config") from e
-    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])
+    ckpt = load_trained_weights(model, cfg, checkpoint)
     return model.to(device).eval(), ckpt
 
 

@@ -15,7 +15,7 @@ from pce.engine.distributed import InferenceShardSampler, all_gather_object, get
 from pce.engine.phases import PhaseController, build_phases
 from pce.engine.runtime import _amp_dtype, _autocast, resolve_device, to_channels_last
 
-__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint"]
+__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights"]
 
 logger = logging.getLogger("pce")
 
@@ -63,6 +63,25 @@ def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, devi
     return evaluator.compute()
 
 
+def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Make ``model`` (freshly built from ``cfg``) the trained one of ``checkpoint``, for evaluation, inference
+    and export: the expert structure of a pruned checkpoint (``expert_structure``, from
+    ``tools/prune_experts.py``) replayed, the weights loaded (EMA weights when saved; non-finite ones refused),
+    the routing of the phase it was saved in applied. Returns the checkpoint dict."""
+    from pce.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    structure = ckpt.get("expert_structure") if isinstance(ckpt, dict) else None
+    if structure:
+        from pce.analysis.surgery import apply_structure  # a building block; imported only when needed
+
+        apply_structure(model, structure)
+    ckpt = load_model_weights(model, checkpoint, prefer_ema=True, ckpt=ckpt)
+    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
+    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])
+    return ckpt
+
+
 def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
                         device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
@@ -75,10 +94,9 @@ def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike]
     datasets = task.build_datasets(cfg, splits=(split,))
     if split not in datasets:
         raise ValueError(f"the config defines no data.{split} dataset")
-    model = task.build_model(cfg).to(device)
-    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)  # refuses non-finite weights
-    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-    ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])  # the phase it was saved in
+    model = task.build_model(cfg)
+    load_trained_weights(model, cfg, checkpoint)
+    model.to(device)
     if cfg.runtime.channels_last:
         to_channels_last(model)
     results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -24,11 +24,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, prefer_ema: bool = False
-                       ) -> Dict[str, Any]:
+def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, prefer_ema: bool = False,
+                       ckpt: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
-    ``prefer_ema``: use the EMA weights when the checkpoint has them. Returns the checkpoint dict."""
-    ckpt = load_checkpoint(path)
+    ``prefer_ema``: use the EMA weights when the checkpoint has them; ``ckpt``: the checkpoint already read
+    from ``path`` (not read again). Returns the checkpoint dict."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     state = _model_state(ckpt, prefer_ema)
     check_finite(state, path, " in the saved weights")
     try:
