@@ -1,25 +1,18 @@
 """The analysis tools end to end on a digits checkpoint trained here (a few iterations)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from _faults_util import load_tool
 from pce.engine import Trainer, load_config
 from pce.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo_cls_digits.py")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run(name: str, *argv: str) -> int:

@@ -2,25 +2,18 @@
 torch.export of the backbone, the refusal to overwrite, the context-execution and bad-key error lines."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from _faults_util import load_tool
 from pce.engine import Trainer, load_config
 from pce.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo_cls_digits.py")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
