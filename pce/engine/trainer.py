@@ -41,8 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from pce.engine.checkpoint import (CheckpointManager, WorkDirLock, capture_rng_state, check_finite,
-                                   checkpoint_is_finite, load_checkpoint, restore_rng_state)
+from pce.engine.checkpoint import CheckpointManager, WorkDirLock, capture_rng_state, check_finite, restore_rng_state
 from pce.engine.config import dump_config
 from pce.engine.distributed import (all_reduce_max, all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
                                     sync_router_keys)
@@ -140,17 +139,6 @@ class Trainer(TrainerSetup, TrainerState):
             h(self, event)
 
     # -------------------------------------------------------------------------------------- train
-    def _nonfinite(self, epoch: int, i: int, names: List[str], values: List[float]) -> None:
-        terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(names + ["total"], values))
-        latest = self.checkpoints.latest
-        kept = (f"the last good checkpoint {latest} (epoch {load_checkpoint(latest).get('epoch')}) is kept"
-                if latest.is_file() and checkpoint_is_finite(latest) else "no good checkpoint was written yet")
-        msg = (f"non-finite loss at epoch {epoch + 1}, iteration {i + 1}/{self.iters_per_epoch} (global step "
-               f"{self.iteration + 1}): {terms}. Training stopped; {kept}. Lower optimizer.lr, set "
-               f"optimizer.grad_clip, or check the data.")
-        logger.error(msg)
-        raise NonFiniteLossError(msg)
-
     def _max_iters_reached(self) -> bool:
         m = self.cfg.schedule.max_iters
         return bool(m) and self.iteration >= m
@@ -205,14 +193,6 @@ class Trainer(TrainerSetup, TrainerState):
         logger.info("epoch %d/%d iter %d/%d (step %d) loss %.4f %s lr %.4g %.0f img/s", epoch + 1,
                     self.total_epochs, i + 1, self.iters_per_epoch, self.iteration, means["loss"],
                     " ".join(f"{k} {means[k]:.4f}" for k in names), lr, ips)
-
-    def _resume_skip(self, epoch: int) -> int:
-        """Iterations of ``epoch`` done before a resume inside it (their batches are loaded, not trained)."""
-        skip = self.epoch_iter if epoch == self.epoch else 0
-        if skip:
-            logger.info("epoch %d: skipping the %d iteration(s) done before the resume", epoch + 1, skip)
-        self.epoch_iter = skip
-        return skip
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         """Train one epoch (or what is left of it after a resume); returns ``{"loss": mean total loss}``."""

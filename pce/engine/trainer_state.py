@@ -1,6 +1,6 @@
 """The trainer's persistent state: claiming the work dir, resume checks, ``state_dict`` / ``load_state``, the
 end of an epoch (validation when due, the best ``eval.metric``) and checkpoint saving (``best.pth`` before
-``latest.pth``, never a non-finite model).
+``latest.pth``, never a non-finite model), the non-finite-loss stop and the iterations a mid-epoch resume skips.
 
 :class:`TrainerState` is a mixin of :class:`pce.engine.trainer.Trainer`; it reads the attributes the trainer
 sets up (``cfg``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, ``phase_ctl``, ``checkpoints``,
@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -21,7 +21,7 @@ from pce.engine.checkpoint import (capture_rng_state, checkpoint_is_finite, load
                                    remove_stale_temps, restore_rng_state, unwrap_model)
 from pce.engine.config import format_config
 from pce.engine.logging import scalar_metrics
-from pce.engine.runtime import _format_metrics
+from pce.engine.runtime import NonFiniteLossError, _format_metrics
 from pce.engine.distributed import all_gather_object, all_reduce_max
 from pce.engine.ema import build_ema
 from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
@@ -212,3 +212,22 @@ class TrainerState:
         logger.info("epoch %d/%d done: train loss %.4f%s", self.epoch, self.total_epochs, stats["loss"],
                     f", best {cfg.eval.metric} {self.best['value']:.4f} (epoch {self.best['epoch']})"
                     if self.best.get("value") is not None else "")
+
+    def _nonfinite(self, epoch: int, i: int, names: List[str], values: List[float]) -> None:
+        terms = ", ".join(f"{n}={v:.6g}" for n, v in zip(names + ["total"], values))
+        latest = self.checkpoints.latest
+        kept = (f"the last good checkpoint {latest} (epoch {load_checkpoint(latest).get('epoch')}) is kept"
+                if latest.is_file() and checkpoint_is_finite(latest) else "no good checkpoint was written yet")
+        msg = (f"non-finite loss at epoch {epoch + 1}, iteration {i + 1}/{self.iters_per_epoch} (global step "
+               f"{self.iteration + 1}): {terms}. Training stopped; {kept}. Lower optimizer.lr, set "
+               f"optimizer.grad_clip, or check the data.")
+        logger.error(msg)
+        raise NonFiniteLossError(msg)
+
+    def _resume_skip(self, epoch: int) -> int:
+        """Iterations of ``epoch`` done before a resume inside it (their batches are loaded, not trained)."""
+        skip = self.epoch_iter if epoch == self.epoch else 0
+        if skip:
+            logger.info("epoch %d: skipping the %d iteration(s) done before the resume", epoch + 1, skip)
+        self.epoch_iter = skip
+        return skip
