@@ -10,8 +10,9 @@ from .cifar import CIFAR10, CIFAR100
 from .tiny_imagenet import TinyImageNet
 from .digits import Digits
 from .transforms import ClassificationTransform, RaiseOneChannel
-from .voc import (VOC_CLASSES, VOC_PALETTE, VOCDetection, VOCSegmentation, find_voc_root, load_index_mask,
-                  parse_voc_xml)
+from .voc_format import VOC_CLASSES, VOC_PALETTE, find_voc_root, parse_voc_xml
+from .voc_images import load_index_mask
+from .voc import VOCDetection, VOCSegmentation
 from .voc_transforms import DetectionTransform, SegmentationTransform
 from .collate import SegmentationCollate, detection_collate, segmentation_collate
 from .demo_voc import DEMO_CLASSES, demo_voc_is_complete, ensure_demo_voc, make_demo_voc

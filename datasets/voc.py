@@ -11,235 +11,30 @@ Layout expected under ``root`` (``root`` is the folder that contains ``VOCdevkit
     VOCdevkit/VOC{year}/SegmentationClassAug/{id}.png    (optional, SBD-augmented masks)
 
 Nothing is downloaded. Every error about bad input names the offending file.
+
+This module holds the datasets (the public entry point of VOC reading); the format without pixels
+(:data:`VOC_CLASSES`, :data:`VOC_PALETTE`, folder lookup, split files, :func:`parse_voc_xml`) is in
+:mod:`pce.datasets.voc_format`, pixel reading (:func:`image_to_array`, :func:`load_index_mask`) in
+:mod:`pce.datasets.voc_images`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .registry import DATASETS
+from .voc_format import VOC_CLASSES, _read_split, _resolve_splits, find_voc_root, parse_voc_xml
+from .voc_images import _load_rgb, _to_tensor, load_index_mask
 
-__all__ = [
-    "VOC_CLASSES",
-    "VOC_PALETTE",
-    "parse_voc_xml",
-    "find_voc_root",
-    "image_to_array",
-    "VOCDetection",
-    "VOCSegmentation",
-]
-
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-
-IGNORE_INDEX = 255
-
-
-def _voc_colormap(n: int = 256) -> list[int]:
-    """Standard VOC bit-interleaving colour map as a flat ``[r0, g0, b0, r1, ...]`` list (3*n ints)."""
-    palette: list[int] = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.extend((r, g, b))
-    return palette
-
-
-#: Standard VOC colour map: flat list of 256*3 ints (index 0 black, 1 (128,0,0), ..., 255 (224,224,192)).
-VOC_PALETTE: list[int] = _voc_colormap(256)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-def find_voc_root(root: str | os.PathLike, year: str) -> Path:
-    """Return the ``VOC{year}`` folder given the folder containing ``VOCdevkit`` or ``VOCdevkit`` itself."""
-    root = Path(root).expanduser()
-    candidates = [root / "VOCdevkit" / f"VOC{year}", root / f"VOC{year}"]
-    if root.name == f"VOC{year}":
-        candidates.append(root)
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(
-        f"Could not find VOC{year} under {root}: looked for {candidates[0]} and {candidates[1]}. "
-        "Pass the folder that contains 'VOCdevkit' (or the VOCdevkit folder itself)."
-    )
-
-
-def _read_split(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"Split file not found: {path}")
-    ids = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if parts:
-                    ids.append(parts[0])
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text at byte {e.start} (expected one image id per line)") from None
-    return ids
-
-
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
-def image_to_array(im: Image.Image, channels: int = 3) -> np.ndarray:
-    """A PIL image as float32 ``[H, W, channels]`` in [0, 1] (``channels`` 1 or 3). 16-bit images are scaled by
-    65535 (not clipped to 255 as ``Image.convert`` does); 32-bit float images are taken as [0, 1]."""
-    if im.mode in _HIGH_BIT_MODES:
-        arr = np.asarray(im, dtype=np.float32)
-        if im.mode.startswith("I;16") or (im.mode == "I" and arr.size and arr.max() > 255):
-            arr = arr / 65535.0
-        elif im.mode == "I":
-            arr = arr / 255.0
-        arr = np.clip(arr, 0.0, 1.0)[..., None]
-        return np.repeat(arr, 3, axis=2) if channels == 3 else arr
-    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _load_rgb(path: Path) -> np.ndarray:
-    """Load an image file as uint8 RGB [H, W, 3] (16-bit images scaled to 8 bits); errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            if im.mode in _HIGH_BIT_MODES:
-                return np.round(image_to_array(im, 3) * 255.0).astype(np.uint8)
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise OSError(f"Could not read image {path}: {e}") from e
-
-
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _text(elem: ET.Element | None, tag: str, path: Path, default: str | None = None) -> str:
-    child = elem.find(tag) if elem is not None else None
-    if child is None or child.text is None or not child.text.strip():
-        if default is not None:
-            return default
-        raise ValueError(f"Malformed VOC annotation {path}: missing <{tag}>")
-    return child.text.strip()
-
-
-def _flag(elem: ET.Element, tag: str, path: Path) -> bool:
-    txt = _text(elem, tag, path, default="0")
-    try:
-        return bool(int(float(txt)))
-    except ValueError:
-        raise ValueError(f"Malformed VOC annotation {path}: <{tag}> is {txt!r}, expected 0 or 1") from None
-
-
-def parse_voc_xml(path: str | os.PathLike, classes: Sequence[str] = VOC_CLASSES) -> dict[str, Any]:
-    """Parse one VOC ``Annotations/*.xml`` file.
-
-    Returns ``{"filename": str, "size": (H, W, depth) or None, "objects": [obj, ...]}`` where each
-    obj is ``{"name", "label" (1..len(classes)), "difficult": bool, "truncated": bool,
-    "pose": str, "bndbox": (xmin, ymin, xmax, ymax)}`` with the raw VOC 1-based inclusive pixel
-    coordinates (as floats). Raises ValueError naming ``path`` for malformed XML, a missing
-    ``<bndbox>``/coordinate, an inverted box or a class name not in ``classes``.
-    """
-    path = Path(path)
-    class_to_label = {c: i + 1 for i, c in enumerate(classes)}
-    try:
-        tree = ET.parse(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Annotation file not found: {path}") from None
-    except ET.ParseError as e:
-        raise ValueError(f"Malformed VOC annotation XML {path}: {e}") from e
-    ann = tree.getroot()
-    if ann.tag != "annotation":
-        raise ValueError(f"Malformed VOC annotation {path}: root element is <{ann.tag}>, expected <annotation>")
-
-    size = None
-    size_el = ann.find("size")
-    if size_el is not None:
-        try:
-            w = int(float(_text(size_el, "width", path)))
-            h = int(float(_text(size_el, "height", path)))
-            d = int(float(_text(size_el, "depth", path, default="3")))
-        except ValueError as e:
-            raise ValueError(f"Malformed VOC annotation {path}: bad <size>: {e}") from e
-        if w > 0 and h > 0:
-            size = (h, w, d)
-
-    objects = []
-    for k, obj in enumerate(ann.findall("object")):
-        name = _text(obj, "name", path)
-        if name not in class_to_label:
-            raise ValueError(
-                f"Unknown class name {name!r} in VOC annotation {path} (object {k}); "
-                f"known classes: {list(classes)}"
-            )
-        bb = obj.find("bndbox")
-        if bb is None:
-            raise ValueError(f"Malformed VOC annotation {path}: object {k} ({name}) has no <bndbox>")
-        try:
-            box = tuple(float(_text(bb, t, path)) for t in ("xmin", "ymin", "xmax", "ymax"))
-        except ValueError as e:
-            raise ValueError(f"Malformed VOC annotation {path}: object {k} ({name}) bad <bndbox>: {e}") from e
-        if not all(math.isfinite(v) for v in box):
-            raise ValueError(f"{path}: object {k} ({name}) has a non-finite <bndbox> {box} (expected pixel "
-                             f"coordinates)")
-        if box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"Malformed VOC annotation {path}: object {k} ({name}) has inverted bndbox {box}")
-        objects.append(
-            {
-                "name": name,
-                "label": class_to_label[name],
-                "difficult": _flag(obj, "difficult", path),
-                "truncated": _flag(obj, "truncated", path),
-                "pose": _text(obj, "pose", path, default="Unspecified"),
-                "bndbox": box,
-            }
-        )
-    filename = _text(ann, "filename", path, default=path.stem + ".jpg")
-    return {"filename": filename, "size": size, "objects": objects}
-
-
-def _resolve_splits(year: Any, image_set: Any) -> list[tuple[str, str]]:
-    """Normalise (year, image_set) arguments into a list of (year, image_set) pairs."""
-    def is_pair_list(x: Any) -> bool:
-        return isinstance(x, (list, tuple)) and len(x) > 0 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in x)
-
-    for arg in (year, image_set):  # explicit [(year, image_set), ...]
-        if is_pair_list(arg):
-            return [(str(y), str(s)) for y, s in arg]
-    years = [str(year)] if isinstance(year, (str, int)) else [str(y) for y in year]
-    if not years:
-        raise ValueError("year must not be empty")
-    if isinstance(image_set, str):
-        sets = [image_set] * len(years)
-    else:
-        sets = [str(s) for s in image_set]
-        if len(sets) != len(years):
-            raise ValueError(f"image_set {image_set!r} must be a string or have one entry per year {years}")
-    return list(zip(years, sets))
+__all__ = ["VOCDetection", "VOCSegmentation"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,39 +183,6 @@ class VOCDetection(Dataset):
 # ----------------------------------------------------------------------------------------------
 # segmentation
 # ----------------------------------------------------------------------------------------------
-def load_index_mask(path: str | os.PathLike, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Read a palette ('P') or grayscale ('L') PNG of class indices as uint8 [H, W].
-
-    Raises ValueError naming ``path`` for an RGB/RGBA (colour-encoded) mask or for values outside
-    ``0..num_classes-1`` and ``ignore_index``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Mask file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode not in ("P", "L"):
-                raise ValueError(
-                    f"Mask {path} has image mode {mode!r}; it must be a palette ('P') or 8-bit index ('L') PNG "
-                    "whose pixel values are class indices (an RGB colour-encoded mask was probably given "
-                    "by mistake; convert it to class indices with the VOC palette first)"
-                )
-            mask = np.array(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise OSError(f"Could not read mask {path}: {e}") from e
-    valid = np.zeros(256, dtype=bool)
-    valid[:num_classes] = True
-    valid[ignore_index] = True
-    bad = ~valid[mask]
-    if bad.any():
-        vals = np.unique(mask[bad])
-        raise ValueError(
-            f"Mask {path} contains values {vals[:10].tolist()} outside 0..{num_classes - 1} and {ignore_index}"
-        )
-    return mask
-
-
 @DATASETS.register("voc_segmentation")
 class VOCSegmentation(Dataset):
     """PASCAL VOC semantic segmentation.

@@ -12,6 +12,9 @@ Both transforms take and return tensors in the conventions of :mod:`pce.datasets
 
 Randomness uses the transform's own generators, re-seeded once per DataLoader worker from the
 worker seed so workers do not repeat each other's augmentations.
+
+This module holds the two registered transforms; their shared pieces (image conversion, colour jitter,
+per-worker seeding, the resize rule, the box bookkeeping of a crop) are in :mod:`pce.datasets.voc_transform_utils`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .registry import TRANSFORMS  # noqa: E402
+from .voc_transform_utils import (_WorkerSeeded, _aligned_target, _base_scale, _color_jitter,  # noqa: E402
+                                  _crop_boxes, _to_uint8_hwc, _uint8_to_tensor)
 
 __all__ = ["DetectionTransform", "SegmentationTransform", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -35,68 +40,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3):
-        raise ValueError(f"expected an image tensor of shape [3, H, W], got {getattr(image, 'shape', type(image))}")
-    arr = image.detach().cpu().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return np.ascontiguousarray(arr.permute(1, 2, 0).numpy())
-
-
-def _uint8_to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _color_jitter(cj: Any) -> A.BasicTransform | None:
-    """None | float s | (brightness, contrast, saturation, hue) | dict -> A.ColorJitter."""
-    if cj is None or cj is False:
-        return None
-    if isinstance(cj, dict):
-        kw = dict(cj)
-        kw.setdefault("p", 0.8)
-        return A.ColorJitter(**kw)
-    if isinstance(cj, (int, float)):
-        b = c = s = float(cj)
-        h = min(float(cj) / 4, 0.5)
-    else:
-        b, c, s, h = (list(cj) + [0.0] * 4)[:4]
-    return A.ColorJitter(
-        brightness=(max(0.0, 1 - b), 1 + b), contrast=(max(0.0, 1 - c), 1 + c),
-        saturation=(max(0.0, 1 - s), 1 + s), hue=(-h, h), p=0.8,
-    )
-
-
-class _WorkerSeeded:
-    """Holds a numpy Generator and albumentations Composes; re-seeds them once per worker process."""
-
-    def _init_rng(self, seed: int | None) -> None:
-        self._seed = seed
-        self._rng = np.random.default_rng(seed)
-        self._seed_key: tuple[int, int] | None = None
-
-    def _composes(self) -> list[A.Compose]:
-        return []
-
-    def _maybe_reseed(self) -> None:
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            return
-        key = (os.getpid(), int(info.seed))
-        if key != self._seed_key:
-            self._seed_key = key
-            s = int(info.seed) % (2**32)
-            self._rng = np.random.default_rng([s, 0 if self._seed is None else self._seed])
-            for i, comp in enumerate(self._composes()):
-                comp.set_random_seed(int(self._rng.integers(0, 2**31 - 1)) + i)
-
-
-def _base_scale(h: int, w: int, min_size: int | None, max_size: int | None) -> float:
-    """Scale factor that brings the shorter side to min_size with the longer side at most max_size."""
-    s = 1.0
-    if min_size is not None:
-        s = min_size / min(h, w)
-    if max_size is not None and max(h, w) * s > max_size:
-        s = max_size / max(h, w)
-    return s
+def _detection_train_ops(hflip: float, color_jitter: Any, channel_shift: float | None,
+                         black_patches: int | dict | None) -> list[A.BasicTransform]:
+    """The albumentations ops of a training :class:`DetectionTransform` (flip, jitter, RGB shift, dropout)."""
+    ops: list[A.BasicTransform] = []
+    if hflip > 0:
+        ops.append(A.HorizontalFlip(p=hflip))
+    cj = _color_jitter(color_jitter)
+    if cj is not None:
+        ops.append(cj)
+    if channel_shift:
+        v = float(channel_shift)
+        ops.append(A.RGBShift(r_shift_limit=(-v, v), g_shift_limit=(-v, v), b_shift_limit=(-v, v), p=0.5))
+    if black_patches:
+        if isinstance(black_patches, dict):
+            kw = {"fill": 0, "p": 0.5, **black_patches}
+        else:
+            kw = {"num_holes_range": (1, int(black_patches)), "hole_height_range": (0.05, 0.15),
+                  "hole_width_range": (0.05, 0.15), "fill": 0, "p": 0.5}
+        ops.append(A.CoarseDropout(**kw))
+    return ops
 
 
 @TRANSFORMS.register("voc_detection")
@@ -140,23 +103,7 @@ class DetectionTransform(_WorkerSeeded):
         self.size_divisibility = size_divisibility
         self.min_visibility = float(min_visibility)
         self._init_rng(seed)
-        ops: list[A.BasicTransform] = []
-        if train:
-            if self.hflip > 0:
-                ops.append(A.HorizontalFlip(p=self.hflip))
-            cj = _color_jitter(color_jitter)
-            if cj is not None:
-                ops.append(cj)
-            if channel_shift:
-                v = float(channel_shift)
-                ops.append(A.RGBShift(r_shift_limit=(-v, v), g_shift_limit=(-v, v), b_shift_limit=(-v, v), p=0.5))
-            if black_patches:
-                if isinstance(black_patches, dict):
-                    kw = {"fill": 0, "p": 0.5, **black_patches}
-                else:
-                    kw = {"num_holes_range": (1, int(black_patches)), "hole_height_range": (0.05, 0.15),
-                          "hole_width_range": (0.05, 0.15), "fill": 0, "p": 0.5}
-                ops.append(A.CoarseDropout(**kw))
+        ops = _detection_train_ops(self.hflip, color_jitter, channel_shift, black_patches) if train else []
         # boxes only go through albumentations when some op moves/hides pixels (flip, dropout)
         self._box_aware = any(isinstance(op, (A.HorizontalFlip, A.CoarseDropout)) for op in ops)
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["idx"], min_visibility=0.0,
@@ -169,12 +116,18 @@ class DetectionTransform(_WorkerSeeded):
     def __call__(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         self._maybe_reseed()
         img = _to_uint8_hwc(image)
-        h, w = img.shape[:2]
         boxes = target["boxes"].detach().cpu().numpy().astype(np.float32).reshape(-1, 4)
         n = boxes.shape[0]
         keep = np.arange(n)
+        img, boxes, keep = self._resize(img, boxes, keep)
+        img, boxes, keep = self._augment(img, boxes, keep)
+        img = self._pad(img)
+        return _uint8_to_tensor(img), _aligned_target(target, boxes, keep, n, img.shape[:2])
 
-        # 1) resize (+ scale jitter and crop in training)
+    def _resize(self, img: np.ndarray, boxes: np.ndarray,
+                keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """1) resize (+ scale jitter and crop in training); boxes end clipped to the image."""
+        h, w = img.shape[:2]
         s = _base_scale(h, w, self.min_size, self.max_size)
         crop_h, crop_w = max(1, round(h * s)), max(1, round(w * s))
         if self.train and self.scale_range != (1.0, 1.0):
@@ -189,19 +142,15 @@ class DetectionTransform(_WorkerSeeded):
             y0 = int(self._rng.integers(0, new_h - ch + 1))
             x0 = int(self._rng.integers(0, new_w - cw + 1))
             img = img[y0:y0 + ch, x0:x0 + cw]
-            area0 = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            boxes = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, cw)
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, ch)
-            bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-            vis = (bw * bh) / np.maximum(area0, 1e-6)
-            ok = (bw >= 1) & (bh >= 1) & (vis >= self.min_visibility)
-            boxes, keep = boxes[ok], keep[ok]
+            boxes, keep = _crop_boxes(boxes, keep, x0, y0, cw, ch, self.min_visibility)
         h, w = img.shape[:2]
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        return img, boxes, keep
 
-        # 2) flips / photometric / dropout via albumentations (boxes tracked through an index field)
+    def _augment(self, img: np.ndarray, boxes: np.ndarray,
+                 keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """2) flips / photometric / dropout via albumentations (boxes tracked through an index field)."""
         if self._aug is not None and not self._box_aware:
             img = self._aug(image=img)["image"]
         elif self._aug is not None:
@@ -212,30 +161,16 @@ class DetectionTransform(_WorkerSeeded):
             sel = np.asarray(out["idx"], dtype=np.int64).reshape(-1)
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             keep = keep[sel]
+        return img, boxes, keep
 
-        # 3) pad to a multiple of size_divisibility (bottom/right, zeros)
+    def _pad(self, img: np.ndarray) -> np.ndarray:
+        """3) pad to a multiple of size_divisibility (bottom/right, zeros; boxes unchanged)."""
         if self.size_divisibility:
             d = int(self.size_divisibility)
             ph, pw = (-img.shape[0]) % d, (-img.shape[1]) % d
             if ph or pw:
                 img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-
-        new_target = {}
-        keep_t = torch.from_numpy(keep.astype(np.int64))
-        for k, v in target.items():
-            if k == "boxes":
-                continue
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n and k not in ("orig_size", "size"):
-                new_target[k] = v[keep_t]
-            else:
-                new_target[k] = v
-        new_target["boxes"] = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        if "labels" in new_target:
-            new_target["labels"] = new_target["labels"].to(torch.int64)
-        if "difficult" in new_target:
-            new_target["difficult"] = new_target["difficult"].to(torch.bool)
-        new_target["size"] = torch.tensor(img.shape[:2], dtype=torch.int64)
-        return _uint8_to_tensor(img), new_target
+        return img
 
     def __repr__(self) -> str:
         return (f"DetectionTransform(train={self.train}, min_size={self.min_size}, max_size={self.max_size}, "

@@ -74,3 +74,6 @@ ROUTERS = Registry("router")
 EXPERTS = Registry("expert")
 BACKBONES = Registry("backbone")
 EXECUTIONS = Registry("execution")
+#: layer kinds a backbone stage can hold (``"pce"``: :class:`~pce.models.layer.PCELayer`, ``"dense"``: its dense
+#: twin); each entry has ``from_spec(channels, spec: LayerSpec)``
+LAYERS = Registry("layer")

@@ -1,24 +1,12 @@
-"""Task adapters: the objects that tell the training engine how to build, train and evaluate one task.
+"""Task adapters: the objects that tell the engine and the tools everything about one task.
 
-``get_task("classification")`` returns a fresh adapter; ``tools/train.py`` passes it to
-:class:`pce.engine.Trainer`. The engine never imports this package.
+``get_task(cfg.task)`` returns a fresh adapter; ``tools/train.py`` passes it to :class:`pce.engine.Trainer`, the
+other tools ask it how to read, draw, summarise, label and export (the engine never imports this package).
 
-Adding a task (detection and segmentation follow classification's layout): write ``tasks/<name>/task.py`` with ::
-
-    from ..registry import register_task
-
-    @register_task("detection")
-    class DetectionTask:
-        name = "detection"
-        collate_fn = staticmethod(detection_collate)        # DataLoader collate_fn (None: default)
-
-        def build_model(self, cfg) -> nn.Module: ...
-        def build_datasets(self, cfg, splits=("train", "val")) -> dict: ...   # configured splits only
-        def train_step(self, model, batch, device) -> Dict[str, Tensor]: ...  # loss terms, total = sum;
-                                                                              # call model(...) (maybe DDP)
-        def predict(self, model, batch, device) -> tuple: ...                 # args of evaluator.update(*args)
-        def build_evaluator(self, cfg, dataset): ...        # update / compute, synchronize or merge+state_dict
-        # optional: batch_images(batch), batch_size(batch), set_epoch(epoch), dummy_inputs(cfg, batch_size)
+Adding a task: write ``tasks/<name>/task.py`` with a class registered by ``@register_task("<name>")`` that
+implements every member of :class:`pce.engine.task.Task` (model and data, ``train_step`` / ``predict`` /
+``build_evaluator``, a user's images, routing labels, export); the mixins of :mod:`pce.tasks.common` give the
+shared ones. ``tests/test_task_contract.py`` runs every member for every registered task.
 
 ``get_task`` imports ``pce.tasks.<name>.task`` on first use, so a new task needs no edit here nor in the
 engine's config schema (``task`` is any registered name).
@@ -38,7 +26,7 @@ TASKS = Registry("task")
 
 
 def register_task(name: str):
-    """Class decorator: ``@register_task("classification")``."""
+    """Class decorator: ``@register_task(name)`` on a :class:`pce.engine.task.Task` implementation."""
     return TASKS.register(name)
 
 

@@ -1,6 +1,6 @@
 """Drawing helpers for the tools (``tools/infer.py``, ``tools/browse_dataset.py``): boxes with labels and scores,
-colour overlays of segmentation masks, denormalisation and PNG writing, plus :func:`render` (one picture of a
-prediction or a ground truth for any task) and :func:`class_names_from_config`.
+colour overlays of segmentation masks, a captioned frame (an image-level label), denormalisation and PNG writing, and
+:func:`class_names_from_config`. Each task adapter's ``render`` picks the primitive of its predictions.
 
 Images are ``[3, H, W]`` tensors: ``uint8``, or float in ``[0, 1]`` (clamped). Every helper returns a new
 ``uint8 [3, H, W]`` tensor and never modifies its input. Detection labels follow the evaluator's convention:
@@ -17,7 +17,7 @@ import torch
 from torchvision.utils import draw_bounding_boxes
 
 __all__ = ["to_uint8_image", "denormalize", "display_image", "palette_colors", "draw_detections", "overlay_mask",
-           "render", "class_names_from_config", "save_png"]
+           "caption_frame", "class_names_from_config", "save_png"]
 
 Palette = Union[Sequence[int], Sequence[Sequence[int]], np.ndarray, torch.Tensor]
 
@@ -75,7 +75,7 @@ def palette_colors(palette: Palette) -> np.ndarray:
 
 
 def _default_palette() -> np.ndarray:
-    from pce.datasets.voc import VOC_PALETTE  # the standard VOC colour map (index 0 black)
+    from pce.datasets.voc_format import VOC_PALETTE  # the standard VOC colour map (index 0 black)
 
     return palette_colors(VOC_PALETTE)
 
@@ -163,34 +163,16 @@ def overlay_mask(image: torch.Tensor, mask, palette: Optional[Palette] = None, a
     return torch.where(keep.unsqueeze(0), img, out)
 
 
-def render(task: str, image: torch.Tensor, output: Any, class_names: Optional[Sequence[str]] = None,
-           score_thr: float = 0.5, alpha: float = 0.5, palette: Optional[Palette] = None) -> torch.Tensor:
-    """One picture (uint8 ``[3, H, W]``) of a prediction or ground truth of task ``task`` on ``image``
-    (``[C, H, W]`` in [0, 1], see :func:`display_image`):
-
-    * ``"detection"``: ``output`` a dict with ``boxes`` / ``labels`` (1..C) and optional ``scores`` (boxes
-      scoring below ``score_thr`` are left out; ground truth has no scores and is drawn whole).
-    * ``"segmentation"``: ``output`` a class-index mask ``[H, W]``, overlaid with ``alpha`` (background 0 kept).
-    * ``"classification"``: ``output`` logits ``[K]`` (caption ``"name prob"``) or an int label (caption
-      ``"name"``), drawn as a frame around the image; ``class_names[k]`` names class ``k`` (0-based).
-    """
-    if task == "detection":
-        return draw_detections(image, output["boxes"], output["labels"], output.get("scores"), class_names,
-                               score_thr=score_thr, palette=palette)
-    if task == "segmentation":
-        return overlay_mask(image, output, palette, alpha=alpha)
-    if task == "classification":
-        img = to_uint8_image(image)
-        H, W = img.shape[-2:]
-        out = torch.as_tensor(output)
-        if out.dim() >= 1 and out.numel() > 1:
-            prob = out.detach().float().reshape(-1).softmax(0)
-            k, score = int(prob.argmax()), prob.max().reshape(1)
-        else:
-            k, score = int(out), None
-        names = ["background"] + list(class_names) if class_names is not None else None
-        return draw_detections(img, [[0, 0, W - 1, H - 1]], [k + 1], score, names, palette=palette, width=1)
-    raise ValueError(f"render: unknown task {task!r} (detection, segmentation or classification)")
+def caption_frame(image: torch.Tensor, label: int, score: Optional[float] = None,
+                  class_names: Optional[Sequence[str]] = None, palette: Optional[Palette] = None) -> torch.Tensor:
+    """A one-pixel frame around the whole image captioned ``"name score"`` (``"name"`` without a score) ->
+    uint8 ``[3, H, W]``; ``class_names[label]`` names ``label`` (0-based; unknown labels are drawn as numbers),
+    its colour is ``palette[label + 1]`` (default the VOC colour map)."""
+    img = to_uint8_image(image)
+    H, W = img.shape[-2:]
+    names = ["background"] + list(class_names) if class_names is not None else None
+    scores = None if score is None else [float(score)]
+    return draw_detections(img, [[0, 0, W - 1, H - 1]], [int(label) + 1], scores, names, palette=palette, width=1)
 
 
 def class_names_from_config(cfg: Any) -> Optional[List[str]]:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import pce
-from pce.analysis import RoutingStats, patch_labels, routing_maps
+from pce.analysis import RoutingStats, box_patch_labels, class_patch_labels, mask_patch_labels, routing_maps
 from pce.analysis import stats as S
+from pce.analysis.labels import box_patch_labels, class_patch_labels, mask_patch_labels
 from pce.moe.routing import RoutingResult
 
 # 4 patches x 3 experts: patch 3 dropped, expert 2 never used
@@ -83,8 +84,8 @@ def test_patch_labels():
     mask[0, :2, 2:] = 3
     mask[0, 2:, :2] = 255  # ignored: that patch has no label
     mask[0, 3, 3] = 1
-    assert patch_labels("segmentation", mask, (2, 2), num_classes=4).tolist() == [[0, 3, -1, 0]]
+    assert mask_patch_labels(mask, (2, 2), num_classes=4).tolist() == [[0, 3, -1, 0]]
     t = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1, 2])}]
     # 2x2 grid on 8x8: centres (2,2) in both boxes -> the smaller (2); the others only in the big box
-    assert patch_labels("detection", t, (2, 2), image_sizes=[(8, 8)]).tolist() == [[2, 1, 1, 1]]
-    assert patch_labels("classification", torch.tensor([4, 7]), (1, 2)).tolist() == [[4, 4], [7, 7]]
+    assert box_patch_labels(t, (2, 2), image_sizes=[(8, 8)]).tolist() == [[2, 1, 1, 1]]
+    assert class_patch_labels(torch.tensor([4, 7]), (1, 2)).tolist() == [[4, 4], [7, 7]]

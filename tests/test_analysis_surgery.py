@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import pce
-from pce.analysis import apply_structure, duplicate_expert, pce_layers, prune_experts, routing_maps, structure
+from pce.analysis import routing_maps
+from pce.moe.surgery import apply_structure, duplicate_expert, pce_layers, prune_experts, structure
 
 X = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
 

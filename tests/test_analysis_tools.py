@@ -10,6 +10,7 @@ import torch
 from _faults_util import load_tool
 from pce.engine import Trainer, load_config
 from pce.tasks import get_task
+from pce.tasks.hooks import default_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo_cls_digits.py")
@@ -30,7 +31,8 @@ def run_dir(tmp_path_factory) -> Path:
                              ("phases.0.epochs", 1), ("phases.1.epochs", 1), ("runtime.kmeans_init_batches", 2),
                              ("runtime.log_interval", 1), ("runtime.tensorboard", False),
                              ("runtime.progress_bar", False)])
-    Trainer(cfg, get_task("classification")).train()
+    task = get_task("classification")
+    Trainer(cfg, task, hooks=default_hooks(cfg, task)).train()  # the hooks tools/train.py registers
     torch.set_num_threads(1)
     return wd
 

@@ -181,7 +181,7 @@ def test_experts_can_be_placed_in_some_stages_only():
     # with every layer dense, padding="error" constrains nothing beyond the strides
     all_dense = build_backbone("pce_tiny", padding="error", stages=_tiny_stages(**{str(i): dict(layer="dense") for i in range(4)}))
     assert all_dense.size_divisibility == 32 and not list(all_dense.pce_layers())
-    with pytest.raises(ValueError, match="stage 2: layer must be 'pce' or 'dense'"):
+    with pytest.raises(ValueError, match="stage 2: layer must be one of 'dense' or 'pce'.*got 'moe'"):
         build_backbone("pce_tiny", stages=_tiny_stages(**{"2": dict(layer="moe")}))
     with pytest.raises(ValueError, match="stage 1: num_experts must be an integer >= 1"):
         build_backbone("pce_tiny", stages=_tiny_stages(**{"1": dict(num_experts=0)}))
@@ -202,6 +202,7 @@ def test_truncate_stages_and_intermediate_index_errors():
     n_params = sum(p.numel() for p in bb.parameters())
     bb.truncate_stages(2)
     assert len(bb.stages) == 2 and bb.out_indices == (0, 1) and bb.num_features == 64
+    assert len(bb.spec.stages) == 2 and bb.spec.out_indices == (0, 1)
     assert [f["channels"] for f in bb.feature_info] == bb.out_channels == [32, 64]
     assert sum(p.numel() for p in bb.parameters()) < n_params
     with torch.no_grad():
@@ -209,3 +210,77 @@ def test_truncate_stages_and_intermediate_index_errors():
     assert all(torch.equal(a, b) for a, b in zip(kept, full[:2]))
     with pytest.raises(ValueError, match="keeps 1 .. 2"):
         bb.truncate_stages(3)
+
+
+# -- specs -------------------------------------------------------------------------------------------------------
+def test_presets_are_frozen_specs_and_kwargs_build_the_same_model():
+    import dataclasses
+
+    from pce.models.presets import backbone_config, backbone_spec
+    from pce.models.specs import BackboneSpec, LayerSpec, StageSpec
+
+    spec = pce.BACKBONES.get("pce_tiny")
+    assert isinstance(spec, BackboneSpec) and spec.layer == LayerSpec(num_experts=4, top_k=1)
+    assert pce.BACKBONES.get("dense_tiny") == dataclasses.replace(spec, kind="dense")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.layer.top_k = 2
+    assert BackboneSpec.from_kwargs(**spec.to_kwargs()) == spec  # the kwargs round trip
+    # one override changes every stage's layer spec; a stage's own num_experts wins over the backbone's
+    gate = backbone_spec("pce_tiny", router="gate", num_experts=8)
+    assert gate == spec.with_layer(router="gate", num_experts=8)
+    stages = list(spec.stages[:3]) + [dataclasses.replace(spec.stages[3], num_experts=2, kind="dense")]
+    mixed = dataclasses.replace(gate, stages=tuple(stages))
+    assert [mixed.stage_layer(i)[1].num_experts for i in range(4)] == [8, 8, 8, 2]
+    assert mixed.stage_layer(3)[0] == "dense"
+    assert mixed.stage_layer(2) == ("pce", LayerSpec(patch_size=4, num_experts=8, router="gate", top_k=1))
+    assert BackboneSpec.from_kwargs(**mixed.to_kwargs()) == mixed
+    # a spec, the keyword constructor and the preset give one model: same seed, same parameters, same outputs
+    built = []
+    overrides = dict(router="gate", num_experts=8)
+    for make in (lambda: pce.PCEBackbone.from_spec(gate), lambda: build_backbone("pce_tiny", **overrides),
+                 lambda: pce.PCEBackbone(**backbone_config("pce_tiny", **overrides))):
+        torch.manual_seed(0)
+        built.append(make().eval())
+    x = torch.randn(1, 3, 64, 64)
+    for other in built[1:]:
+        assert other.spec == gate
+        assert all(torch.equal(a, b) for a, b in zip(built[0].state_dict().values(), other.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(built[0](x).values(), other(x).values()))
+    assert isinstance(spec.stages[0], StageSpec) and spec.stages[0].to_dict()["patch_size"] == 16
+
+
+def test_layer_registry_and_layer_specs():
+    from pce.models.layer import DenseLayer, PCELayer
+    from pce.models.specs import BackboneSpec, LayerSpec
+
+    assert pce.registry.LAYERS.get("pce") is PCELayer and pce.registry.LAYERS.get("dense") is DenseLayer
+    spec = LayerSpec(4, num_experts=3, router="gate", router_kwargs={"top_k": 2, "capacity_factor": 1.5})
+    assert spec.top_k == 2 and spec.router_kwargs == {"capacity_factor": 1.5}  # top_k lives in one place
+    assert spec.router_args() == {"capacity_factor": 1.5, "top_k": 2}
+    torch.manual_seed(0)
+    a = PCELayer.from_spec(8, spec)
+    torch.manual_seed(0)
+    b = PCELayer(8, 4, num_experts=3, router="gate", top_k=2, router_kwargs={"capacity_factor": 1.5})
+    assert a.spec == b.spec == spec and a.router.top_k == 2 and a.router.capacity_factor == 1.5
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert PCELayer(8, 2, spec=spec).patch_size == 2  # keyword options override the spec
+    assert DenseLayer.from_spec(8, spec).experts.num_experts == 1
+    with pytest.raises(TypeError, match=r"unknown PCE layer option\(s\) \['experts'\]"):
+        PCELayer(8, 4, experts=3)
+    with pytest.raises(TypeError, match="needs a patch_size"):
+        PCELayer(8)
+    with pytest.raises(ValueError, match="no patch_size"):  # a backbone's stages set the patch sizes
+        BackboneSpec((dict(channels=8, patch_size=2),), layer=spec)
+
+
+def test_stage_indices_follow_timm():
+    from pce.models.backbone import stage_indices
+
+    assert stage_indices(4, None) == [0, 1, 2, 3] and stage_indices(4, 2) == [2, 3]
+    assert stage_indices(4, (-1, 0, 0)) == [0, 3] and stage_indices(4, range(2)) == [0, 1]
+    for bad in (0, 5, [4], [-5], []):
+        with pytest.raises(ValueError, match="the model has 4 stages"):
+            stage_indices(4, bad)
+    b = pce.PCEBackbone([dict(channels=8, patch_size=2, stride=1), dict(channels=8, patch_size=2)],
+                        stem_channels=8, out_indices=[-1, 0])
+    assert b.out_indices == (0, 1) and list(b(torch.randn(1, 3, 16, 16))) == ["stage1", "stage2"]

@@ -2,7 +2,6 @@
 level and tile size), tools/infer_slide.py (heat-map PNG + .npy, slide AUC, FROC) and the missing-data errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,10 @@ import numpy as np
 import pytest
 
 from pce.datasets.camelyon import make_demo_camelyon
+from _faults_util import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo_camelyon_seg_pce.py"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"camelyon_tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_tool(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -100,3 +93,62 @@ def test_real_configs_without_data_name_the_layout(tmp_path: Path, capsys):
     cls = load_config("configs/camelyon16_cls_pce.py")
     assert cls.data.train.kwargs.mode == "classify" and cls.data.val.kwargs.tile_size == 96
     assert cls.task == "classification" and cls.eval.metric == "AUC"
+
+
+def test_infer_slide_loads_a_pruned_checkpoint_as_evaluation_does(tmp_path: Path):
+    """A pruned checkpoint (``expert_structure``, as tools/prune_experts.py writes it) loads in infer_slide, and its
+    heat-map equals the tile probabilities of the model that ``load_trained_weights`` (eval's path) makes of it."""
+    import torch
+
+    from pce.analysis import pce_layers, prune_experts, structure
+    from pce.datasets import build_transform
+    from pce.datasets.camelyon import CamelyonTiles
+    from pce.datasets.camelyon.synthetic import make_synthetic_slide
+    from pce.engine import atomic_save, load_config
+    from pce.engine.evaluation import load_trained_weights
+    from pce.tasks import get_task
+
+    slide = tmp_path / "slide_001.tif"
+    make_synthetic_slide(slide, tmp_path / "slide_001.xml", size=(512, 384), tumour=True, seed=3)
+    tiles = dict(level=1, tile_size=64, stride=64, min_tissue=0.5, cache_dir=str(tmp_path / "cache"))
+    opts = ["model.input_shape=[3,64,64]"] + [f"data.val.kwargs.{k}={v}" for k, v in tiles.items()]
+    cfg = load_config(CONFIG, opts)
+    task = get_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg).eval()
+    layers = list(pce_layers(model))
+    pruned = prune_experts(model, {name: [0, 2] for name in layers})  # 4 -> 2 experts per layer
+    ckpt = tmp_path / "pruned.pth"
+    atomic_save({"model": pruned.state_dict(), "expert_structure": structure(pruned),
+                 "epoch": cfg.schedule.epochs}, ckpt)
+
+    heat = tmp_path / "heat"
+    rc = load_tool("infer_slide").main([CONFIG, "--checkpoint", str(ckpt), str(slide), "--out", str(heat),
+                                        "--png-size", "128", "--cfg-options", *opts])
+    assert rc == 0
+    prob = np.load(heat / "slide_001_prob.npy")
+
+    ref = task.build_model(cfg)  # independently: eval's loading path, run tile by tile
+    load_trained_weights(ref, cfg, ckpt)
+    ref.eval()
+    assert [pce_layers(ref)[n].num_experts for n in layers] == [2] * len(layers)
+    sc = cfg.data.val
+    kw = {k: v for k, v in dict(sc.transform.kwargs).items() if k != "seed"}
+    ds = CamelyonTiles([slide], mode="segment", transform=build_transform(sc.transform.name, **dict(kw, train=False)),
+                       **tiles)
+    assert len(ds) > 0
+    cell, d = 4, ds.downsamples[0]  # map cells of 4 x 4 level pixels (tile 64 / 16)
+    for i in range(len(ds)):
+        with torch.no_grad():
+            p = ref(ds[i][0][None]).softmax(1)[0, 1]  # [64, 64]
+        want = p.reshape(16, cell, 16, cell).mean((1, 3)).numpy()
+        x, y = round(ds.tiles[i]["x"] / d) // cell, round(ds.tiles[i]["y"] / d) // cell
+        np.testing.assert_allclose(prob[y:y + 16, x:x + 16], want, atol=1e-5)
+
+
+def test_infer_slide_refuses_a_task_without_slide_tiles(tmp_path: Path, capsys):
+    rc = load_tool("infer_slide").main(["configs/demo_det_pce.py", "--checkpoint", str(tmp_path / "none.pth"),
+                                        str(tmp_path / "slide.tif"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == ('error: task: detection cannot run on slides (a task whose slide_tile_mode is '
+                               '"classify" or "segment")\n')

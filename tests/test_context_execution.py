@@ -117,18 +117,52 @@ def test_context_with_one_expert_is_that_expert_on_the_whole_map():
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 
+def _context_and_isolated(**kwargs):
+    """A ``context`` layer and a ``sparse`` (isolated patches) layer with one state dict, in eval mode with
+    non-trivial batch-norm running statistics."""
+    torch.manual_seed(0)
+    ctx = PCELayer(4, num_experts=2, router="cosine", top_k=1, execution="context", **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for m in ctx.experts.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+    iso = PCELayer(4, num_experts=2, router="cosine", top_k=1, execution="sparse", **kwargs)
+    iso.load_state_dict(ctx.state_dict())
+    assert (ctx.execution, iso.execution) == ("context", "sparse")
+    return ctx.eval(), iso.eval()
+
+
 def test_context_sees_neighbours_and_costs_no_more_than_isolated_patches():
     from pce.models.flops import count_flops
 
-    layer = PCELayer(4, patch_size=4, num_experts=2, router="cosine", top_k=1, execution="context").eval()
+    layer, iso = _context_and_isolated(patch_size=4)
     x = torch.randn(1, 4, 8, 8)
     x2 = x.clone()
     x2[..., 4:, 4:] += 5
     d = (layer(x) - layer(x2)).abs()
     assert d[..., 3, 3].max() > 0 and d[..., 0, 0].max() == 0  # two 3x3 convs: 2 pixels of context, no more
-    iso = copy.deepcopy(layer)
-    iso.execution = "sparse"
     assert count_flops(layer, x)["total"] == count_flops(iso, x)["total"]
+
+
+def test_context_equals_isolated_patches_away_from_patch_borders():
+    """Same routing, same experts: pixels further than the experts' receptive radius (2: two 3x3 convs) from a
+    patch border see nothing of the neighbours, so context and isolated execution agree there (outputs and the
+    gradients that reach them), and differ next to the borders."""
+    layer, iso = _context_and_isolated(patch_size=8)
+    x = torch.randn(2, 4, 16, 24)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = layer(xa), iso(xb)
+    inner = torch.zeros(16, 24, dtype=torch.bool)
+    for i in range(2):
+        for j in range(3):
+            inner[8 * i + 2:8 * i + 6, 8 * j + 2:8 * j + 6] = True
+    torch.testing.assert_close(ya[..., inner], yb[..., inner], atol=1e-5, rtol=1e-4)
+    assert (ya[..., ~inner] - yb[..., ~inner]).abs().max() > 1e-3
+    g = torch.randn(ya.shape) * inner  # gradients that reach the input only through the inner pixels
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_context_rejects_several_experts_per_patch_and_halo():

@@ -9,13 +9,8 @@ from PIL import Image
 
 from pce.datasets.collate import SegmentationCollate, detection_collate, segmentation_collate
 from pce.datasets.registry import DATASETS, TRANSFORMS
-from pce.datasets.voc import (
-    VOC_CLASSES,
-    VOC_PALETTE,
-    VOCDetection,
-    VOCSegmentation,
-    parse_voc_xml,
-)
+from pce.datasets.voc import VOCDetection, VOCSegmentation
+from pce.datasets.voc_format import VOC_CLASSES, VOC_PALETTE, parse_voc_xml
 from pce.datasets.voc_transforms import DetectionTransform, SegmentationTransform
 
 

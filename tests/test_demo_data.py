@@ -15,7 +15,8 @@ from PIL import Image
 
 from pce.datasets import demo_voc
 from pce.datasets.demo_voc import DEMO_CLASSES, demo_voc_is_complete, ensure_demo_voc, make_demo_voc
-from pce.datasets.voc import VOC_PALETTE, VOCDetection, VOCSegmentation, parse_voc_xml
+from pce.datasets.voc import VOCDetection, VOCSegmentation
+from pce.datasets.voc_format import VOC_PALETTE, parse_voc_xml
 
 REPO = Path(__file__).resolve().parents[1]
 KW = dict(num_train=8, num_val=4, image_size=96, seed=0)

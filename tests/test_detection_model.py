@@ -187,7 +187,7 @@ def test_draw_detections_changes_pixels_on_the_box_only():
     assert not changed[50, 40] and not changed[75, 90]                   # inside / far outside
     assert not changed[5, 5]                                             # low-score box not drawn
     edge = tuple(int(v) for v in out[:, 50, 20])
-    assert edge == tuple(int(v) for v in palette_colors(__import__("pce.datasets.voc", fromlist=["x"]).VOC_PALETTE)[1])
+    assert edge == tuple(int(v) for v in palette_colors(__import__("pce.datasets.voc_format", fromlist=["x"]).VOC_PALETTE)[1])
     empty = draw_detections(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
     assert torch.equal(empty, base)
     with pytest.raises(ValueError, match="same length"):
@@ -208,7 +208,7 @@ def test_overlay_mask_colours(tmp_path):
     half = overlay_mask(img.float() / 255, mask, palette, alpha=0.5)
     exp = ((img[:, 7, 7].float() + torch.tensor([128.0, 128.0, 0.0])) / 2)
     assert (half[:, 7, 7].float() - exp).abs().max() <= 1
-    from pce.datasets.voc import VOC_PALETTE
+    from pce.datasets.voc_format import VOC_PALETTE
     full = overlay_mask(img, mask, VOC_PALETTE, alpha=1.0, skip=())
     assert full[:, 0, 0].tolist() == VOC_PALETTE[0:3] and full[:, 7, 7].tolist() == VOC_PALETTE[9:12]
     with pytest.raises(ValueError, match="same size"):

@@ -2,7 +2,6 @@
 Trainer run, and tools/infer.py + tools/browse_dataset.py in-process."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,6 +13,7 @@ from pce.engine import Trainer, load_config
 from pce.engine.phases import find_backbones
 from pce.tasks import get_task, list_tasks
 from pce.tasks.detection import DetectionEvaluator, PCEFasterRCNN
+from _faults_util import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,20 +36,12 @@ eval = dict(metric="AP50", mode="max")
 """
 
 
-
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("det_task")
     path = d / "det.py"
     path.write_text(CONFIG.format(root=str(d / "demo_voc"), work=str(d / "work")))
     return path
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_adapter_build_train_predict_evaluate(cfg_path):
@@ -103,7 +95,7 @@ def test_trainer_and_tools(cfg_path, tmp_path):
     ckpt = tmp_path / "w.pth"
     torch.save({"model": model.state_dict(), "epoch": 2}, ckpt)
     images = Path(cfg.data.root) / "VOCdevkit" / "VOC2007" / "JPEGImages"
-    rc = _tool("infer").main([str(cfg_path), "--checkpoint", str(ckpt), str(images), "--out", str(tmp_path / "inf"),
+    rc = load_tool("infer").main([str(cfg_path), "--checkpoint", str(ckpt), str(images), "--out", str(tmp_path / "inf"),
                               "--score-thr", "0.0"])
     assert rc == 0
     pngs = sorted((tmp_path / "inf").glob("*.png"))
@@ -111,7 +103,7 @@ def test_trainer_and_tools(cfg_path, tmp_path):
     preds = json.loads((tmp_path / "inf" / "predictions.json").read_text())
     first = next(iter(preds.values()))
     assert set(first) >= {"boxes", "labels", "scores", "names", "output"}
-    assert _tool("browse_dataset").main([str(cfg_path), "--out", str(tmp_path / "br"), "--num", "3"]) == 0
+    assert load_tool("browse_dataset").main([str(cfg_path), "--out", str(tmp_path / "br"), "--num", "3"]) == 0
     assert len(list((tmp_path / "br").glob("train_*.png"))) == 3
-    assert _tool("infer").main([str(cfg_path), "--checkpoint", str(ckpt), str(tmp_path / "missing.jpg"),
+    assert load_tool("infer").main([str(cfg_path), "--checkpoint", str(ckpt), str(tmp_path / "missing.jpg"),
                                 "--out", str(tmp_path / "x")]) == 1

@@ -15,6 +15,7 @@ from pce.engine import (NonFiniteLossError, PCEScheduler, PhaseController, Train
 from pce.engine.config import config_to_dict
 from pce.tasks import get_task
 from pce.tasks.classification import ClassificationTask
+from pce.tasks.hooks import default_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo_cls_digits.py"
@@ -205,7 +206,8 @@ def test_ema_clip_channels_last_logging(tmp_path: Path):
     cfg = tiny_cfg(tmp_path, ("runtime.ema", 0.9), ("optimizer.grad_clip", 1.0), ("runtime.channels_last", True),
                    ("runtime.amp", "bf16"), ("runtime.tensorboard", True), ("optimizer.type", "adamw"),
                    ("optimizer.lr", 0.003), ("phases", []), epochs=1, iters=2)
-    out = Trainer(cfg, get_task("classification")).train()
+    task = get_task("classification")
+    out = Trainer(cfg, task, hooks=default_hooks(cfg, task)).train()
     ckpt = load_checkpoint(tmp_path / "latest.pth")
     assert ckpt["ema"] is not None and int(ckpt["ema"]["n_averaged"]) == 2
     train = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -239,7 +241,8 @@ def _ddp_worker(rank: int, world: int, port: int, work_dir: str, out_dir: str) -
         # must be kept equal across ranks by the engine (DDP only all-reduces gradients)
         phases = [PHASES[0], dict(PHASES[2], epochs=1), dict(PHASES[1], epochs=-1)]
         cfg = tiny_cfg(Path(work_dir), ("runtime.device", "cpu"), ("phases", phases), epochs=3, iters=2)
-        trainer = Trainer(cfg, get_task("classification"))
+        task = get_task("classification")
+        trainer = Trainer(cfg, task, hooks=default_hooks(cfg, task))  # routing statistics on rank 0 only
         out = trainer.train()
         flat = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pce.tasks.detection.evaluator import DetectionEvaluator, box_iou_xyxy, voc_ap
+from pce.tasks.detection.ap_voc import box_iou_xyxy, voc_ap
+from pce.tasks.detection.evaluator import DetectionEvaluator
 
 A = [0.0, 0.0, 10.0, 10.0]
 B = [20.0, 20.0, 40.0, 40.0]

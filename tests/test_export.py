@@ -1,5 +1,8 @@
 """Static-shape execution for captured graphs: ``execution="capacity"`` equals the eager sparse path, and
-torch.export / jit.trace keep routing input-dependent (two inputs through the captured model match eager)."""
+torch.export / jit.trace keep routing input-dependent (two inputs through the captured model match eager); what
+tools/export.py captures of a task's model (``task.export_target``, :mod:`pce.tasks.export_targets`)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,8 @@ from pce.moe.dispatch import dispatch_capacity, dispatch_sparse
 from pce.moe.experts import build_expert_bank
 from pce.moe.recorder import record_routing
 from pce.moe.routing import capacity_mask
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _pair(**kw):
@@ -132,3 +137,37 @@ def test_fpn_onnx_round_trip_keeps_routing(fpn_and_inputs, tmp_path):
     name = sess.get_inputs()[0].name
     for x, e in zip(xs, eager):
         assert abs(sess.run(None, {name: x.numpy()})[0] - e.numpy()).max() < 1e-4
+
+
+# -- what tools/export.py captures of a task's model (pce.tasks.export_targets, via task.export_target) -----------
+def test_image_export_target_normalises_with_the_eval_transform():
+    from pce.engine import load_config
+    from pce.engine.phases import find_backbones
+    from pce.tasks import get_task
+    from pce.tasks.export_targets import image_export_target, random_images
+
+    cfg = load_config(REPO / "configs/demo_cls_digits.py")
+    task = get_task(cfg.task)
+    model = task.build_model(cfg).eval()
+    module, make_input, info = task.export_target(model, cfg, "model", (16, 16))
+    assert module is model and info["mean"] == [0.305] and info["std"] == [0.319] and info["input"] == "normalised"
+    x = make_input(3, 1)
+    assert x.shape == (3, 1, 16, 16) and torch.equal(x, make_input(3, 1))  # reproducible per seed
+    assert torch.allclose(x, (random_images(cfg, (16, 16))(3, 1) - 0.305) / 0.319)
+    assert not torch.equal(x, make_input(3, 2))
+    backbone, _, info = image_export_target(model, cfg, "backbone", (16, 16))
+    assert backbone is find_backbones(model)[0] and "(the backbone)" in info["exported"]
+
+
+def test_detection_export_target_backbone_takes_the_preprocessed_batch():
+    from pce.engine import load_config
+    from pce.tasks import get_task
+
+    cfg = load_config(REPO / "configs/demo_det_pce.py")
+    task = get_task(cfg.task)
+    model = task.build_model(cfg).eval()
+    module, make_input, info = task.export_target(model, cfg, "backbone", (64, 80))
+    x = make_input(2, 0)
+    assert module is model.pce_backbone and info["input"] == "preprocessed"
+    assert x.shape[:2] == (2, 3) and all(s % model.size_divisibility == 0 for s in x.shape[-2:])
+    assert info["mean"] == list(model.transform.image_mean)

@@ -11,6 +11,7 @@ import torch
 from _faults_util import load_tool
 from pce.engine import Trainer, load_config
 from pce.tasks import get_task
+from pce.tasks.hooks import default_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo_cls_digits.py")
@@ -28,7 +29,8 @@ def checkpoint(tmp_path_factory) -> Path:
     cfg = load_config(DEMO, [("runtime.work_dir", str(wd)), ("schedule.epochs", 2), ("schedule.iters_per_epoch", 2),
                              ("phases.0.epochs", 1), ("phases.1.epochs", 1), ("runtime.kmeans_init_batches", 1),
                              ("runtime.tensorboard", False), ("runtime.progress_bar", False)])
-    Trainer(cfg, get_task("classification")).train()
+    task = get_task("classification")
+    Trainer(cfg, task, hooks=default_hooks(cfg, task)).train()  # as tools/train.py
     torch.set_num_threads(1)
     return wd / "latest.pth"
 

@@ -28,7 +28,7 @@ def _png16(path: Path, value: int, size=(12, 10)) -> Path:
 
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
     """8. A 16-bit PNG of value 30000 reads as 30000/65535, not as white."""
-    from pce.datasets.voc import _load_rgb
+    from pce.datasets.voc_images import _load_rgb
 
     path = _png16(tmp_path / "a.png", 30000)
     assert np.all(_load_rgb(path) == round(30000 / 65535 * 255))

@@ -1,5 +1,5 @@
-import functools
 import copy
+import functools
 
 import pytest
 import torch
@@ -23,18 +23,53 @@ def test_every_router_expert_combination(router, expert):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def _twins(execution_a, execution_b, *args, **kwargs):
+    """Two layers built with the same arguments and state dict, each with its own execution strategy."""
+    a = PCELayer(*args, execution=execution_a, **kwargs)
+    b = PCELayer(*args, execution=execution_b, **kwargs)
+    b.load_state_dict(a.state_dict())
+    assert (a.execution, b.execution) == (execution_a, execution_b)
+    return a, b
+
+
+def _forward_backward(layer, x, seed=1):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y, (r,) = run_routed(layer, x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    return y, r.weights, x.grad, grads
+
+
 @pytest.mark.parametrize("router,kw", [("cosine", {}), ("cosine", {"top_k": 1}), ("gate", {}),
                                        ("expert_choice", {}), ("uniform", {"top_k": 2})])
 def test_auto_execution_equals_reference(router, kw):
-    layer = PCELayer(6, patch_size=2, num_experts=4, router=router, **kw)
-    ref = copy.deepcopy(layer)
-    ref.execution = "reference"
+    """``auto`` resolves to a fast path (``sparse`` for routers with exact zeros, else ``dense`` on CPU), never to
+    the reference loop; outputs and gradients equal the reference's."""
+    torch.manual_seed(0)
+    auto, ref = _twins("auto", "reference", 6, patch_size=2, num_experts=4, router=router, **kw)
+    resolved = auto.strategy.resolve(auto.router, torch.device("cpu"))
+    assert resolved.name in ("sparse", "dense") and resolved.name == ("sparse" if auto.router.is_sparse else "dense")
     x = torch.randn(2, 6, 6, 6)
-    torch.manual_seed(1)
-    a = layer(x)
-    torch.manual_seed(1)
-    b = ref(x)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    a, b = _forward_backward(auto, x), _forward_backward(ref, x)
+    torch.testing.assert_close(a[1], b[1])  # same routing
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=1e-4)
+    assert a[3].keys() == b[3].keys()
+    for k in a[3]:
+        torch.testing.assert_close(a[3][k], b[3][k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_execution_is_the_strategy_and_switches_it():
+    layer = PCELayer(4, patch_size=2, num_experts=2)
+    assert layer.execution == "auto" and type(layer.strategy).__name__ == "AutoExecution"
+    layer.execution = "sparse"
+    assert type(layer.strategy).__name__ == "SparseExecution" and layer.spec.execution == "sparse"
+    with pytest.raises(ValueError, match=r"execution must be one of \(.*'map'.*\), got 'fast'"):
+        layer.execution = "fast"
+    with pytest.raises(ValueError, match="execution='map' already gives experts their neighbours"):
+        PCELayer(4, patch_size=2, halo=1).execution = "map"
+    assert layer.execution == "sparse"
 
 
 def test_dropped_patches_output_their_input():
@@ -68,13 +103,17 @@ def test_halo_and_map_context_see_neighbours():
         assert d[..., 3, 3].max() > 0  # the neighbouring patch's corner pixel changes
 
 
-def test_map_execution_equals_patch_execution_for_1x1_experts_context():
+def test_map_execution_equals_patch_execution_on_a_single_patch():
     # with patch_size == map size there is a single patch, so map and patch semantics coincide
-    layer = PCELayer(4, patch_size=8, num_experts=3, router="cosine")
-    m = copy.deepcopy(layer)
-    m.execution = "map"
+    torch.manual_seed(0)
+    iso, whole = _twins("reference", "map", 4, patch_size=8, num_experts=3, router="cosine")
     x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(layer(x), m(x), atol=1e-5, rtol=1e-4)
+    a, b = _forward_backward(iso, x), _forward_backward(whole, x)
+    for i, what in enumerate(("output", "routing", "input gradient")):
+        torch.testing.assert_close(a[i], b[i], atol=1e-5, rtol=1e-4, msg=what)
+    assert a[3].keys() == b[3].keys() and any(k.startswith("router.") for k in a[3])
+    for k in a[3]:
+        torch.testing.assert_close(a[3][k], b[3][k], atol=1e-4, rtol=1e-3, msg=k)
 
 
 def test_options_positions_fourier_overlap():

@@ -1,7 +1,6 @@
 """tools/report.py writes one self-contained page that renders in headless Chromium with all its images."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,17 +14,12 @@ from PIL import Image
 
 from pce.engine import Trainer, load_config
 from pce.tasks import get_task
+from pce.tasks.hooks import default_hooks
+from _faults_util import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo_cls_digits.py")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def report_tool():
-    spec = importlib.util.spec_from_file_location("tool_report", REPO / "tools" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +29,10 @@ def report(tmp_path_factory) -> Path:
                              ("phases.0.epochs", 1), ("phases.1.epochs", 1), ("runtime.kmeans_init_batches", 2),
                              ("runtime.log_interval", 1), ("runtime.tensorboard", False),
                              ("runtime.progress_bar", False)])
-    Trainer(cfg, get_task("classification")).train()
+    task = get_task("classification")
+    Trainer(cfg, task, hooks=default_hooks(cfg, task)).train()  # as tools/train.py: routing statistics logged
     torch.set_num_threads(1)
-    tool = report_tool()
+    tool = load_tool("report")
     assert tool.main(tool.parse_args([str(wd), "--num", "48", "--images", "2"])) == 0
     return wd / "report.html"
 

@@ -13,7 +13,7 @@ from pce.moe.routing import capacity_mask
 from pce.layers.positional import patch_centers
 from pce.moe.losses import routing_aux_losses
 from pce.models.presets import build_backbone as pce_build
-from pce.moe.metrics import routing_statistics
+from pce.analysis import stats as S
 
 B, P, C, N, E = 2, 4, 6, 4, 4
 
@@ -32,7 +32,7 @@ def test_every_router_gives_valid_weights(name, training):
     assert (res.weights >= 0).all()
     assert (res.weights.sum(-1) <= 1 + 1e-5).all()
     assert set(routing_aux_losses(res)) >= {"entropy", "balance", "z", "collapse"}
-    assert routing_statistics(res)["usage"].shape == (E,)
+    assert S.usage(res.weights).shape == (E,)
 
 
 def test_adaptive_threshold_matches_hand_computation():
@@ -124,7 +124,7 @@ def test_gate_capacity_through_router():
     res = r(patches, pos)
     # capacity = ceil(1.0 * 6 tokens * 1 / 2 experts) = 3 of the 6 tokens routed to expert 0
     assert (res.weights[..., 0] > 0).sum() == 3
-    assert routing_statistics(res)["dropped_fraction"].item() == pytest.approx(0.5)
+    assert S.dropped_rate(res.weights) == pytest.approx(0.5)
     kept_probs = res.probs[0, :, 0][res.weights[0, :, 0] > 0]
     dropped_probs = res.probs[0, :, 0][res.weights[0, :, 0] == 0]
     assert kept_probs.min() >= dropped_probs.max()
@@ -237,7 +237,7 @@ def test_collapse_metric_and_surrogate():
             return torch.tensor([[[10.0, -10.0, -10.0]] * 4])
 
     res = AllToZero(3, top_k=1)(torch.zeros(1, 4, 1, 1, 1), torch.zeros(4, 2))
-    assert routing_statistics(res)["collapsed_experts"].item() == 2
+    assert len(S.collapsed_experts(S.usage(res.weights))) == 2
     assert routing_aux_losses(res)["collapse"].item() > 1.0
 
 

@@ -1,13 +1,11 @@
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _faults_util import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("summarize_runs", ROOT / "tools" / "summarize_runs.py")
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
+tool = load_tool("summarize_runs")
 
 
 def test_summary_picks_best_and_final(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """tools/train.py + tools/eval.py end to end on the digits demo, print_config, analyze_model, missing data."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,10 @@ import pytest
 
 from pce.engine import load_config
 from pce.tasks import get_task
+from _faults_util import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo_cls_digits.py"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_tool(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -54,7 +47,6 @@ def test_train_then_eval_cli(tmp_path: Path):
     assert sum(cm[i][i] for i in range(10)) == round(m["top1"] * 450)
     # the final top1 printed by train.py is the one eval.py measures on the same (last) weights
     assert f"final test top1: {m['top1']:.4f}" in last[0]
-
 
 
 def test_eval_missing_checkpoint(tmp_path: Path, capsys):

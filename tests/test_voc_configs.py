@@ -2,23 +2,16 @@
 demo set (VOC format) the detection config trains end to end."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from pce.datasets import DEMO_CLASSES, make_demo_voc
 from pce.engine import load_config
+from _faults_util import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_CONFIGS = ["voc_det_pce.py", "voc_det_dense.py", "voc_seg_pce.py", "voc_seg_dense.py"]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("name", VOC_CONFIGS)

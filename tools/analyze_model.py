@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from pce.engine import ConfigError, load_config
+from pce.engine import load_config
+from pce.engine.errors import add_debug_flag, run_cli
 from pce.models.flops import active_params_per_token, count_flops
 from pce.tasks import get_task
 
@@ -30,23 +31,20 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--max-depth", type=int, default=4, help="module depth of the table")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = list(args.cfg_options)
     if args.input_shape:
         overrides.append(("model.input_shape", list(args.input_shape)))
-    try:
-        cfg = load_config(args.config, overrides)
-        task = get_task(cfg.task)
-        model = task.build_model(cfg).eval()
-    except (ConfigError, ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 1
+    cfg = load_config(args.config, overrides)
+    task = get_task(cfg.task)
+    model = task.build_model(cfg).eval()
     torch.manual_seed(0)
-    if hasattr(task, "dummy_inputs"):
-        inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x
-                       for x in task.dummy_inputs(cfg, args.batch_size))
-    else:
-        inputs = (torch.randn(args.batch_size, *cfg.model.input_shape),)
+    inputs = tuple(torch.randn_like(x) if x.is_floating_point() else x for x in task.dummy_inputs(cfg, args.batch_size))
     res = count_flops(model, inputs, max_depth=args.max_depth)
     print(f"model {cfg.model.backbone} ({cfg.task}), input {[tuple(x.shape) for x in inputs]}")
     print(res["table"])

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from pce.analysis import plots
-from pce.analysis.cli import add_run_args, display, load_run, write_json
-from pce.analysis.runner import cluster_routes, collect_routing, load_split
+from pce.analysis.runner import cluster_routes
 from pce.engine.errors import PCEError, run_cli
+from pce.tasks.routing_runs import collect_routing
+from pce.tasks.tooling import add_run_args, display, load_run, load_split, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:

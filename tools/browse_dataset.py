@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pce.engine import ConfigError, load_config
 from pce.tasks import get_task
-from pce.tasks.visualize import class_names_from_config, display_image, render, save_png
+from pce.tasks.visualize import class_names_from_config, display_image, save_png
 
 
 def main(argv=None) -> int:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     end = min(len(ds), args.start + max(args.num, 0))
     for i in range(args.start, end):
         image, target = ds[i]
-        picture = render(cfg.task, display_image(image, transform), target, names, score_thr=0.0, alpha=args.alpha)
+        picture = task.render(display_image(image, transform), target, names, score_thr=0.0, alpha=args.alpha)
         dst = save_png(picture, out_dir / f"{args.split}_{i:05d}.png")
         print(dst)
     print(f"{max(end - args.start, 0)} sample(s) of data.{args.split} ({len(ds)} in all) written to {out_dir}")

@@ -8,7 +8,10 @@
 
 The tiles (level, tile size, minimum tissue) are those of the config's evaluation split (data.test, else data.val);
 ``--stride`` overlaps them (the map averages overlapping tiles). Segmentation models give a per-pixel tumour
-probability (pooled to the map's cells), classification models one probability per tile. For each SLIDE:
+probability (pooled to the map's cells), classification models one probability per tile (the task's
+``slide_tile_mode``: "segment" or "classify"; a task without one, such as detection, cannot run on slides); the
+checkpoint is loaded as tools/eval.py loads it (a pruned checkpoint's experts, EMA weights, its saved phase). For
+each SLIDE:
 ``OUT/<stem>_heatmap.png`` (the map over the thumbnail), ``OUT/<stem>_prob.npy`` (float32 [h, w]; 0 where no tissue
 tile) and ``OUT/<stem>_heatmap.json`` (level-0 pixels per map pixel, level, tile size, the slide score = max).
 With ``--annotations DIR`` (``DIR/<stem>.xml``; a slide without one is normal), ``OUT/slide_metrics.json`` holds
@@ -33,7 +36,9 @@ from pce.datasets import build_transform
 from pce.datasets.camelyon import CamelyonTiles, open_slide, rasterize, read_asap_xml, slide_mpp
 from pce.datasets.camelyon.heatmap import HeatmapAccumulator, heatmap_cell, overlay_heatmap
 from pce.datasets.camelyon.metrics import camelyon_froc, slide_auc
-from pce.engine import ConfigError, PhaseController, build_phases, load_config, load_model_weights
+from pce.engine import ConfigError, load_config
+from pce.engine.errors import PCEError
+from pce.engine.evaluation import load_trained_weights
 from pce.tasks import get_task
 
 _TILE_KEYS = ("level", "tile_size", "stride", "min_tissue", "mpp", "downsample", "label_map", "tissue_level",
@@ -47,23 +52,33 @@ def eval_split(cfg: Any) -> Any:
     raise ValueError("data.val: the config defines no evaluation split (expected data.test or data.val tiles)")
 
 
-def load_model(cfg: Any, checkpoint: str, device: torch.device) -> torch.nn.Module:
-    if not Path(checkpoint).is_file():
+def slide_tile_mode(task: Any) -> str:
+    """How ``task`` tiles a slide (``"classify"`` or ``"segment"``); ``PCEError`` for a task that cannot."""
+    mode = task.slide_tile_mode
+    if mode not in ("classify", "segment"):
+        raise PCEError("task", f"{task.name} cannot run on slides",
+                       'a task whose slide_tile_mode is "classify" or "segment"')
+    return mode
+
+
+def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> torch.nn.Module:
+    """The task's model of ``cfg`` made the trained one of ``checkpoint`` through the one loading path of eval /
+    infer / export (pruned expert structure replayed, EMA weights, the phase it was saved in), eval mode."""
+    if not Path(checkpoint).is_file():  # fail before building the model
         raise FileNotFoundError(f"{checkpoint}: checkpoint not found (expected a .pth written by tools/train.py)")
-    model = get_task(cfg.task).build_model(cfg)
-    ckpt = load_model_weights(model, checkpoint, prefer_ema=True)
-    ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
-    ctl.apply(ctl.phase_at(max(int(ckpt.get("epoch", cfg.schedule.epochs)) - 1, 0)), [model])
+    model = task.build_model(cfg)
+    load_trained_weights(model, cfg, checkpoint)
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def infer_slide(model: torch.nn.Module, task: str, slide: Path, tile_kwargs: Dict[str, Any], transform: Any,
+def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dict[str, Any], transform: Any,
                 device: torch.device, batch_size: int, workers: int) -> Dict[str, Any]:
-    """Tumour-probability map of one slide: ``{"prob", "covered", "downsample" (level-0 px per map px), ...}``."""
-    ds = CamelyonTiles([slide], mode="segment" if task == "segmentation" else "classify", transform=transform,
-                       **tile_kwargs)
-    per_pixel = task == "segmentation"
+    """Tumour-probability map of one slide: ``{"prob", "covered", "downsample" (level-0 px per map px), ...}``.
+    ``mode``: the task's ``slide_tile_mode`` (``"segment"``: logits ``[B, 2, s, s]``, a probability per pixel
+    pooled to the map's cells; ``"classify"``: logits ``[B, 2]``, one probability per tile)."""
+    ds = CamelyonTiles([slide], mode=mode, transform=transform, **tile_kwargs)
+    per_pixel = mode == "segment"
     cell = heatmap_cell(ds.tile_size, ds.stride, per_pixel)
     with open_slide(slide) as s:
         level_size, mpp = s.level_dimensions[ds.level], slide_mpp(s)
@@ -134,6 +149,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.cfg_options)
+        task = get_task(cfg.task)
+        mode = slide_tile_mode(task)
         sc = eval_split(cfg)
         tile_kwargs = {k: v for k, v in dict(sc.kwargs).items() if k in _TILE_KEYS}
         if args.stride:
@@ -142,14 +159,14 @@ def main(argv=None) -> int:
         for s in slides:
             open_slide(s).close()  # fail before loading the model
         device = torch.device(args.device)
-        model = load_model(cfg, args.checkpoint, device)
+        model = load_model(cfg, task, args.checkpoint, device)
         kw = {k: v for k, v in dict(sc.transform.kwargs).items() if k != "seed"}
         transform = build_transform(sc.transform.name, **dict(kw, train=False)) if sc.transform.name else None
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         results = []
         for s in slides:
-            results.append(infer_slide(model, cfg.task, s, tile_kwargs, transform, device, args.batch_size,
+            results.append(infer_slide(model, mode, s, tile_kwargs, transform, device, args.batch_size,
                                        args.workers))
             png = write_outputs(s, results[-1], out, args.png_size)
             print(f"{s}: {results[-1]['num_tiles']} tiles at level {results[-1]['level']} "
@@ -159,7 +176,7 @@ def main(argv=None) -> int:
             (out / "slide_metrics.json").write_text(json.dumps(metrics, indent=1))
             print(f"slide_AUC: {metrics['slide_AUC']:.4f}\nFROC: {metrics['FROC']:.4f} "
                   f"({metrics['num_lesions']} lesions) -> {out / 'slide_metrics.json'}")
-    except (ConfigError, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+    except (ConfigError, PCEError, FileNotFoundError, RuntimeError, ValueError, KeyError, FloatingPointError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     return 0

@@ -9,7 +9,7 @@
 Expert usage (share of a layer's patches) and the mean routing entropy of each expert's patches are measured
 on ``--split`` (``--num`` samples); experts with usage below ``--usage-below`` or entropy above
 ``--entropy-above`` are removed (a layer keeps at least its most used expert), experts whose usage share is
-above ``--duplicate-above`` are duplicated (:func:`pce.analysis.duplicate_expert`). The new checkpoint records
+above ``--duplicate-above`` are duplicated (:func:`pce.moe.surgery.duplicate_expert`). The new checkpoint records
 the edits (``expert_structure``), so the analysis tools load it with the original config. Prints the task
 metric, parameters, active parameters per patch and FLOPs before and after; ``--json`` writes them.
 """
@@ -23,10 +23,14 @@ from typing import Dict, List
 
 import torch
 
-from pce.analysis.cli import add_run_args, load_run, write_json
-from pce.analysis.runner import collect_routing, load_split
-from pce.analysis.surgery import duplicate_expert, pce_layers, prune_experts, structure
+from pce.engine import atomic_save
 from pce.engine.errors import PCEError, run_cli
+from pce.engine.evaluation import evaluate_model
+from pce.engine.logging import scalar_metrics
+from pce.models.flops import active_params_per_token, count_flops, count_params
+from pce.moe.surgery import duplicate_expert, pce_layers, prune_experts, structure
+from pce.tasks.routing_runs import collect_routing
+from pce.tasks.tooling import add_run_args, load_run, load_split, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,10 +83,6 @@ def choose(stats: dict, args: argparse.Namespace) -> Dict[str, Dict[str, List[in
 
 
 def measure(model, task, cfg, ds, device) -> dict:
-    from pce.engine.trainer import evaluate_model
-    from pce.models.flops import active_params_per_token, count_flops, count_params
-    from pce.engine.logging import scalar_metrics
-
     metrics = scalar_metrics(evaluate_model(model, task, cfg, ds, device))
     inputs = (tuple(task.dummy_inputs(cfg, 1)) if hasattr(task, "dummy_inputs")
               else (torch.randn(1, *cfg.model.input_shape),))
@@ -115,7 +115,6 @@ def main(args: argparse.Namespace) -> int:
     after = measure(new, task, cfg, ds, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pce.engine import atomic_save
     atomic_save({"model": new.state_dict(), "expert_structure": structure(new), "epoch": ckpt.get("epoch"),
                  "phase": ckpt.get("phase"), "source_checkpoint": str(args.checkpoint), "plan": plan}, out)
     for name, r in (("before", before), ("after", after)):

@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 from pce.analysis import plots
-from pce.analysis.cli import batches, display, load_run, split_samples
 from pce.analysis.maps import routing_maps
 from pce.analysis.report import build_report, metric_tables, read_metrics, routing_table
-from pce.analysis.runner import cluster_routes, collect_routing, load_split
+from pce.analysis.runner import cluster_routes
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
+from pce.tasks.routing_runs import collect_routing
+from pce.tasks.tooling import batches, display, load_run, load_split, split_samples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def curves(run: Path, tmp: Path, metric: str) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pce.engine.trainer import evaluate_model
+    from pce.engine.evaluation import evaluate_model
     from pce.tasks.visualize import class_names_from_config
 
     args = resolve(args)

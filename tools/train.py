@@ -20,6 +20,7 @@ import sys
 from pce.engine import Trainer, cleanup_distributed, init_distributed, is_main_process, load_config
 from pce.engine.errors import add_debug_flag, run_cli
 from pce.tasks import get_task
+from pce.tasks.hooks import default_hooks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, build_overrides(args))
         init_distributed(device=cfg.runtime.device)
-        trainer = Trainer(cfg, get_task(cfg.task), resume=args.resume, force=args.force)
+        task = get_task(cfg.task)
+        trainer = Trainer(cfg, task, resume=args.resume, force=args.force, hooks=default_hooks(cfg, task))
         result = trainer.train()
         main_process = is_main_process()  # before the process group goes away
     finally:

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pce.analysis.cli import add_run_args, batches, display, file_samples, load_run, split_samples
 from pce.analysis.maps import routing_maps
 from pce.analysis.plots import routing_figure
 from pce.engine.errors import PCEError, run_cli
+from pce.tasks.tooling import add_run_args, batches, display, file_samples, load_run, split_samples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise PCEError("--num", f"{args.num}", "a positive number of images")
     cfg, task, model, _, device = load_run(args)
-    samples, names, transform = (file_samples(cfg, args.images) if args.images
+    samples, names, transform = (file_samples(cfg, task, args.images) if args.images
                                  else split_samples(cfg, task, args.split, args.num))
     out = Path(args.out)
     written = []

@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from pce.moe.metrics import entropy as _entropy
-from pce.moe.recorder import record_routing
+from pce.moe.metrics import entropy
+from pce.moe.recorder import record_routing, strip_wrapper_prefix
 from pce.moe.routing import RoutingResult
 
 __all__ = ["LayerMap", "routing_maps", "layer_map", "feature_strides"]
@@ -52,12 +52,6 @@ class LayerMap:
         return int(self.weights.shape[-1])
 
 
-def _strip(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
 def feature_strides(model: nn.Module) -> Dict[str, int]:
     """``{module path prefix of a stage: feature stride}`` for every PCE backbone inside ``model``
     (e.g. ``{"backbone.stages.2": 8}``), from ``backbone.feature_info``."""
@@ -66,7 +60,7 @@ def feature_strides(model: nn.Module) -> Dict[str, int]:
     out: Dict[str, int] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, PCEBackbone):
-            prefix = _strip(name)
+            prefix = strip_wrapper_prefix(name)
             for info in getattr(mod, "feature_info", []) or []:
                 if "module" in info and "stride" in info:
                     out[(prefix + "." if prefix else "") + str(info["module"])] = int(info["stride"])
@@ -99,7 +93,7 @@ def layer_map(result: RoutingResult, feature_stride: Optional[int] = None) -> La
     B, P, E = w.shape
     gh, gw = grid_of(result)
     expert = torch.where(w.sum(-1) > 0, w.argmax(-1), torch.full((B, P), -1, dtype=torch.int64))
-    ent = _entropy(result.probs.detach().float().cpu())
+    ent = entropy(result.probs.detach().float().cpu())
     scale = feature_stride or 1
     ps, st = result.patch_size, result.patch_stride
     return LayerMap(expert=expert.reshape(B, gh, gw), entropy=ent.reshape(B, gh, gw), weights=w.reshape(B, gh, gw, E),

@@ -18,13 +18,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from pce.analysis.maps import grid_of
+from pce.moe.metrics import COLLAPSE_TAU, entropy
 from pce.moe.routing import RoutingResult
 
 __all__ = ["usage", "usage_share", "mean_weight", "dropped_rate", "mean_entropy", "usage_entropy", "imbalance",
            "collapsed_experts", "nmi_with_baseline", "assigned_experts", "RoutingStats", "COLLAPSE_TAU"]
-
-COLLAPSE_TAU = 0.01  # an expert used by fewer than 1% of the patches is collapsed
-
 
 def _flat(weights: torch.Tensor) -> torch.Tensor:
     return weights.detach().float().reshape(-1, weights.shape[-1]).cpu()
@@ -51,19 +50,15 @@ def dropped_rate(weights: torch.Tensor) -> float:
     return float((_flat(weights).sum(-1) == 0).float().mean())
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-
 def mean_entropy(probs: torch.Tensor) -> float:
     """Mean over patches of the routing entropy of ``probs [..., E]`` (nats)."""
-    return float(_entropy(_flat(probs)).mean())
+    return float(entropy(_flat(probs)).mean())
 
 
 def usage_entropy(share: torch.Tensor) -> float:
     """Entropy (nats) of a usage distribution ``share [E]`` (normalised first); ``log E`` = perfectly balanced."""
     p = share.float() / share.float().sum().clamp_min(1e-12)
-    return float(_entropy(p))
+    return float(entropy(p))
 
 
 def imbalance(load: torch.Tensor) -> float:
@@ -104,12 +99,6 @@ def nmi_with_baseline(experts: Sequence[int], labels: Sequence[int], shuffles: i
             "n": int(e.size)}
 
 
-def _grid(result: RoutingResult):
-    from pce.analysis.maps import grid_of
-
-    return grid_of(result)
-
-
 class _LayerAccumulator:
     """Running sums of one layer (see :class:`RoutingStats`)."""
 
@@ -138,13 +127,13 @@ class _LayerAccumulator:
         self.weight_sum += flat.double().sum(0)
         self.patches += B * P
         self.dropped += int((flat.sum(-1) == 0).sum())
-        ent = _entropy(result.probs.detach().float().cpu().reshape(-1, E)).double()
+        ent = entropy(result.probs.detach().float().cpu().reshape(-1, E)).double()
         self.entropy_sum += float(ent.sum())
         experts = assigned_experts(w)  # [B, P]
         flat_e = experts.reshape(-1)
         self.expert_entropy_sum.index_add_(0, flat_e[flat_e >= 0], ent[flat_e >= 0])
         self.experts.append(experts.reshape(-1).numpy().astype(np.int16 if E < 32000 else np.int64))
-        grid = _grid(result)
+        grid = grid_of(result)
         gid = hash(grid) % 1000 if grid != self.grid else 0
         pos = np.tile(np.arange(P, dtype=np.int64) + gid * 1_000_000, B)
         self.positions.append(pos)
@@ -219,7 +208,7 @@ class RoutingStats:
         for name, result in records:
             acc = self.layers.get(name)
             if acc is None:
-                acc = self.layers[name] = _LayerAccumulator(result.num_experts, _grid(result))
+                acc = self.layers[name] = _LayerAccumulator(result.num_experts, grid_of(result))
             acc.update(result, (labels or {}).get(name))
 
     def compute(self) -> Dict[str, Dict[str, Any]]:

@@ -24,8 +24,7 @@ import torch
 from pce.engine.errors import NonFiniteStateError
 
 __all__ = ["atomic_save", "atomic_copy", "load_checkpoint", "capture_rng_state", "restore_rng_state",
-           "CheckpointManager", "unwrap_model", "load_model_weights", "load_pretrained", "nonfinite_tensors",
-           "check_finite", "checkpoint_phase", "remove_stale_temps", "WorkDirLock"]
+           "CheckpointManager", "nonfinite_tensors", "check_finite", "checkpoint_is_finite", "remove_stale_temps"]
 
 logger = logging.getLogger("pce")
 
@@ -245,9 +244,3 @@ class CheckpointManager:
         if not p.is_file():
             raise FileNotFoundError(f"--resume: checkpoint not found: {p}")
         return p
-
-
-# re-exported: loading weights and the work-dir lock live in their own modules (imported last: they use this one)
-from pce.engine.weights import (_mismatch_summary, _model_state, checkpoint_phase, load_model_weights,  # noqa: E402,F401
-                                load_pretrained, unwrap_model)
-from pce.engine.workdir import WorkDirLock  # noqa: E402,F401

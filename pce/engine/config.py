@@ -23,13 +23,13 @@ import os
 import pprint
 import runpy
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import yaml
 from fvcore.common.config import CfgNode
 
 from pce.engine.defaults import get_default_config
-from pce.engine.validation import ConfigError, _origin, build_config
+from pce.engine.validation import ConfigError, build_config, key_origin
 
 __all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "dump_config", "format_config",
            "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
@@ -74,7 +74,7 @@ def _merge(base: Dict[str, Any], child: Mapping[str, Any], origins: Dict[str, st
         if not isinstance(k, str):
             raise ConfigError(f"config key {prefix}{k!r} (set in {src}) must be a string")
         key = prefix + k
-        where = src if isinstance(src, str) else _origin(src, key)
+        where = src if isinstance(src, str) else key_origin(src, key)
         if isinstance(v, dict):
             v = dict(v)
             delete = bool(v.pop("_delete_", False))

@@ -96,7 +96,7 @@ _C.schedule.lr_scheduler.gamma = 0.1
 
 # --------------------------------------------------------------------------------------------- phases
 # Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}: the fields of
-# pce.engine.phases.Phase, which validates them.
+# pce.engine.phase.Phase, which validates them.
 # Empty: one phase over all epochs that changes nothing. The phase epochs must add up to schedule.epochs;
 # the last phase may say epochs=-1 ("the rest").
 _C.phases = []

@@ -10,10 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pce.engine.checkpoint import checkpoint_phase, load_model_weights
+from pce.engine.checkpoint import load_checkpoint
 from pce.engine.distributed import InferenceShardSampler, all_gather_object, get_world_size
-from pce.engine.phases import PhaseController, build_phases
-from pce.engine.runtime import _amp_dtype, _autocast, resolve_device, to_channels_last
+from pce.engine.phase import build_phases
+from pce.engine.phases import PhaseController
+from pce.engine.runtime import autocast_context, resolve_amp_dtype, resolve_device, to_channels_last
+from pce.engine.weights import checkpoint_phase, load_model_weights
+from pce.moe.surgery import apply_structure
 
 __all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights"]
 
@@ -54,7 +57,7 @@ def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, devi
     evaluator = task.build_evaluator(cfg, dataset)
     try:
         for batch in loader:
-            with _autocast(amp_dtype):
+            with autocast_context(amp_dtype):
                 out = task.predict(model, batch, device)
             evaluator.update(*out)
     finally:
@@ -68,13 +71,9 @@ def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.P
     and export: the expert structure of a pruned checkpoint (``expert_structure``, from
     ``tools/prune_experts.py``) replayed, the weights loaded (EMA weights when saved; non-finite ones refused),
     the routing of the phase it was saved in applied. Returns the checkpoint dict."""
-    from pce.engine.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(checkpoint)
     structure = ckpt.get("expert_structure") if isinstance(ckpt, dict) else None
     if structure:
-        from pce.analysis.surgery import apply_structure  # a building block; imported only when needed
-
         apply_structure(model, structure)
     ckpt = load_model_weights(model, checkpoint, prefer_ema=True, ckpt=ckpt)
     ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
@@ -99,6 +98,6 @@ def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike]
     model.to(device)
     if cfg.runtime.channels_last:
         to_channels_last(model)
-    results = evaluate_model(model, task, cfg, datasets[split], device, _amp_dtype(cfg.runtime.amp, device))
+    results = evaluate_model(model, task, cfg, datasets[split], device, resolve_amp_dtype(cfg.runtime.amp, device))
     results.setdefault("split", split)
     return results

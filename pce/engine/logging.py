@@ -1,8 +1,9 @@
-"""Training logs: text log, JSON-lines metrics, TensorBoard events, tqdm progress, router statistics.
+"""Training logs: text log, JSON-lines metrics, TensorBoard events, tqdm progress.
 
 Only rank 0 writes files. ``metrics.jsonl`` holds one JSON object per line with a ``type`` (``train``,
 ``val``, ``phase``, ``test``) plus ``epoch`` / ``iter`` and the values; TensorBoard gets the same scalars
-(``train/loss``, ``train/lr``, ``val/top1``, ``routing/<layer>/entropy``, ``routing/<layer>/usage/e<i>``, ...).
+(``train/loss``, ``train/lr``, ``val/top1``, and for a nested ``routing`` entry, which trainer hooks such as
+``pce.tasks.hooks.RoutingStatsHook`` add, ``routing/<layer>/entropy``, ``routing/<layer>/usage/e<i>``, ...).
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from torch import nn
 
-__all__ = ["setup_logger", "MetricWriter", "RoutingStatsCollector", "ProgressBar", "scalar_metrics"]
+__all__ = ["setup_logger", "MetricWriter", "ProgressBar", "scalar_metrics"]
 
 LOGGER_NAME = "pce"
 
@@ -127,98 +127,6 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-class RoutingStatsCollector:
-    """Per-layer routing statistics of the forwards run while :attr:`active` is True, through
-    :func:`pce.record_routing` (the recorder is attached only while active, so an inactive collector costs nothing).
-
-    ``pop()`` -> ``{layer: stats}`` (layer names as the recorder gives them, e.g. ``backbone.stages.2.layers.0``)
-    with ``entropy`` (mean routing
-    entropy, nats), ``usage [E]`` (fraction of patches using each expert), ``mean_weight [E]``,
-    ``dropped_fraction``, ``collapsed_experts`` (how many have usage < 1%), ``usage_entropy``, ``imbalance``
-    (max / min load; ``inf`` with an unused expert), ``nmi_position`` / ``nmi_position_baseline`` (expert vs grid
-    cell, and with shuffled cells) and, after :meth:`set_batch`, ``nmi_class`` / ``nmi_class_baseline`` (expert vs
-    the batch's labels under each patch; see :mod:`pce.analysis.labels`).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        from pce.moe.recorder import routing_sources
-
-        self.model = model
-        self._layers = [n for n, _ in routing_sources(model)]
-        self._rec = None
-        self._records: list = []
-        self._targets = None
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    @property
-    def active(self) -> bool:
-        return self._rec is not None
-
-    @active.setter
-    def active(self, flag: bool) -> None:
-        from pce.moe.recorder import RoutingRecorder
-
-        if flag and self._rec is None:
-            self._rec = RoutingRecorder(self.model, detach=True).__enter__()
-        elif not flag and self._rec is not None:
-            self._rec.__exit__(None, None, None)
-            self._records.extend(self._rec.records)
-            self._rec = None
-
-    def set_batch(self, task: Any, batch: Any) -> None:
-        """The batch of the next recorded forward: its targets give the class NMI (``task.name`` says how)."""
-        name = getattr(task, "name", str(task))
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            return
-        sizes = [tuple(im.shape[-2:]) for im in batch[0]] if name == "detection" else None
-        self._targets = (name, batch[1], sizes, getattr(task, "ignore_index", 255))
-
-    def _layer_stats(self, result: Any) -> Dict[str, Any]:
-        from pce.analysis import stats as S
-        from pce.analysis.labels import patch_labels, position_labels
-        from pce.analysis.maps import grid_of
-
-        w = result.weights.detach().float().cpu()
-        B, E = w.shape[0], w.shape[-1]
-        use = S.usage(w)
-        load = (w.reshape(-1, E) > 0).float().sum(0)
-        experts = S.assigned_experts(w).reshape(-1).numpy()
-        grid = grid_of(result)
-        pos = S.nmi_with_baseline(experts, position_labels(B, grid).reshape(-1).numpy(), shuffles=1)
-        rec = {"entropy": S.mean_entropy(result.probs), "usage": use.tolist(), "mean_weight": S.mean_weight(w).tolist(),
-               "dropped_fraction": S.dropped_rate(w), "collapsed_experts": float(len(S.collapsed_experts(use))),
-               "usage_entropy": S.usage_entropy(load), "imbalance": S.imbalance(load),
-               "nmi_position": pos["nmi"], "nmi_position_baseline": pos["baseline"]}
-        if self._targets is not None:
-            task, targets, sizes, ignore = self._targets
-            try:
-                lab = patch_labels(task, targets, grid, None, sizes, ignore)
-            except (ValueError, TypeError, KeyError, RuntimeError):
-                lab = None
-            if lab is not None and lab.numel() == experts.size:
-                cls = S.nmi_with_baseline(experts, lab.reshape(-1).numpy(), shuffles=1)
-                rec["nmi_class"], rec["nmi_class_baseline"] = cls["nmi"], cls["baseline"]
-        return {k: v for k, v in rec.items() if v is not None}
-
-    def pop(self) -> Dict[str, Dict[str, Any]]:
-        """The statistics of the first recorded forward of every layer since the last ``pop``; clears them."""
-        if self._rec is not None:
-            self._records.extend(self._rec.records)
-            self._rec.clear()
-        out: Dict[str, Dict[str, Any]] = {}
-        for name, result in self._records:
-            if name not in out:
-                out[name] = self._layer_stats(result)
-        self._records, self._targets = [], None
-        return out
-
-    def remove(self) -> None:
-        self.active = False
-        self._records = []
 
 
 class ProgressBar:

@@ -8,7 +8,8 @@ A PCE run is a list of phases (config ``phases``), each a number of epochs with 
 * ``keys_trainable``: keyed routers' keys (``Router.uses_keys``) outside the graph (EMA-updated) or trained
   by the optimizer.
 * ``attention``: deformable attention blocks on or off.
-* ``lr_mult``: multiplier of the base learning rate during the phase (applied by :class:`PCEScheduler`).
+* ``lr_mult``: multiplier of the base learning rate during the phase (applied by
+  :class:`pce.engine.scheduler.PCEScheduler`).
 * ``upcycle``: when the phase starts, copy expert 0 into every other expert (sparse upcycling after a
   ``router_override="shared"`` phase that trained expert 0 on every patch). Runs once, before the K-Means
   initialisation, and not again when a run resumes inside the phase.
@@ -25,12 +26,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from pce.engine.phase import Phase, PhaseError, build_phases, resolve_phase_epochs  # noqa: F401  (re-exported)
-from pce.engine.scheduler import PCEScheduler  # noqa: F401  (re-exported: the scheduler of the phases)
+from pce.engine.phase import Phase
 from pce.models.backbone import PCEBackbone, iter_backbones
 
-__all__ = ["Phase", "PhaseError", "PCEScheduler", "PhaseController", "resolve_phase_epochs", "build_phases",
-           "find_backbones"]
+__all__ = ["PhaseController", "find_backbones"]
 
 logger = logging.getLogger("pce.engine")
 

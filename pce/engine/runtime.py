@@ -13,6 +13,9 @@ from torch import nn
 
 from pce.engine.logging import scalar_metrics
 
+__all__ = ["NonFiniteLossError", "seed_everything", "resolve_device", "resolve_amp_dtype", "autocast_context",
+           "to_channels_last", "format_metrics", "task_batch_images", "task_batch_size"]
+
 logger = logging.getLogger("pce")
 
 
@@ -33,6 +36,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``runtime.device`` as a device: ``"auto"`` / ``"cuda"`` -> CUDA device ``local_rank`` when available."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
     if name in ("auto", "cuda") and torch.cuda.is_available():
@@ -40,7 +44,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``runtime.amp`` (``"bf16"`` / ``"fp16"``) on CUDA; ``None`` (fp32) otherwise."""
     if amp == "none":
         return None
     if device.type != "cuda":
@@ -48,7 +53,8 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _autocast(dtype: Optional[torch.dtype]):
+def autocast_context(dtype: Optional[torch.dtype]) -> Any:
+    """CUDA autocast to ``dtype``, or a no-op context when ``dtype`` is ``None``."""
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -62,17 +68,20 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def _format_metrics(results: Mapping[str, Any]) -> str:
+def format_metrics(results: Mapping[str, Any]) -> str:
+    """``"top1 0.9123, loss 0.3000"``: the plain numbers of an evaluator's results for a log line."""
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scalar_metrics(results).items())
 
 
-def _batch_images(task: Any, batch: Any) -> torch.Tensor:
+def task_batch_images(task: Any, batch: Any) -> torch.Tensor:
+    """The images of ``batch`` (``task.batch_images`` when the task has it, else the batch's first item)."""
     if hasattr(task, "batch_images"):
         return task.batch_images(batch)
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _batch_size(task: Any, batch: Any) -> int:
+def task_batch_size(task: Any, batch: Any) -> int:
+    """The number of images in ``batch`` (``task.batch_size`` when the task has it)."""
     if hasattr(task, "batch_size"):
         return int(task.batch_size(batch))
     first = batch[0] if isinstance(batch, (list, tuple)) else batch

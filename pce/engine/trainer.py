@@ -1,33 +1,13 @@
-"""One training loop for every task, driven by a duck-typed task adapter.
-
-Task adapter protocol (``pce.tasks.get_task(name)`` returns one; tools pass it to :class:`Trainer`; the engine
-never imports ``pce.tasks`` or ``pce.datasets``)::
-
-    class MyTask:
-        name = "classification"
-        collate_fn = None                                   # DataLoader collate_fn (None: default_collate)
-
-        def build_model(self, cfg) -> nn.Module: ...
-        def build_datasets(self, cfg, splits=("train", "val")) -> Dict[str, Dataset]:
-            ...                                             # only the configured splits among `splits`
-        def train_step(self, model, batch, device) -> Dict[str, Tensor]:
-            ...                                             # loss terms; the total is their sum. `model` may be
-                                                            # DDP-wrapped: call it (forward), not its methods
-        def predict(self, model, batch, device) -> tuple:
-            ...                                             # positional args of evaluator.update(...)
-        def build_evaluator(self, cfg, dataset): ...        # update(*args) / compute() -> dict, and
-                                                            # synchronize() or merge(other) + state_dict()
-        # optional
-        def batch_images(self, batch) -> Tensor: ...        # images of a batch (K-Means init); default batch[0]
-        def batch_size(self, batch) -> int: ...             # default: len(batch[0])
-        def set_epoch(self, epoch: int) -> None: ...        # called before each training epoch
-        def dummy_inputs(self, cfg, batch_size=1) -> tuple: ...   # for FLOP counting
+"""One training loop for every task, driven by a task adapter (the contract: :class:`pce.engine.task.Task`;
+``pce.tasks.get_task(name)`` returns one, tools pass it to :class:`Trainer`; the engine never imports
+``pce.tasks`` or ``pce.datasets``).
 
 The loop: phases (:mod:`pce.engine.phases`: router override, key trainability, attention, lr multiplier,
 K-Means init before the first learned-router phase), per-iteration lr schedule, AMP on CUDA, gradient
 clipping, weights EMA, DDP, NaN/inf guard, logging (:mod:`pce.engine.logging`), evaluation every
 ``runtime.eval_interval`` epochs with ``best.pth`` by ``eval.metric``, ``latest.pth`` every
-``runtime.checkpoint_interval`` epochs, and exact resume from ``latest.pth``.
+``runtime.checkpoint_interval`` epochs, exact resume from ``latest.pth``, and hooks (:mod:`pce.engine.hooks`)
+for everything else, e.g. the routing statistics of ``pce.tasks.hooks``.
 """
 from __future__ import annotations
 
@@ -36,25 +16,28 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
-from pce.engine.checkpoint import CheckpointManager, WorkDirLock, capture_rng_state, check_finite, restore_rng_state
+from pce.engine.checkpoint import CheckpointManager, capture_rng_state, check_finite, restore_rng_state
 from pce.engine.config import dump_config
 from pce.engine.distributed import (all_reduce_max, all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
                                     sync_router_keys)
-from pce.engine.evaluation import build_eval_loader, evaluate_checkpoint, evaluate_model  # noqa: F401
+from pce.engine.evaluation import evaluate_model
+from pce.engine.hooks import HookBase, as_hook
 from pce.engine.logging import MetricWriter, ProgressBar, scalar_metrics, setup_logger
 from pce.engine.optim import clip_gradients
-from pce.engine.runtime import (NonFiniteLossError, _amp_dtype, _autocast, _batch_size,
-                                resolve_device, seed_everything, to_channels_last)
+from pce.engine.runtime import (autocast_context, resolve_amp_dtype, resolve_device, seed_everything,
+                                task_batch_size)
 from pce.engine.trainer_setup import TrainerSetup
 from pce.engine.trainer_state import TrainerState
+from pce.engine.workdir import WorkDirLock
 
-__all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "resolve_device", "evaluate_model",
-           "evaluate_checkpoint", "build_eval_loader", "to_channels_last"]
+__all__ = ["Trainer"]
+
+Hook = Union[HookBase, Callable[[Any, str], None]]
 
 logger = logging.getLogger("pce")
 
@@ -64,17 +47,17 @@ class Trainer(TrainerSetup, TrainerState):
 
     Args:
         cfg: the merged config.
-        task: a task adapter (see the module docstring).
+        task: a task adapter (:class:`pce.engine.task.Task`).
         resume: ``True`` / ``"auto"`` (``work_dir/latest.pth``) or a checkpoint path.
-        hooks: callables ``hook(trainer, event)`` with event ``"before_epoch"``, ``"after_step"``,
-            ``"after_epoch"`` or ``"after_train"``.
+        hooks: :class:`~pce.engine.hooks.HookBase` instances or functions ``fn(trainer, event)``, run in order at
+            the events of :mod:`pce.engine.hooks` (more with :meth:`register_hooks`).
 
     Call :meth:`train`; it returns ``{"best": {...}, "final": results of the test (or val) split}``. Use it
     under ``torchrun`` after :func:`pce.engine.distributed.init_distributed` for DDP.
     """
 
     def __init__(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None] = None,
-                 hooks: Sequence[Callable[["Trainer", str], None]] = (), force: bool = False) -> None:
+                 hooks: Iterable[Hook] = (), force: bool = False) -> None:
         """``force``: start a fresh run in a work dir that holds checkpoints (they are replaced)."""
         self.lock = WorkDirLock(cfg.runtime.work_dir)  # held by rank 0 from here to the end of train()
         self.epoch_iter = 0     # iterations done in epoch `self.epoch` (a run stopped mid-epoch by max_iters)
@@ -85,10 +68,13 @@ class Trainer(TrainerSetup, TrainerState):
             raise
 
     def _init(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None],
-              hooks: Sequence[Callable[["Trainer", str], None]], force: bool) -> None:
+              hooks: Iterable[Hook], force: bool) -> None:
         self.cfg = cfg
         self.task = task
-        self.hooks = list(hooks)
+        self.hooks: List[HookBase] = []
+        self.register_hooks(hooks)
+        self.batch: Any = None          # the batch of the step being run (for hooks)
+        self.logging_step = False       # whether that step writes a `train` record
         self.rank, self.world_size = get_rank(), get_world_size()
         self.is_main = self.rank == 0
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world_size > 1 else 0
@@ -98,7 +84,7 @@ class Trainer(TrainerSetup, TrainerState):
         self.work_dir = Path(cfg.runtime.work_dir)
         setup_logger(None, self.rank)
         seed_everything(cfg.runtime.seed + self.rank, cfg.runtime.deterministic)
-        self.amp_dtype = _amp_dtype(cfg.runtime.amp, self.device)
+        self.amp_dtype = resolve_amp_dtype(cfg.runtime.amp, self.device)
         self.checkpoints = CheckpointManager(self.work_dir, enabled=self.is_main)
         resume_path = self.checkpoints.find_resume(resume)  # fail before anything is written
         if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
@@ -131,27 +117,38 @@ class Trainer(TrainerSetup, TrainerState):
         """The trained model and its EMA copy: both get the phase settings."""
         return [self.model] + ([self.ema.module] if self.ema is not None else [])
 
-    def register_hook(self, hook: Callable[["Trainer", str], None]) -> None:
-        self.hooks.append(hook)
+    # -------------------------------------------------------------------------------------- hooks
+    def register_hooks(self, hooks: Iterable[Hook]) -> None:
+        """Append ``hooks`` (:class:`~pce.engine.hooks.HookBase` or ``fn(trainer, event)``); they run in order."""
+        for hook in hooks:
+            hook = as_hook(hook)
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def register_hook(self, hook: Hook) -> None:
+        self.register_hooks([hook])
 
     def _call_hooks(self, event: str) -> None:
-        for h in self.hooks:
-            h(self, event)
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+    def _hook_metrics(self) -> Dict[str, Any]:
+        """What the hooks add to the ``train`` record being written."""
+        out: Dict[str, Any] = {}
+        for hook in self.hooks:
+            out.update(hook.log_metrics())
+        return out
 
     # -------------------------------------------------------------------------------------- train
     def _max_iters_reached(self) -> bool:
         m = self.cfg.schedule.max_iters
         return bool(m) and self.iteration >= m
 
-    def _train_step(self, model: nn.Module, batch: Any, epoch: int, i: int, log_now: bool):
+    def _train_step(self, model: nn.Module, batch: Any, epoch: int, i: int):
         """Forward (the task's loss terms), NaN/inf guard, backward, clipping, optimizer / scheduler / EMA step.
         Returns ``(names, values, lr, grad_norm)``: the loss names, their values plus the total (floats)."""
-        self.routing.active = log_now and self.is_main
-        if log_now and self.is_main:
-            self.routing.set_batch(self.task, batch)  # its labels give the class NMI
-        with _autocast(self.amp_dtype):
+        with autocast_context(self.amp_dtype):
             losses = self.task.train_step(model, batch, self.device)
-        self.routing.active = False
         if not losses:
             raise ValueError(f"{type(self.task).__name__}.train_step returned no loss terms")
         names = list(losses)
@@ -180,14 +177,12 @@ class Trainer(TrainerSetup, TrainerState):
 
     def _log_train(self, epoch: int, i: int, names: List[str], means: Dict[str, float], lr: float, ips: float,
                    grad_norm: Optional[float]) -> None:
-        """One ``train`` record (metrics.jsonl / TensorBoard, with the routing statistics) and its log line."""
+        """One ``train`` record (metrics.jsonl / TensorBoard, with what the hooks add) and its log line."""
         rec: Dict[str, Any] = {"type": "train", "epoch": epoch + 1, "iter": self.iteration, "lr": lr,
                                **means, "images_per_s": ips, "phase": self.phase_ctl.phase_at(epoch).name}
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
-        routing = self.routing.pop()
-        if routing:
-            rec["routing"] = routing
+        rec.update(self._hook_metrics())
         if self.writer is not None:
             self.writer.write(rec, step=self.iteration)
         logger.info("epoch %d/%d iter %d/%d (step %d) loss %.4f %s lr %.4g %.0f img/s", epoch + 1,
@@ -214,11 +209,13 @@ class Trainer(TrainerSetup, TrainerState):
                 if i >= self.iters_per_epoch or self._max_iters_reached():
                     break
                 log_now = (self.iteration + 1) % self.cfg.runtime.log_interval == 0 or i + 1 == self.iters_per_epoch
-                names, values, lr, grad_norm = self._train_step(model, batch, epoch, i, log_now)
+                self.batch, self.logging_step = batch, log_now
+                self._call_hooks("before_step")
+                names, values, lr, grad_norm = self._train_step(model, batch, epoch, i)
                 self.iteration += 1
                 self.epoch_iter = i + 1
                 self.loss_history.append(values[-1])
-                images += _batch_size(self.task, batch)
+                images += task_batch_size(self.task, batch)
                 count += 1
                 epoch_sum += values[-1]
                 epoch_n += 1
@@ -232,7 +229,7 @@ class Trainer(TrainerSetup, TrainerState):
                     window, count, images, t_window = {}, 0, 0, time.perf_counter()
                 self._call_hooks("after_step")
         finally:
-            self.routing.active = False
+            self.batch, self.logging_step = None, False
             bar.close()
         return {"loss": epoch_sum / max(epoch_n, 1)}
 
@@ -273,6 +270,7 @@ class Trainer(TrainerSetup, TrainerState):
                     ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items() if k != "train") or "no eval set",
                     self.iters_per_epoch, self.total_epochs, self.device, self.world_size)
         try:
+            self._call_hooks("before_train")
             for epoch in range(self.epoch, self.total_epochs):
                 if self._max_iters_reached():
                     break
@@ -284,10 +282,12 @@ class Trainer(TrainerSetup, TrainerState):
                 self._end_epoch(stats)
                 self._call_hooks("after_epoch")
             final = self._final_evaluation()
-            self._call_hooks("after_train")
             return {"best": dict(self.best), "final": final, "epochs": self.epoch, "iterations": self.iteration}
         finally:
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
-            self.lock.release()
+            try:
+                self._call_hooks("after_train")  # also after an exception: hooks release what they hold
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+                    self.writer = None
+                self.lock.release()

@@ -14,14 +14,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from pce.engine.checkpoint import load_pretrained
 from pce.engine.config import dump_config
 from pce.engine.distributed import broadcast_parameters
 from pce.engine.ema import build_ema
-from pce.engine.logging import MetricWriter, RoutingStatsCollector, setup_logger
+from pce.engine.logging import MetricWriter, setup_logger
 from pce.engine.optim import build_lr_scheduler, build_optimizer
-from pce.engine.phases import PhaseController, build_phases
-from pce.engine.runtime import _batch_images, to_channels_last
+from pce.engine.phase import build_phases
+from pce.engine.phases import PhaseController
+from pce.engine.runtime import task_batch_images, to_channels_last
+from pce.engine.weights import load_pretrained
 from pce.moe.routing import keyed_routers
 
 __all__ = ["TrainerSetup"]
@@ -78,7 +79,6 @@ class TrainerSetup:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = build_ema(self.model, cfg.runtime.ema) if cfg.runtime.ema > 0 else None
         self.ddp_model: Optional[DDP] = None
-        self.routing = RoutingStatsCollector(self.model)
         self.writer: Optional[MetricWriter] = None
 
     def _thread_limit(self):
@@ -102,7 +102,7 @@ class TrainerSetup:
         loader = DataLoader(sub, batch_size=bs, shuffle=False, num_workers=self.cfg.data.num_workers,
                             collate_fn=getattr(self.task, "collate_fn", None),
                             generator=torch.Generator().manual_seed(self.cfg.runtime.seed))
-        batches = [_batch_images(self.task, b) for b in loader]
+        batches = [task_batch_images(self.task, b) for b in loader]
         if self.cfg.runtime.channels_last:
             batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         return batches

@@ -18,13 +18,15 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from pce.engine.checkpoint import (capture_rng_state, checkpoint_is_finite, load_checkpoint, nonfinite_tensors,
-                                   remove_stale_temps, restore_rng_state, unwrap_model)
+                                   remove_stale_temps, restore_rng_state)
 from pce.engine.config import format_config
-from pce.engine.logging import scalar_metrics
-from pce.engine.runtime import NonFiniteLossError, _format_metrics
 from pce.engine.distributed import all_gather_object, all_reduce_max
 from pce.engine.ema import build_ema
 from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
+from pce.engine.logging import scalar_metrics
+from pce.engine.runtime import NonFiniteLossError, format_metrics
+from pce.engine.weights import mismatch_summary
+from pce.moe.recorder import unwrap_model
 
 __all__ = ["TrainerState"]
 
@@ -114,10 +116,8 @@ class TrainerState:
         try:
             unwrap_model(self.model).load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            from pce.engine.checkpoint import _mismatch_summary
-
             raise PCEError(path, f"--resume: the saved weights do not fit the model of the config "
-                           f"({_mismatch_summary(self.model, ckpt['model'])})", "the saved run's model config") from e
+                           f"({mismatch_summary(self.model, ckpt['model'])})", "the saved run's model config") from e
         if self.ema is not None:
             if ckpt.get("ema"):
                 self.ema.load_state_dict(ckpt["ema"])
@@ -195,7 +195,7 @@ class TrainerState:
             if self.writer is not None:
                 self.writer.write({"type": "val", "epoch": self.epoch, "iter": self.iteration,
                                    **scalar_metrics(results)}, step=self.iteration)
-            logger.info("epoch %d val: %s", self.epoch, _format_metrics(results))
+            logger.info("epoch %d val: %s", self.epoch, format_metrics(results))
         better = False
         if results:
             if cfg.eval.metric not in results:

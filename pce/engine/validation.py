@@ -11,7 +11,7 @@ from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
 
 from pce.engine.defaults import CHOICES, get_default_config
 
-__all__ = ["ConfigError", "build_config"]
+__all__ = ["ConfigError", "build_config", "key_origin"]
 
 
 class ConfigError(ValueError):
@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _origin(origins: Mapping[str, str], key: str) -> str:
+def key_origin(origins: Mapping[str, str], key: str) -> str:
     """The file that set ``key`` (or its closest parent)."""
     parts = key.split(".")
     for i in range(len(parts), 0, -1):
@@ -63,7 +63,7 @@ def _to_node(value: Any, key: str, src: str, in_list: bool = False) -> Any:
 def _validate_into(node: CfgNode, data: Mapping[str, Any], origins: Mapping[str, str], prefix: str = "") -> None:
     for k, v in data.items():
         key = prefix + k
-        src = _origin(origins, key)
+        src = key_origin(origins, key)
         if k not in node:
             if node.is_new_allowed():
                 node[k] = _to_node(v, key, src)
@@ -90,18 +90,18 @@ def _check_choices(cfg: CfgNode, origins: Mapping[str, str]) -> None:
         for p in key.split("."):
             node = node[p]
         if node not in allowed:
-            raise ConfigError(f"config key '{key}' (set in {_origin(origins, key)}) must be one of "
+            raise ConfigError(f"config key '{key}' (set in {key_origin(origins, key)}) must be one of "
                               f"{list(allowed)}, got {node!r}")
 
 
 def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
-    """Each ``phases`` entry validated by its one definition, :class:`pce.engine.phases.Phase`."""
+    """Each ``phases`` entry validated by its one definition, :class:`pce.engine.phase.Phase`."""
     from pce.engine.phase import Phase, PhaseError, resolve_phase_epochs
 
     out = []
     for i, ph in enumerate(cfg.phases):
         key = f"phases.{i}"
-        src = _origin(origins, key)
+        src = key_origin(origins, key)
         if isinstance(ph, CfgNode):
             ph = dict(ph)
         if not isinstance(ph, dict):
@@ -115,7 +115,7 @@ def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
     try:
         resolve_phase_epochs([p["epochs"] for p in out], cfg.schedule.epochs)
     except ValueError as e:
-        srcs = sorted({_origin(origins, "phases"), _origin(origins, "schedule.epochs")})
+        srcs = sorted({key_origin(origins, "phases"), key_origin(origins, "schedule.epochs")})
         raise ConfigError(f"config keys 'phases' / 'schedule.epochs' (set in {', '.join(srcs)}): {e}") from None
     cfg.phases = out
 
@@ -134,10 +134,10 @@ def _check_values(cfg: CfgNode, origins: Mapping[str, str]) -> None:
             node = node[p]
         v = node[name]
         if (key in positive and v <= 0) or v < 0:
-            raise ConfigError(f"config key '{key}' (set in {_origin(origins, key)}) must be "
+            raise ConfigError(f"config key '{key}' (set in {key_origin(origins, key)}) must be "
                               f"{'> 0' if key in positive else '>= 0'}, got {v!r}")
     if not 0.0 <= cfg.runtime.ema < 1.0:
-        raise ConfigError(f"config key 'runtime.ema' (set in {_origin(origins, 'runtime.ema')}) must be in [0, 1), "
+        raise ConfigError(f"config key 'runtime.ema' (set in {key_origin(origins, 'runtime.ema')}) must be in [0, 1), "
                           f"got {cfg.runtime.ema}")
 
 

@@ -8,20 +8,17 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from pce.engine.errors import PCEError
-
 from pce.engine.checkpoint import check_finite, load_checkpoint
+from pce.engine.errors import PCEError
+from pce.engine.phase import Phase, build_phases
+from pce.engine.phases import PhaseController
+from pce.moe.recorder import unwrap_model
+
+__all__ = ["load_model_weights", "model_state", "mismatch_summary", "load_pretrained", "checkpoint_phase"]
 
 logger = logging.getLogger("pce")
 
 PathLike = Union[str, os.PathLike]
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / DataParallel / AveragedModel wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, prefer_ema: bool = False,
@@ -30,17 +27,19 @@ def load_model_weights(model: torch.nn.Module, path: PathLike, strict: bool = Tr
     ``prefer_ema``: use the EMA weights when the checkpoint has them; ``ckpt``: the checkpoint already read
     from ``path`` (not read again). Returns the checkpoint dict."""
     ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    state = _model_state(ckpt, prefer_ema)
+    state = model_state(ckpt, prefer_ema)
     check_finite(state, path, " in the saved weights")
     try:
         unwrap_model(model).load_state_dict(state, strict=strict)
     except RuntimeError as e:
-        raise PCEError(path, f"the weights do not fit the model built from the config ({_mismatch_summary(model, state)})",
-                       "a checkpoint of the same model config") from e
+        raise PCEError(path, "the weights do not fit the model built from the config "
+                       f"({mismatch_summary(model, state)})", "a checkpoint of the same model config") from e
     return ckpt
 
 
-def _model_state(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> Mapping[str, Any]:
+def model_state(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> Mapping[str, Any]:
+    """The model state dict of a training checkpoint (its EMA weights when ``prefer_ema`` and saved), of a
+    ``{"state_dict": ...}`` file, or ``ckpt`` itself (a bare state dict)."""
     if prefer_ema and ckpt.get("ema"):
         return {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     if "model" in ckpt and isinstance(ckpt["model"], Mapping):
@@ -50,7 +49,8 @@ def _model_state(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> Mapping[s
     return ckpt
 
 
-def _mismatch_summary(model: torch.nn.Module, state: Mapping[str, Any]) -> str:
+def mismatch_summary(model: torch.nn.Module, state: Mapping[str, Any]) -> str:
+    """One line naming the missing, unexpected and shape-mismatched keys of ``state`` against ``model``."""
     own = unwrap_model(model).state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -70,7 +70,7 @@ def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pr
     shape-mismatched ones. Raises :class:`PCEError` naming ``key`` when nothing matched. Returns
     ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
     ckpt = load_checkpoint(path)
-    state = _model_state(ckpt)
+    state = model_state(ckpt)
     check_finite(state, f"{key}={path}", " in the pretrained weights")
     own = unwrap_model(model).state_dict()
     matched = {k: v for k, v in state.items()
@@ -96,11 +96,9 @@ def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pr
     return report
 
 
-def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int) -> Any:
-    """The :class:`~pce.engine.phases.Phase` a checkpoint was saved in (its ``phase`` entry), falling back to the
+def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int) -> Phase:
+    """The :class:`~pce.engine.phase.Phase` a checkpoint was saved in (its ``phase`` entry), falling back to the
     config's phase of its epoch for checkpoints without one. A config that disagrees is a warning naming both."""
-    from pce.engine.phases import Phase, PhaseController, build_phases
-
     ctl = PhaseController(build_phases(phases_cfg, total_epochs), kmeans_init_batches=0)
     epoch = int(ckpt.get("epoch", total_epochs))
     done_in_epoch = int(ckpt.get("epoch_iter", 0) or 0)
@@ -118,6 +116,3 @@ def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int
                        "(%s): evaluating in the checkpoint's phase '%s'", phase.name, phase.describe(), epoch,
                        from_cfg.name, from_cfg.describe(), phase.name)
     return phase
-
-
-# ------------------------------------------------------------------------------------------- work dir

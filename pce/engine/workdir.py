@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-
 from pce.engine.errors import WorkDirError
+
+__all__ = ["WorkDirLock"]
 
 logger = logging.getLogger("pce")
 
 PathLike = Union[str, os.PathLike]
-
 
 
 class WorkDirLock:

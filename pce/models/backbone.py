@@ -11,43 +11,53 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import replace
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from pce.layers.attention import DeformableAttention
 from pce.layers.fx import check_map, false_when_traced
 from pce.models import fx as _fx  # noqa: F401  registers the FX leaf modules with timm
-from pce.models.layer import DenseLayer, PCELayer
+from pce.models.layer import PCELayer
+from pce.models.specs import BackboneSpec, StageLike
 from pce.moe.recorder import record_routing
 from pce.moe.routing import Router
+from pce.registry import LAYERS
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-_STAGE_KEYS = {"channels", "depth", "patch_size", "stride", "attention", "layer", "num_experts"}
+def stage_indices(num_stages: int, indices: Union[int, Sequence[int], None]) -> List[int]:
+    """timm's index convention for stages (:func:`timm.models._features.feature_take_indices`): ``None`` all,
+    an int ``n`` the last ``n``, a sequence the named ones (negative counting from the end). Returns sorted,
+    unique absolute indices; ``ValueError`` (not timm's assertion) saying what is valid."""
+    if not (indices is None or isinstance(indices, int)):
+        indices = [int(i) for i in indices]
+    try:
+        if indices == []:
+            raise ValueError("no stage named")
+        taken, _ = feature_take_indices(num_stages, indices)
+        if not all(0 <= i < num_stages for i in taken):  # timm asserts, which python -O skips
+            raise ValueError("index out of range")
+    except (AssertionError, ValueError) as e:
+        raise ValueError(f"stage indices {indices!r}: {e}; the model has {num_stages} stages (an int n takes the "
+                         f"last n stages, 1 <= n <= {num_stages}; a list names stages 0 .. {num_stages - 1}, "
+                         "negative from the end)") from None
+    return sorted(set(taken))
 
 
-def _stage_spec(i: int, spec: Dict[str, Any], layer: str, num_experts: int) -> Dict[str, Any]:
-    """One stage dict, checked, with the backbone's defaults filled in (``ValueError`` naming the stage)."""
-    spec = dict(spec)
-    unknown = set(spec) - _STAGE_KEYS
-    if unknown:
-        raise ValueError(f"stage {i}: unknown key(s) {sorted(unknown)}")
-    spec.setdefault("depth", 1)
-    spec.setdefault("stride", 2)
-    spec.setdefault("layer", layer)
-    spec.setdefault("num_experts", num_experts)
-    if spec["stride"] not in (1, 2):
-        raise ValueError(f"stage {i}: stride must be 1 or 2, got {spec['stride']}")
-    if spec["layer"] not in ("pce", "dense"):
-        raise ValueError(f"stage {i}: layer must be 'pce' or 'dense', got {spec['layer']!r}")
-    if not isinstance(spec["num_experts"], int) or spec["num_experts"] < 1:
-        raise ValueError(f"stage {i}: num_experts must be an integer >= 1, got {spec['num_experts']!r}")
-    return spec
+def _layer_class(i: int, kind: str) -> Any:
+    """The :data:`~pce.registry.LAYERS` entry stage ``i`` builds its layers with."""
+    if kind not in LAYERS:
+        raise ValueError(f"stage {i}: layer must be one of {' or '.join(map(repr, LAYERS.names()))} "
+                         f"(pce.registry.LAYERS), got {kind!r}")
+    return LAYERS.get(kind)
 
 
 class Stem(nn.Sequential):
@@ -66,7 +76,8 @@ class Stage(nn.Module):
     """Downsample (3x3 conv, stride 2, when needed) then ``depth`` PCE (or dense) layers, each optionally
     followed by deformable attention. ``[B, C_in, H, W] -> [B, C_out, H / s, W / s]``."""
 
-    def __init__(self, cin: int, cout: int, stride: int, depth: int, layer_fn, attention_fn=None) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, depth: int, layer_fn: Callable[[], nn.Module],
+                 attention_fn: Optional[Callable[[], nn.Module]] = None) -> None:
         super().__init__()
         self.down = conv_bn_relu(cin, cout, stride) if (stride != 1 or cin != cout) else nn.Identity()
         self.layers = nn.ModuleList([layer_fn() for _ in range(depth)])
@@ -82,74 +93,61 @@ class Stage(nn.Module):
 
 
 class PCEBackbone(nn.Module):
-    """Stem + stages of PCE layers with patch sizes that shrink with depth.
+    """Stem + stages of PCE layers with patch sizes that shrink with depth, built from a frozen
+    :class:`~pce.models.specs.BackboneSpec` (``PCEBackbone.from_spec(spec)``; ``backbone.spec`` gives it back).
 
-    Args:
-        stages: one dict per stage with ``channels``, ``depth``, ``patch_size``, ``stride`` (1 or 2) and
-            optionally ``attention`` (bool), ``layer`` (``"pce"`` or ``"dense"``: this stage's layers, default the
-            backbone's ``layer``) and ``num_experts`` (this stage's experts, default the backbone's), so experts
-            can be placed in some stages only (e.g. the deep ones, as V-MoE places MoE layers in the last blocks).
-        in_chans: input channels. stem_channels / stem_stride (1, 2 or 4): the convolutional stem.
-        layer: ``"pce"`` or ``"dense"`` (the dense twin).
-        num_experts, router, router_kwargs, top_k, expert, expert_kwargs, pos_encoding, num_frequencies,
-        experts_see_position, halo, padding, execution, norm_stats: passed to every :class:`~pce.models.layer.PCELayer`.
-        attention_kwargs: for :class:`~pce.layers.attention.DeformableAttention` in stages with ``attention=True``.
-        out_indices: which stages to return (default all).
+    ``PCEBackbone(stages, **kwargs)`` (or ``PCEBackbone(spec, **overrides)``) builds the spec from keyword
+    arguments (:meth:`BackboneSpec.from_kwargs <pce.models.specs.BackboneSpec.from_kwargs>`):
+
+    * ``stages``: one dict per stage with ``channels``, ``depth``, ``patch_size``, ``stride`` (1 or 2) and optionally
+      ``attention`` (bool), ``layer`` (a :data:`~pce.registry.LAYERS` name, ``"pce"`` or ``"dense"``: this stage's
+      layers, default the backbone's ``layer``) and ``num_experts`` (default the backbone's), so experts can be
+      placed in some stages only (e.g. the deep ones, as V-MoE places MoE layers in the last blocks);
+    * ``in_chans``; ``stem_channels`` / ``stem_stride`` (1, 2 or 4): the convolutional stem;
+    * ``layer``: ``"pce"`` or ``"dense"`` (the dense twin);
+    * ``num_experts``, ``router``, ``router_kwargs``, ``top_k``, ``expert``, ``expert_kwargs``, ``pos_encoding``,
+      ``num_frequencies``, ``experts_see_position``, ``halo``, ``padding``, ``execution``, ``norm_stats``: the
+      :class:`~pce.models.specs.LayerSpec` of every layer;
+    * ``attention_kwargs``: for :class:`~pce.layers.attention.DeformableAttention` in stages with ``attention``;
+    * ``out_indices``: which stages to return (default all).
     """
 
-    def __init__(self, stages: Sequence[Dict[str, Any]], in_chans: int = 3, stem_channels: int = 32,
-                 stem_stride: int = 4, layer: str = "pce", num_experts: int = 4, router: str = "cosine",
-                 router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
-                 expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
-                 pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
-                 halo: int = 0, padding: str = "fit", execution: str = "auto", norm_stats: str = "expert",
-                 attention_kwargs: Optional[Dict[str, Any]] = None,
-                 out_indices: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, spec: Union[BackboneSpec, Sequence[StageLike], None] = None, **kwargs: Any) -> None:
         super().__init__()
-        if layer not in ("pce", "dense"):
-            raise ValueError(f"layer must be 'pce' or 'dense', got {layer!r}")
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if stem_stride not in (1, 2, 4):
-            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
-        if not stages:
-            raise ValueError("a backbone needs at least one stage")
-        self.in_chans, self.layer_type, self.padding = in_chans, layer, padding
-        stem: List[nn.Module] = [conv_bn_relu(in_chans, stem_channels, 2 if stem_stride >= 2 else 1)]
-        if stem_stride == 4:
-            stem.append(conv_bn_relu(stem_channels, stem_channels, 2))
+        if isinstance(spec, BackboneSpec):
+            spec = BackboneSpec.from_kwargs(**{**spec.to_kwargs(), **kwargs}) if kwargs else spec
+        else:
+            spec = BackboneSpec.from_kwargs(**kwargs) if spec is None else BackboneSpec.from_kwargs(spec, **kwargs)
+        self.spec = spec
+        self.in_chans, self.layer_type, self.padding = spec.in_chans, spec.kind, spec.layer.padding
+        stem: List[nn.Module] = [conv_bn_relu(spec.in_chans, spec.stem_channels, 2 if spec.stem_stride >= 2 else 1)]
+        if spec.stem_stride == 4:
+            stem.append(conv_bn_relu(spec.stem_channels, spec.stem_channels, 2))
         self.stem = Stem(*stem)
         self.stages = nn.ModuleList()
         info: List[Dict[str, Any]] = []
-        cin, stride = stem_channels, stem_stride
-        for i, spec in enumerate(stages):
-            spec = _stage_spec(i, spec, layer, num_experts)
-            cout, depth, patch, s = spec["channels"], spec["depth"], spec["patch_size"], spec["stride"]
-            stage_layer, stage_experts = spec["layer"], spec["num_experts"]
-            stride *= s
-
-            def make_layer(c=cout, p=patch, kind=stage_layer, e=stage_experts):
-                if kind == "dense":
-                    return DenseLayer(c, expert=expert, expert_kwargs=expert_kwargs)
-                return PCELayer(c, p, num_experts=e, router=router, router_kwargs=router_kwargs,
-                                top_k=top_k, expert=expert, expert_kwargs=expert_kwargs, pos_encoding=pos_encoding,
-                                num_frequencies=num_frequencies, experts_see_position=experts_see_position,
-                                halo=halo, padding=padding, execution=execution, norm_stats=norm_stats)
-
-            attn = (lambda c=cout: DeformableAttention(c, **(attention_kwargs or {}))) if spec.get("attention") else None
-            self.stages.append(Stage(cin, cout, s, depth, make_layer, attn))
-            info.append({"name": f"stage{i + 1}", "channels": cout, "stride": stride, "patch_size": patch,
-                         "layer": stage_layer, "num_chs": cout, "reduction": stride, "module": f"stages.{i}"})
-            cin = cout
-        self.out_indices = tuple(range(len(stages))) if out_indices is None else tuple(out_indices)
-        for i in self.out_indices:
-            if not -len(stages) <= i < len(stages):
-                raise ValueError(f"out_indices entry {i} out of range for {len(stages)} stages")
-        self.out_indices = tuple(i % len(stages) for i in self.out_indices)
+        cin, stride = spec.stem_channels, spec.stem_stride
+        for i, st in enumerate(spec.stages):
+            kind, layer = spec.stage_layer(i)
+            make_layer = partial(_layer_class(i, kind).from_spec, st.channels, layer)
+            attn = partial(DeformableAttention, st.channels, **(spec.attention_kwargs or {})) if st.attention else None
+            self.stages.append(Stage(cin, st.channels, st.stride, st.depth, make_layer, attn))
+            stride *= st.stride
+            info.append({"name": f"stage{i + 1}", "channels": st.channels, "stride": stride,
+                         "patch_size": st.patch_size, "layer": kind, "num_chs": st.channels, "reduction": stride,
+                         "module": f"stages.{i}"})
+            cin = st.channels
+        n = len(spec.stages)
+        self.out_indices = tuple(range(n)) if spec.out_indices is None else tuple(stage_indices(n, spec.out_indices))
         self.feature_info = [info[i] for i in self.out_indices]
         self._all_info = info
         self.num_features = info[-1]["channels"]
         self.out_channels = [f["channels"] for f in self.feature_info]
+
+    @classmethod
+    def from_spec(cls, spec: BackboneSpec) -> "PCEBackbone":
+        """The backbone ``spec`` describes."""
+        return cls(spec)
 
     @property
     def size_divisibility(self) -> int:
@@ -177,17 +175,7 @@ class PCEBackbone(nn.Module):
         ``stop_early``. ``stem_outputs``: prepend the output of every stem block (strides 2, 4)."""
         x = self._check_input(x)
         n = len(self.stages)
-        if indices is None:
-            wanted = list(self.out_indices)
-        elif isinstance(indices, int):
-            if not 0 < indices <= n:
-                raise ValueError(f"indices={indices}: the last n stages need 1 <= n <= {n}")
-            wanted = list(range(n - indices, n))
-        else:
-            bad = [i for i in indices if not -n <= i < n]
-            if bad:
-                raise ValueError(f"indices {bad} out of range for {n} stages (0 .. {n - 1}, or negative from the end)")
-            wanted = [i % n for i in indices]
+        wanted = list(self.out_indices) if indices is None else stage_indices(n, indices)
         stem = self.stem.forward_intermediates(x)
         outs: List[torch.Tensor] = list(stem) if stem_outputs else []
         h = stem[-1]
@@ -220,6 +208,7 @@ class PCEBackbone(nn.Module):
         self.stages = self.stages[:keep]
         self._all_info = self._all_info[:keep]
         self.out_indices = tuple(i for i in self.out_indices if i < keep) or (keep - 1,)
+        self.spec = replace(self.spec, stages=self.spec.stages[:keep], out_indices=self.out_indices)
         self.feature_info = [self._all_info[i] for i in self.out_indices]
         self.num_features = self._all_info[-1]["channels"]
         self.out_channels = [f["channels"] for f in self.feature_info]

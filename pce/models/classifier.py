@@ -14,31 +14,11 @@ import torch
 from torch import nn
 
 from pce.layers.spp import SpatialPyramidPooling
-from pce.models.backbone import PCEBackbone
+from pce.models.backbone import PCEBackbone, stage_indices
 from pce.models.presets import build_backbone
 
 #: ``global_pool`` values: SPP with average or max pooling at every level, or ``""`` (no pooling: the map)
 POOL_TYPES = ("avg", "max", "")
-
-
-def take_indices(num_stages: int, indices: Union[int, Sequence[int], None]) -> List[int]:
-    """timm's index convention for stages: ``None`` all, an int ``n`` the last ``n``, a sequence the named ones
-    (negative counting from the end). Returns sorted absolute indices; ``ValueError`` when out of range."""
-    if indices is None:
-        indices = num_stages
-    if isinstance(indices, int):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f"indices={indices} asks for the last {indices} stages; the model has {num_stages}")
-        return list(range(num_stages - indices, num_stages))
-    out = []
-    for i in indices:
-        if not -num_stages <= int(i) < num_stages:
-            raise ValueError(f"stage index {i} out of range: the model has {num_stages} stages "
-                             f"(0..{num_stages - 1}, or negative from the end)")
-        out.append(int(i) % num_stages)
-    if not out:
-        raise ValueError("indices must name at least one stage")
-    return sorted(set(out))
 
 
 class PCEClassifier(nn.Module):
@@ -136,7 +116,7 @@ class PCEClassifier(nn.Module):
         ``norm`` is accepted and changes nothing: PCE has no final norm layer. Only ``output_fmt="NCHW"``."""
         if output_fmt != "NCHW":
             raise ValueError(f"PCE maps are NCHW only, got output_fmt={output_fmt!r}")
-        wanted = take_indices(len(self.backbone.stages), indices)
+        wanted = stage_indices(len(self.backbone.stages), indices)
         return self.backbone.forward_intermediates(x, wanted, intermediates_only=intermediates_only,
                                                    stop_early=stop_early)
 
@@ -146,7 +126,7 @@ class PCEClassifier(nn.Module):
         """Remove the stages after the deepest of ``indices`` (their parameters go) and, with ``prune_head``,
         the classifier and pooling (``reset_classifier(0, "")``). Returns the absolute indices kept, for
         :meth:`forward_intermediates`. ``prune_norm`` changes nothing (no final norm)."""
-        wanted = take_indices(len(self.backbone.stages), indices)
+        wanted = stage_indices(len(self.backbone.stages), indices)
         keep = max(wanted) + 1
         if keep < len(self.backbone.stages):
             if not prune_head:

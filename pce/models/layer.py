@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
@@ -12,15 +13,23 @@ from pce.layers.patched_map import PatchedMap
 from pce.layers.patches import PatchExtractor, PatchGrid
 from pce.layers.pointwise import PointwiseConv
 from pce.layers.positional import PositionalEncoding
-from pce.moe.execution import ExecutionOptions, build_execution
+from pce.models.specs import LayerSpec, layer_spec
+from pce.moe.execution import Execution, build_execution
 from pce.moe.experts import build_expert_bank
 from pce.moe.recorder import RoutingSource
 from pce.moe.routers import build_router
 from pce.moe.routing import Router
+from pce.registry import EXECUTIONS, LAYERS
 
 logger = logging.getLogger("pce")
 
 
+def execution_name(strategy: Execution) -> str:
+    """The name ``strategy``'s class is registered under in :data:`~pce.registry.EXECUTIONS` (else its ``name``)."""
+    return next((n for n in EXECUTIONS.names() if EXECUTIONS.get(n) is type(strategy)), strategy.name)
+
+
+@LAYERS.register("pce")
 class PCELayer(RoutingSource, nn.Module):
     """One Positional Convolution Experts layer, ``[B, C, H, W] -> [B, C, H, W]``.
 
@@ -36,34 +45,54 @@ class PCELayer(RoutingSource, nn.Module):
     layer's pixels (per-expert affine), as a dense layer's batch norm would, instead of each expert's own.
     ``router_override``: a parameter-free router used instead of the learned one (training phases), set by
     :meth:`set_router_override`; it has no state, so checkpoints never contain it.
+
+    Built from a frozen :class:`~pce.models.specs.LayerSpec` (:meth:`from_spec`, or keyword options that make
+    one); ``layer.spec`` gives it back.
     """
 
-    def __init__(self, channels: int, patch_size: int, num_experts: int = 4, router: str = "cosine",
-                 router_kwargs: Optional[Dict[str, Any]] = None, top_k: Optional[int] = None,
-                 expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
-                 pos_encoding: str = "coord", num_frequencies: int = 4, experts_see_position: bool = False,
-                 halo: int = 0, patch_stride: Optional[int] = None, padding: str = "fit",
-                 execution: str = "auto", norm_stats: str = "expert") -> None:
+    def __init__(self, channels: int, patch_size: Optional[int] = None, *, spec: Optional[LayerSpec] = None,
+                 **options: Any) -> None:
+        """``PCELayer(64, patch_size=8, num_experts=4, router="gate", top_k=1)``: ``options`` are the fields of
+        :class:`~pce.models.specs.LayerSpec`, applied to ``spec`` when one is given (:meth:`from_spec`)."""
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        self.options = ExecutionOptions(halo, experts_see_position, norm_stats,
-                                        overlapping=patch_stride not in (None, patch_size))
-        self.strategy = build_execution(execution, self.options)
-        self.channels, self.patch_size, self.num_experts = channels, patch_size, num_experts
-        self.halo, self.execution, self.norm_stats = halo, execution, norm_stats
-        self.experts_see_position = experts_see_position
-        self.extractor = PatchExtractor(patch_size, patch_stride, padding)
-        self.pos = PositionalEncoding(pos_encoding, num_frequencies)
-        rkw = dict(router_kwargs or {})
-        if top_k is not None:
-            rkw["top_k"] = top_k
-        self.router: Router = build_router(router, self.router_in_channels, num_experts, **rkw)
-        expert_in = self.router_in_channels if experts_see_position else channels
-        self.experts = build_expert_bank(expert, num_experts, expert_in, channels, **(expert_kwargs or {}))
+        if patch_size is not None:
+            options["patch_size"] = patch_size
+        spec = layer_spec(spec, **options)
+        if spec.patch_size is None:
+            raise TypeError("PCELayer needs a patch_size (or a LayerSpec with one)")
+        self._spec = spec
+        self.options = spec.execution_options()
+        self.strategy: Execution = build_execution(spec.execution, self.options)
+        self.channels, self.patch_size, self.num_experts = channels, spec.patch_size, spec.num_experts
+        self.halo, self.norm_stats, self.experts_see_position = spec.halo, spec.norm_stats, spec.experts_see_position
+        self.extractor = PatchExtractor(spec.patch_size, spec.patch_stride, spec.padding)
+        self.pos = PositionalEncoding(spec.pos_encoding, spec.num_frequencies)
+        self.router: Router = build_router(spec.router, self.router_in_channels, spec.num_experts, **spec.router_args())
+        expert_in = self.router_in_channels if spec.experts_see_position else channels
+        self.experts = build_expert_bank(spec.expert, spec.num_experts, expert_in, channels, **spec.expert_kwargs)
         self.proj = PointwiseConv(channels, channels, bias=False)
         self.router_override: Optional[Router] = None
         self._grids_seen: Set[Tuple[int, int]] = set()
+
+    @classmethod
+    def from_spec(cls, channels: int, spec: LayerSpec) -> "PCELayer":
+        """The layer ``spec`` describes, on ``channels``-channel maps ``[B, channels, H, W]``."""
+        return cls(channels, spec=spec)
+
+    @property
+    def spec(self) -> LayerSpec:
+        """The :class:`~pce.models.specs.LayerSpec` this layer was built from, with its current ``execution``."""
+        return self._spec if self._spec.execution == self.execution else replace(self._spec, execution=self.execution)
+
+    @property
+    def execution(self) -> str:
+        """The registered name of the execution strategy that runs the experts (``layer.strategy``). Setting it
+        switches the strategy (checked against the layer's options; ``ValueError`` naming the known ones)."""
+        return execution_name(self.strategy)
+
+    @execution.setter
+    def execution(self, name: str) -> None:
+        self.strategy = build_execution(name, self.options)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, patch_size={self.patch_size}, E={self.num_experts}, execution={self.execution!r}"
@@ -127,8 +156,10 @@ class PCELayer(RoutingSource, nn.Module):
                         if grid.pad_h or grid.pad_w else " (shrunk to tile the map)")
 
 
+@LAYERS.register("dense")
 class DenseLayer(nn.Module):
-    """The dense twin of :class:`PCELayer`: one expert of the same type on the whole map, ``x + proj(expert(x))``."""
+    """The dense twin of :class:`PCELayer`: one expert of the same type on the whole map, ``x + proj(expert(x))``.
+    Of a :class:`~pce.models.specs.LayerSpec` it reads the expert fields only (other options are ignored)."""
 
     def __init__(self, channels: int, expert: str = "residual", expert_kwargs: Optional[Dict[str, Any]] = None,
                  **_: Any) -> None:
@@ -136,6 +167,11 @@ class DenseLayer(nn.Module):
         self.channels = channels
         self.experts = build_expert_bank(expert, 1, channels, channels, **(expert_kwargs or {}))
         self.proj = PointwiseConv(channels, channels, bias=False)
+
+    @classmethod
+    def from_spec(cls, channels: int, spec: LayerSpec) -> "DenseLayer":
+        """One expert of ``spec.expert`` on ``[B, channels, H, W]`` maps."""
+        return cls(channels, expert=spec.expert, expert_kwargs=spec.expert_kwargs)
 
     @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,45 +1,43 @@
-"""Backbone presets and their dense twins: ``build_backbone``, ``list_backbones``, ``backbone_config``.
+"""Backbone presets and their dense twins: ``build_backbone``, ``backbone_spec``, ``backbone_config``.
 
 ``build_backbone("pce_tiny", router="gate", num_experts=8)`` builds a preset with overrides;
 ``list_backbones()`` names the presets. Every ``pce_X`` preset has a ``dense_X`` twin with the same stem,
 stages and expert block but no routing (one expert on the whole map), for comparisons at equal active FLOPs.
-A new preset is one dict plus one ``BACKBONES.register`` line.
+A preset is a frozen :class:`~pce.models.specs.BackboneSpec`; a new one is one spec plus one
+``BACKBONES.register`` line (a dict of :class:`PCEBackbone` keyword arguments is accepted too).
 """
 from __future__ import annotations
 
 import copy
-import inspect
-from typing import Any, Dict, List
+from dataclasses import replace
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 from pce.models.backbone import PCEBackbone
+from pce.models.specs import BACKBONE_KWARGS, BackboneSpec, LayerSpec, StageSpec
 from pce.registry import BACKBONES
 
 
-def _stages(channels, depths, patches, strides, attention=(False,) * 8):
-    return [dict(channels=c, depth=d, patch_size=p, stride=s, attention=a)
-            for c, d, p, s, a in zip(channels, depths, patches, strides, attention)]
+def _preset(in_chans: int, stem_channels: int, stem_stride: int, num_experts: int, channels: Sequence[int],
+            depths: Sequence[int], patches: Sequence[int], strides: Sequence[int]) -> BackboneSpec:
+    stages = tuple(StageSpec(channels=c, depth=d, patch_size=p, stride=s)
+                   for c, d, p, s in zip(channels, depths, patches, strides))
+    return BackboneSpec(stages, in_chans=in_chans, stem_channels=stem_channels, stem_stride=stem_stride,
+                        layer=LayerSpec(num_experts=num_experts, top_k=1))
 
 
-_PRESETS: Dict[str, Dict[str, Any]] = {
+_PRESETS: Dict[str, BackboneSpec] = {
     # 28x28 grey images (MNIST, Fashion-MNIST): maps 28 -> 14 -> 7 -> 4, four patches per map.
-    "fmnist": dict(in_chans=1, stem_channels=32, stem_stride=1, num_experts=4, top_k=1,
-                   stages=_stages((48, 96, 192), (1, 1, 1), (7, 4, 2), (2, 2, 2))),
+    "fmnist": _preset(1, 32, 1, 4, (48, 96, 192), (1, 1, 1), (7, 4, 2), (2, 2, 2)),
     # 32x32 colour images (CIFAR): 32 -> 16 -> 8 -> 4.
-    "cifar": dict(in_chans=3, stem_channels=32, stem_stride=1, num_experts=4, top_k=1,
-                  stages=_stages((64, 128, 256), (1, 1, 1), (8, 4, 2), (2, 2, 2))),
+    "cifar": _preset(3, 32, 1, 4, (64, 128, 256), (1, 1, 1), (8, 4, 2), (2, 2, 2)),
     # 224-ish images: strides 4, 8, 16, 32; patches 16, 8, 4, 2 (a 4x4 grid at 256x256).
-    "tiny": dict(in_chans=3, stem_channels=32, stem_stride=4, num_experts=4, top_k=1,
-                 stages=_stages((32, 64, 128, 256), (1, 1, 1, 1), (16, 8, 4, 2), (1, 2, 2, 2))),
-    "small": dict(in_chans=3, stem_channels=48, stem_stride=4, num_experts=8, top_k=1,
-                  stages=_stages((64, 128, 256, 512), (1, 1, 2, 1), (16, 8, 4, 2), (1, 2, 2, 2))),
-    "base": dict(in_chans=3, stem_channels=64, stem_stride=4, num_experts=8, top_k=1,
-                 stages=_stages((64, 128, 256, 512), (2, 2, 4, 2), (16, 8, 4, 2), (1, 2, 2, 2))),
+    "tiny": _preset(3, 32, 4, 4, (32, 64, 128, 256), (1, 1, 1, 1), (16, 8, 4, 2), (1, 2, 2, 2)),
+    "small": _preset(3, 48, 4, 8, (64, 128, 256, 512), (1, 1, 2, 1), (16, 8, 4, 2), (1, 2, 2, 2)),
+    "base": _preset(3, 64, 4, 8, (64, 128, 256, 512), (2, 2, 4, 2), (16, 8, 4, 2), (1, 2, 2, 2)),
 }
-for _name, _cfg in _PRESETS.items():
-    BACKBONES.register(f"pce_{_name}", obj=dict(_cfg, layer="pce"))
-    BACKBONES.register(f"dense_{_name}", obj=dict(_cfg, layer="dense"))
-
-_ARGS = set(inspect.signature(PCEBackbone.__init__).parameters) - {"self"}
+for _name, _spec in _PRESETS.items():
+    BACKBONES.register(f"pce_{_name}", obj=_spec)
+    BACKBONES.register(f"dense_{_name}", obj=replace(_spec, kind="dense"))
 
 
 def list_backbones(pattern: str = "") -> List[str]:
@@ -47,28 +45,47 @@ def list_backbones(pattern: str = "") -> List[str]:
     return [n for n in BACKBONES.names() if pattern in n]
 
 
-def backbone_config(name: str, **overrides: Any) -> Dict[str, Any]:
-    """The keyword arguments a preset passes to :class:`PCEBackbone`, with ``overrides`` applied."""
+def preset_spec(name: str) -> BackboneSpec:
+    """The registered :class:`BackboneSpec` of preset ``name`` (``KeyError`` listing the presets)."""
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone preset {name!r}; available: {', '.join(list_backbones())}")
-    unknown = set(overrides) - _ARGS
+    spec = BACKBONES.get(name)
+    return spec if isinstance(spec, BackboneSpec) else BackboneSpec.from_kwargs(**copy.deepcopy(spec))
+
+
+def backbone_config(name: str, **overrides: Any) -> Dict[str, Any]:
+    """The keyword arguments of :class:`PCEBackbone` for a preset, with ``overrides`` applied (``TypeError``
+    naming the valid options for an unknown one)."""
+    spec = preset_spec(name)
+    unknown = set(overrides) - set(BACKBONE_KWARGS)
     if unknown:
-        raise TypeError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: {sorted(_ARGS)}")
-    cfg = copy.deepcopy(BACKBONES.get(name))
+        raise TypeError(f"unknown backbone option(s) {sorted(unknown)} for {name!r}; valid: {sorted(BACKBONE_KWARGS)}")
+    cfg = spec.to_kwargs()
     cfg.update(copy.deepcopy(overrides))
     return cfg
 
 
-def apply_output_stride(cfg: Dict[str, Any], output_stride: int) -> Dict[str, Any]:
-    """A copy of backbone kwargs ``cfg`` whose deepest map sits at stride ``output_stride`` (8, 16, 32, ...).
+def backbone_spec(name: str, **overrides: Any) -> BackboneSpec:
+    """The frozen :class:`BackboneSpec` of a preset with keyword ``overrides`` (as :func:`backbone_config`)."""
+    if not overrides:
+        return copy.deepcopy(preset_spec(name))
+    return BackboneSpec.from_kwargs(**backbone_config(name, **overrides))
+
+
+def apply_output_stride(cfg: Union[Mapping[str, Any], BackboneSpec],
+                        output_stride: int) -> Union[Dict[str, Any], BackboneSpec]:
+    """A copy of backbone kwargs ``cfg`` (or of a :class:`BackboneSpec`) whose deepest map sits at stride
+    ``output_stride`` (8, 16, 32, ...).
 
     The backbone is *built* for the stride (no dilation of a built model): every stage whose nominal stride
     exceeds ``output_stride`` gets ``stride=1`` (its downsampling 3x3 conv keeps the resolution) and its
     ``patch_size`` is multiplied by ``nominal_stride / output_stride``, so each PCE layer keeps the same patch
     grid in image pixels (``pce_tiny`` at 16: stage 4 at stride 16 with 4x4 patches instead of stride 32 with
     2x2; one patch still covers 64x64 input pixels). Used by the smp encoder and the timm entry points."""
-    cfg = copy.deepcopy(cfg)
-    stages = [dict(s) for s in cfg["stages"]]
+    if isinstance(cfg, BackboneSpec):
+        return BackboneSpec.from_kwargs(**apply_output_stride(cfg.to_kwargs(), output_stride))
+    cfg = copy.deepcopy(dict(cfg))
+    stages = [s.to_dict() if isinstance(s, StageSpec) else dict(s) for s in cfg["stages"]]
     previous = int(cfg.get("stem_stride", 4))
     if not isinstance(output_stride, int) or output_stride < previous or output_stride & (output_stride - 1):
         raise ValueError(f"output_stride must be a power of two >= the stem stride ({previous}), got {output_stride!r}")
@@ -85,4 +102,4 @@ def apply_output_stride(cfg: Dict[str, Any], output_stride: int) -> Dict[str, An
 
 def build_backbone(name: str, **overrides: Any) -> PCEBackbone:
     """Build a preset, e.g. ``build_backbone("pce_tiny", router="gate", num_experts=8, top_k=1)``."""
-    return PCEBackbone(**backbone_config(name, **overrides))
+    return PCEBackbone.from_spec(backbone_spec(name, **overrides))

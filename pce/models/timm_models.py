@@ -26,9 +26,9 @@ from timm.models._features import FeatureHookNet, FeatureInfo
 from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
-from pce.models.backbone import PCEBackbone
-from pce.models.classifier import PCEClassifier, take_indices
-from pce.models.presets import apply_output_stride, backbone_config, list_backbones
+from pce.models.backbone import PCEBackbone, stage_indices
+from pce.models.classifier import PCEClassifier
+from pce.models.presets import apply_output_stride, backbone_config, backbone_spec, list_backbones
 
 __all__ = ["PCEFeatureListNet", "PCEFeatureDictNet", "default_cfgs", "create_timm_model", "pool_size"]
 
@@ -129,10 +129,10 @@ def _build_classifier(variant: str, num_classes: int = 1000, drop_rate: float = 
     if drop_path_rate:
         raise ValueError(f"PCE models have no stochastic depth: drop_path_rate must be 0, got {drop_path_rate}")
     PCEClassifier._check_head(num_classes, spp_mode if global_pool is None else global_pool)  # before the build
-    cfg = backbone_config(variant, **overrides)
+    spec = backbone_spec(variant, **overrides)
     if output_stride is not None:
-        cfg = apply_output_stride(cfg, output_stride)
-    model = PCEClassifier(PCEBackbone(**cfg), num_classes, spp_levels=spp_levels, spp_mode=spp_mode,
+        spec = apply_output_stride(spec, output_stride)
+    model = PCEClassifier(PCEBackbone.from_spec(spec), num_classes, spp_levels=spp_levels, spp_mode=spp_mode,
                           dropout=drop_rate, global_pool=global_pool)
     return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
 
@@ -146,7 +146,7 @@ def create_timm_model(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     if kwargs.get("features_only"):
         kwargs["feature_cls"] = _feature_cls(kwargs.get("feature_cls"))
         if kwargs.get("out_indices") is not None:
-            take_indices(num_stages, kwargs["out_indices"])  # ValueError before the (slow) build
+            stage_indices(num_stages, kwargs["out_indices"])  # ValueError before the (slow) build
         kwargs.setdefault("num_classes", 0)  # the head is pruned anyway: don't build a 1000-class layer
     return build_model_with_cfg(partial(_build_classifier, variant), variant, pretrained=False,
                                 feature_cfg=dict(out_indices=tuple(range(num_stages))), **kwargs)

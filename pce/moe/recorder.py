@@ -15,13 +15,14 @@ result between calls, so copies and pickles of a model never carry an autograd g
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 from torch import nn
 
 from pce.moe.routing import RoutingResult
 
-__all__ = ["RoutingSource", "RoutingRecorder", "record_routing", "routing_sources"]
+__all__ = ["RoutingSource", "RoutingRecorder", "record_routing", "routing_sources", "strip_wrapper_prefix",
+           "unwrap_model"]
 
 Sink = Callable[[RoutingResult], None]
 
@@ -61,11 +62,22 @@ def routing_sources(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield name, module
 
 
-def _strip(name: str) -> str:
-    """Drop the wrapper prefixes of DDP / DataParallel (``module.``) and EMA (``module.`` of AveragedModel)."""
+def strip_wrapper_prefix(name: str) -> str:
+    """A module path without the wrapper prefixes of DDP / DataParallel (``module.``) and EMA (``module.`` of
+    ``AveragedModel``): the path :func:`unwrap_model` gives."""
     while name.startswith("module."):
         name = name[len("module."):]
     return name
+
+
+def unwrap_model(model: nn.Module, stop_at: Optional[Type[nn.Module]] = None) -> nn.Module:
+    """The module inside DDP / DataParallel / EMA (``AveragedModel``) wrappers: follows ``.module`` while it is
+    a module, or until a ``stop_at`` instance is reached."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        if stop_at is not None and isinstance(model, stop_at):
+            break
+        model = model.module
+    return model
 
 
 class RoutingRecorder:
@@ -83,7 +95,7 @@ class RoutingRecorder:
 
     def __enter__(self) -> "RoutingRecorder":
         for name, module in routing_sources(self.model):
-            sink = self._sink_for(_strip(name))
+            sink = self._sink_for(strip_wrapper_prefix(name))
             module.attach_sink(sink)
             self._attached.append((module, sink))
         return self

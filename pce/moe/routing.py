@@ -36,7 +36,7 @@ class RoutingResult:
             ``p // grid_w``, column ``p % grid_w``.
         patch_size / patch_stride: the patch side and step in the layer's map pixels (set by the layer).
 
-    Losses: :func:`pce.moe.losses.routing_aux_losses`; statistics: :func:`pce.moe.metrics.routing_statistics`.
+    Losses: :func:`pce.moe.losses.routing_aux_losses`; statistics: :mod:`pce.analysis.stats`.
     """
 
     weights: torch.Tensor

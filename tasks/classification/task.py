@@ -1,7 +1,7 @@
 """The classification task adapter: PCE classifier, registered datasets + transforms, top-k evaluation."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,10 @@ from torch import nn
 
 from pce.models.classifier import PCEClassifier, build_classifier
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, head_options, image_batch_to, to_plain
+from pce.analysis.labels import class_patch_labels
+
+from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, head_options,
+                      image_batch_to, to_plain)
 from ..registry import register_task
 from .metrics import ClassificationEvaluator
 
@@ -19,15 +22,17 @@ HEAD_OPTIONS = ("spp_levels", "spp_mode", "dropout")
 
 
 @register_task("classification")
-class ClassificationTask(RouterLossMixin, SplitDatasetsMixin):
-    """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`).
+class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
+    """The classification task (contract: :class:`pce.engine.task.Task`).
 
     Batches are ``(images [B, C, H, W], targets [B])``. Losses: ``loss_cls`` (cross-entropy with
     ``model.label_smoothing``) and ``loss_router`` (the weighted router regularisers of every PCE layer).
+    A user's image is resized to ``model.input_shape``; a slide is tiled with one probability per tile.
     """
 
     name = "classification"
     collate_fn = None
+    slide_tile_mode = "classify"
 
     def __init__(self) -> None:
         self.channels_last = False
@@ -78,8 +83,50 @@ class ClassificationTask(RouterLossMixin, SplitDatasetsMixin):
             names = None
         return ClassificationEvaluator(cfg.model.num_classes, class_names=names, topk=tuple(cfg.eval.topk))
 
-    def batch_images(self, batch: Any) -> torch.Tensor:
-        return batch[0]
+    # -------------------------------------------------------------------------- a user's images, routing labels
+    def empty_target(self, image: torch.Tensor) -> int:
+        return 0
 
-    def batch_size(self, batch: Any) -> int:
-        return int(batch[0].shape[0])
+    def prepare_image(self, cfg: Any, image: torch.Tensor, transform: Any) -> Tuple[torch.Tensor, int]:
+        """``transform(image)`` resized (bilinear, antialiased) to ``model.input_shape`` when it differs."""
+        x = image if transform is None else transform(image)
+        size = tuple(int(v) for v in cfg.model.input_shape[1:])
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        return x, self.empty_target(image)
+
+    def min_input_side(self, cfg: Any, model: nn.Module) -> int:
+        """1: any image is resized to ``model.input_shape``."""
+        return 1
+
+    def summarize(self, output: torch.Tensor, class_names: Optional[Sequence[str]], score_thr: float = 0.5
+                  ) -> Dict[str, Any]:
+        """``{"top5": [{"class", "name", "prob"}, ...]}`` of logits ``[K]``."""
+        prob = output.float().softmax(-1)
+        top = prob.topk(min(5, prob.numel()))
+        names = class_names
+        return {"top5": [{"class": int(i), "name": names[int(i)] if names and int(i) < len(names) else str(int(i)),
+                          "prob": float(p)} for p, i in zip(top.values, top.indices)]}
+
+    def render(self, image: torch.Tensor, output: Any, class_names: Optional[Sequence[str]] = None,
+               score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
+        """A captioned frame: ``"name prob"`` of the top class of logits ``[K]``, or ``"name"`` of a label."""
+        from ..visualize import caption_frame
+
+        out = torch.as_tensor(output)
+        if out.dim() >= 1 and out.numel() > 1:
+            prob = out.detach().float().reshape(-1).softmax(0)
+            return caption_frame(image, int(prob.argmax()), float(prob.max()), class_names)
+        return caption_frame(image, int(out), None, class_names)
+
+    def patch_labels(self, batch: Any, grid: Tuple[int, int], num_classes: Optional[int] = None
+                     ) -> Optional[torch.Tensor]:
+        """The image's label under every patch: ``int64 [B, gh * gw]``."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            return None
+        return class_patch_labels(batch[1], grid)
+
+    def image_labels(self, batch: Any) -> Optional[torch.Tensor]:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            return None
+        return torch.as_tensor(batch[1]).reshape(-1).long().cpu()

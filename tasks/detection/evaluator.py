@@ -32,12 +32,16 @@ detections matched to them are neither TP nor FP.  Unlike a true COCO crowd
 region, IoU with a difficult box is the ordinary IoU (not intersection over
 detection area) and, as for every COCO ignore region, several detections may
 be matched to (and thereby ignored by) one difficult box.
+
+What lives where (``pce.tasks.detection``): this module holds :class:`DetectionEvaluator` (accumulation,
+merging across ranks, the summary of :meth:`~DetectionEvaluator.compute` and its table), the public entry
+point; :mod:`~pce.tasks.detection.eval_records` checks inputs and builds the per-image records;
+:mod:`~pce.tasks.detection.ap_voc` holds the VOC protocol (:func:`box_iou_xyxy`, :func:`voc_ap`, per-class
+matching) and :mod:`~pce.tasks.detection.ap_coco` the pycocotools bridge.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -48,99 +52,31 @@ try:  # torch is optional for this module; tensors are converted if it is presen
 except ImportError:  # pragma: no cover
     torch = None  # type: ignore[assignment]
 
-__all__ = ["DetectionEvaluator", "box_iou_xyxy", "voc_ap"]
+from .ap_coco import coco_precision
+from .ap_voc import voc_class_ap
+from .eval_records import ArrayLike, make_record
 
-ArrayLike = Any  # torch.Tensor | np.ndarray | sequence
+__all__ = ["DetectionEvaluator"]
 
 _COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
 
-# --------------------------------------------------------------------------- helpers
+def _nanmean(x: np.ndarray) -> float:
+    """Mean of the non-nan entries (nan when there is none)."""
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else math.nan
 
 
-def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between boxes ``a`` [N, 4] and ``b`` [M, 4] (xyxy, continuous) -> [N, M].
-
-    A pair whose union is zero (two degenerate boxes) has IoU 0.
-    """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return iou
-
-
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
-    """AP from cumulative ``recall`` [D] and ``precision`` [D] (detections sorted by score).
-
-    ``use_07_metric=True``: VOC2007 11-point interpolation (mean over recall
-    thresholds ``t = 0, 0.1, ..., 1`` of ``max(precision[recall >= t])``, 0 if
-    empty).  Otherwise the VOC2010+ area under the monotone precision envelope.
-    """
-    rec = np.asarray(recall, dtype=np.float64).ravel()
-    prec = np.asarray(precision, dtype=np.float64).ravel()
-    if rec.shape != prec.shape:
-        raise ValueError(f"recall shape {rec.shape} != precision shape {prec.shape}")
-    if use_07_metric:
-        ap = 0.0
-        for i in range(11):
-            t = i / 10.0  # exact decimal thresholds (np.arange(0, 1.1, 0.1) has 0.30000000000000004)
-            p = prec[rec >= t]
-            ap += (float(p.max()) if p.size else 0.0) / 11.0
-        return ap
-    mrec = np.concatenate(([0.0], rec, [1.0]))
-    mpre = np.concatenate(([0.0], prec, [0.0]))
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # monotone (non-increasing) envelope
-    idx = np.nonzero(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
-
-
-def _json_scalar(v: Any) -> Any:
-    if torch is not None and isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"image_id must be a scalar, got a tensor of shape {tuple(v.shape)}")
-        v = v.item()
-    if isinstance(v, np.generic):
-        v = v.item()
-    return v
-
-
-# --------------------------------------------------------------------------- evaluator
-
-
-def _make_coco_eval_cls():
-    from pycocotools.cocoeval import COCOeval
-
-    class _PlainIoUCOCOeval(COCOeval):
-        """COCOeval whose ignore (``iscrowd``) boxes use ordinary IoU."""
-
-        def computeIoU(self, imgId, catId):  # noqa: N802 (pycocotools API)
-            p = self.params
-            gt = self._gts[imgId, catId]
-            dt = self._dts[imgId, catId]
-            if len(gt) == 0 and len(dt) == 0:
-                return []
-            inds = np.argsort([-d["score"] for d in dt], kind="mergesort")
-            dt = [dt[i] for i in inds][: p.maxDets[-1]]
-            g = np.array([x["bbox"] for x in gt], dtype=np.float64).reshape(-1, 4)
-            d = np.array([x["bbox"] for x in dt], dtype=np.float64).reshape(-1, 4)
-            g[:, 2:] += g[:, :2]  # xywh -> xyxy
-            d[:, 2:] += d[:, :2]
-            return box_iou_xyxy(d, g)
-
-    return _PlainIoUCOCOeval
+def _coco_ap_per_threshold(prec: Optional[np.ndarray], has_pos: np.ndarray, num_thresholds: int) -> np.ndarray:
+    """COCO AP [T, C] from pycocotools' precision [T, R, C] (nan for classes without positives); without any
+    detection (``prec`` None) 0 for every class with positives."""
+    if prec is None:  # no detection at all: AP 0 for every class with positives
+        return np.where(has_pos[None, :], 0.0, math.nan) * np.ones((num_thresholds, 1))
+    valid = prec > -1  # [T, R, C]; a class is either all valid or all -1
+    summed = np.where(valid, prec, 0.0).sum(axis=1)
+    count = valid.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, summed / np.maximum(count, 1), math.nan)  # [T, C]
 
 
 class DetectionEvaluator:
@@ -196,72 +132,6 @@ class DetectionEvaluator:
 
     # ------------------------------------------------------------------ input
 
-    def _check_labels(self, labels: np.ndarray, where: str) -> np.ndarray:
-        if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            if not np.all(np.equal(np.mod(labels, 1), 0)):
-                bad = labels[np.mod(labels, 1) != 0][0]
-                raise ValueError(f"{where}: labels must be integers, got {bad!r}")
-        labels = labels.astype(np.int64)
-        bad = (labels < 1) | (labels > self.num_classes)
-        if np.any(bad):
-            raise ValueError(
-                f"{where}: label {int(labels[bad][0])} out of range 1..{self.num_classes} "
-                f"(0 is background and must not appear)"
-            )
-        return labels
-
-    @staticmethod
-    def _check_boxes(boxes: ArrayLike, where: str) -> np.ndarray:
-        b = _to_numpy(boxes).astype(np.float64)
-        if b.size == 0:
-            return b.reshape(0, 4)
-        if b.ndim != 2 or b.shape[1] != 4:
-            raise ValueError(f"{where}: boxes must have shape [N, 4] (xyxy), got {tuple(b.shape)}")
-        if not np.all(np.isfinite(b)):
-            raise ValueError(f"{where}: boxes contain non-finite values (row {int(np.nonzero(~np.isfinite(b))[0][0])})")
-        bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
-        if np.any(bad):
-            i = int(np.nonzero(bad)[0][0])
-            raise ValueError(f"{where}: box {i} = {b[i].tolist()} has x2 < x1 or y2 < y1; boxes must be xyxy")
-        return b
-
-    def _record(self, pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: int) -> Dict[str, Any]:
-        for key in ("boxes", "scores", "labels"):
-            if key not in pred:
-                raise KeyError(f"predictions[{i}] has no {key!r} (keys: {sorted(pred)})")
-        for key in ("boxes", "labels"):
-            if key not in tgt:
-                raise KeyError(f"targets[{i}] has no {key!r} (keys: {sorted(tgt)})")
-        pb = self._check_boxes(pred["boxes"], f"predictions[{i}]")
-        ps = _to_numpy(pred["scores"]).astype(np.float64).reshape(-1)
-        pl = self._check_labels(_to_numpy(pred["labels"]).reshape(-1), f"predictions[{i}]")
-        if not (len(pb) == len(ps) == len(pl)):
-            raise ValueError(
-                f"predictions[{i}]: boxes {len(pb)}, scores {len(ps)} and labels {len(pl)} differ in length"
-            )
-        if not np.all(np.isfinite(ps)):
-            raise ValueError(f"predictions[{i}]: scores contain non-finite values")
-        gb = self._check_boxes(tgt["boxes"], f"targets[{i}]")
-        gl = self._check_labels(_to_numpy(tgt["labels"]).reshape(-1), f"targets[{i}]")
-        if len(gb) != len(gl):
-            raise ValueError(f"targets[{i}]: boxes {len(gb)} and labels {len(gl)} differ in length")
-        if tgt.get("difficult") is not None:
-            gd = _to_numpy(tgt["difficult"]).reshape(-1).astype(bool)
-            if len(gd) != len(gl):
-                raise ValueError(f"targets[{i}]: difficult has {len(gd)} entries for {len(gl)} boxes")
-        else:
-            gd = np.zeros(len(gl), dtype=bool)
-        image_id = _json_scalar(tgt.get("image_id"))
-        return {
-            "image_id": image_id,
-            "pred_boxes": pb,
-            "pred_scores": ps,
-            "pred_labels": pl,
-            "gt_boxes": gb,
-            "gt_labels": gl,
-            "gt_difficult": gd,
-        }
-
     def update(self, predictions: Sequence[Mapping[str, ArrayLike]], targets: Sequence[Mapping[str, ArrayLike]]) -> None:
         """Add one batch: ``predictions`` / ``targets`` are lists with one dict per image.
 
@@ -273,7 +143,8 @@ class DetectionEvaluator:
             raise TypeError("predictions and targets must be lists of per-image dicts, not a single dict")
         if len(predictions) != len(targets):
             raise ValueError(f"got {len(predictions)} predictions for {len(targets)} targets")
-        self._images.extend(self._record(p, t, i) for i, (p, t) in enumerate(zip(predictions, targets)))
+        self._images.extend(make_record(p, t, i, self.num_classes)
+                            for i, (p, t) in enumerate(zip(predictions, targets)))
 
     # ------------------------------------------------------------------ distributed
 
@@ -336,114 +207,6 @@ class DetectionEvaluator:
         for s in states:
             self.merge(s)
 
-    # ------------------------------------------------------------------ VOC
-
-    def _voc_class_ap(self, cls: int) -> Dict[str, Any]:
-        """VOC AP at IoU 0.5 for label ``cls``: dict(ap07, ap12, npos, num_det)."""
-        det_img, det_row, det_score = [], [], []
-        ious: List[np.ndarray] = []
-        gt_diff: List[np.ndarray] = []
-        npos = 0
-        for i, r in enumerate(self._images):
-            gm = r["gt_labels"] == cls
-            dm = r["pred_labels"] == cls
-            diff = np.zeros(int(gm.sum()), dtype=bool) if self.use_difficult else r["gt_difficult"][gm]
-            npos += int((~diff).sum())
-            gt_diff.append(diff)
-            ious.append(box_iou_xyxy(r["pred_boxes"][dm], r["gt_boxes"][gm]))
-            n = int(dm.sum())
-            det_img.extend([i] * n)
-            det_row.extend(range(n))
-            det_score.append(r["pred_scores"][dm])
-        scores = np.concatenate(det_score) if det_score else np.zeros(0)
-        order = np.argsort(-scores, kind="stable")
-        matched = [np.zeros(len(d), dtype=bool) for d in gt_diff]
-        tp = np.zeros(len(order))
-        fp = np.zeros(len(order))
-        keep = np.ones(len(order), dtype=bool)
-        for k, j in enumerate(order):
-            i, row = det_img[j], det_row[j]
-            iou = ious[i]
-            if iou.shape[1] == 0:
-                fp[k] = 1
-                continue
-            g = int(np.argmax(iou[row]))
-            if iou[row, g] >= 0.5:
-                if gt_diff[i][g]:
-                    keep[k] = False  # matched to a difficult box: neither TP nor FP
-                elif not matched[i][g]:
-                    tp[k] = 1
-                    matched[i][g] = True
-                else:
-                    fp[k] = 1  # duplicate detection
-            else:
-                fp[k] = 1
-        if npos == 0:
-            return {"ap07": math.nan, "ap12": math.nan, "npos": 0, "num_det": int(keep.sum())}
-        tp_c = np.cumsum(tp[keep])
-        fp_c = np.cumsum(fp[keep])
-        rec = tp_c / npos
-        prec = tp_c / np.maximum(tp_c + fp_c, np.finfo(np.float64).tiny)
-        return {
-            "ap07": voc_ap(rec, prec, use_07_metric=True),
-            "ap12": voc_ap(rec, prec, use_07_metric=False),
-            "npos": npos,
-            "num_det": int(keep.sum()),
-        }
-
-    # ------------------------------------------------------------------ COCO
-
-    def _coco_precision(self) -> Optional[np.ndarray]:
-        """pycocotools precision array [T, 101, C] (-1 for classes without GT), or None without detections."""
-        from pycocotools.coco import COCO
-
-        images, annotations, results = [], [], []
-        ann_id = 0
-        for idx, r in enumerate(self._images):
-            img_id = idx + 1  # internal ids: user image_ids may be strings or collide across ranks
-            images.append({"id": img_id})
-            for box, lab, diff in zip(r["gt_boxes"], r["gt_labels"], r["gt_difficult"]):
-                ann_id += 1
-                x1, y1, x2, y2 = (float(v) for v in box)
-                crowd = int(bool(diff) and not self.use_difficult)
-                annotations.append(
-                    {
-                        "id": ann_id,  # pycocotools requires ids > 0 (0 means "unmatched")
-                        "image_id": img_id,
-                        "category_id": int(lab),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": (x2 - x1) * (y2 - y1),
-                        "iscrowd": crowd,
-                    }
-                )
-            for box, s, lab in zip(r["pred_boxes"], r["pred_scores"], r["pred_labels"]):
-                x1, y1, x2, y2 = (float(v) for v in box)
-                results.append(
-                    {"image_id": img_id, "category_id": int(lab), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
-                )
-        if not results:
-            return None  # loadRes([]) raises IndexError
-        sink = io.StringIO()
-        with contextlib.redirect_stdout(sink):
-            gt = COCO()
-            gt.dataset = {
-                "images": images,
-                "annotations": annotations,
-                "categories": [{"id": c + 1, "name": n} for c, n in enumerate(self.class_names)],
-            }
-            gt.createIndex()
-            dt = gt.loadRes(results)
-            ev = _make_coco_eval_cls()(gt, dt, iouType="bbox")
-            ev.params.imgIds = [im["id"] for im in images]
-            ev.params.catIds = list(range(1, self.num_classes + 1))
-            ev.params.iouThrs = self.iou_thresholds.copy()
-            ev.params.maxDets = [self.max_dets]
-            ev.params.areaRng = [[0.0, 1e5**2]]
-            ev.params.areaRngLbl = ["all"]
-            ev.evaluate()
-            ev.accumulate()
-        return ev.eval["precision"][:, :, :, 0, 0]
-
     # ------------------------------------------------------------------ results
 
     def _has_positive(self) -> np.ndarray:
@@ -463,38 +226,24 @@ class DetectionEvaluator:
         "num_gt" ({name: positives}) and "num_images".  Excluded classes -> nan.
         """
         nan = math.nan
-        voc = [self._voc_class_ap(c) for c in range(1, self.num_classes + 1)]
+        voc = [voc_class_ap(self._images, c, self.use_difficult) for c in range(1, self.num_classes + 1)]
         ap07 = np.array([v["ap07"] for v in voc], dtype=np.float64)
         ap12 = np.array([v["ap12"] for v in voc], dtype=np.float64)
-
-        has_pos = self._has_positive()
-        prec = self._coco_precision()
-        T = len(self.iou_thresholds)
-        if prec is None:  # no detection at all: AP 0 for every class with positives
-            per_thr_cls = np.where(has_pos[None, :], 0.0, nan) * np.ones((T, 1))
-        else:
-            valid = prec > -1  # [T, R, C]; a class is either all valid or all -1
-            summed = np.where(valid, prec, 0.0).sum(axis=1)
-            count = valid.sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_thr_cls = np.where(count > 0, summed / np.maximum(count, 1), nan)  # [T, C]
-
-        def _mean(x: np.ndarray) -> float:
-            x = x[~np.isnan(x)]
-            return float(x.mean()) if x.size else nan
+        prec = coco_precision(self._images, self.class_names, self.iou_thresholds, self.max_dets, self.use_difficult)
+        per_thr_cls = _coco_ap_per_threshold(prec, self._has_positive(), len(self.iou_thresholds))
 
         def _at(thr: float) -> float:
             hit = np.nonzero(np.isclose(self.iou_thresholds, thr))[0]
-            return _mean(per_thr_cls[hit[0]]) if hit.size else nan
+            return _nanmean(per_thr_cls[hit[0]]) if hit.size else nan
 
-        coco_cls = np.array([_mean(per_thr_cls[:, c]) for c in range(self.num_classes)])
+        coco_cls = np.array([_nanmean(per_thr_cls[:, c]) for c in range(self.num_classes)])
         names = self.class_names
         return {
-            "mAP": _mean(per_thr_cls.ravel()),
+            "mAP": _nanmean(per_thr_cls.ravel()),
             "AP50": _at(0.5),
             "AP75": _at(0.75),
-            "AP50_voc07": _mean(ap07),
-            "AP50_voc12": _mean(ap12),
+            "AP50_voc07": _nanmean(ap07),
+            "AP50_voc12": _nanmean(ap12),
             "per_class_AP50": {n: float(v) for n, v in zip(names, ap12)},
             "per_class_AP50_voc07": {n: float(v) for n, v in zip(names, ap07)},
             "per_class_AP": {n: float(v) for n, v in zip(names, coco_cls)},

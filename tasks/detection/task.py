@@ -33,8 +33,11 @@ from torch import nn
 
 from pce.datasets import TRANSFORMS
 from pce.datasets.collate import detection_collate
+from pce.engine.task import ExportTarget
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, accepts, to_plain
+from pce.analysis.labels import box_patch_labels
+
+from ..common import RouterLossMixin, SplitDatasetsMixin, ToolDefaultsMixin, accepts, to_plain
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector
@@ -45,8 +48,8 @@ _TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
 
 
 @register_task("detection")
-class DetectionTask(RouterLossMixin, SplitDatasetsMixin):
-    """Adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`); see the module doc."""
+class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
+    """The detection task (contract: :class:`pce.engine.task.Task`); see the module doc. No slide tiling."""
 
     name = "detection"
     collate_fn = staticmethod(detection_collate)
@@ -139,3 +142,44 @@ class DetectionTask(RouterLossMixin, SplitDatasetsMixin):
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[0])
+
+    # -------------------------------------------------------------------------- a user's images, routing labels
+    def empty_target(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """No boxes: ``{"boxes" [0, 4], "labels" [0], "difficult" [0]}``."""
+        return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                "difficult": torch.zeros(0, dtype=torch.bool)}
+
+    def summarize(self, output: Mapping[str, torch.Tensor], class_names: Optional[Sequence[str]],
+                  score_thr: float = 0.5) -> Dict[str, Any]:
+        """The detections scoring at least ``score_thr``: ``{"boxes", "labels", "scores", "names"}``."""
+        keep = output["scores"] >= score_thr
+        labels = output["labels"][keep].tolist()
+        names = class_names
+        return {"boxes": [[round(v, 2) for v in b] for b in output["boxes"][keep].tolist()], "labels": labels,
+                "scores": [round(v, 4) for v in output["scores"][keep].tolist()],
+                "names": [names[c - 1] if names and 1 <= c <= len(names) else str(c) for c in labels]}
+
+    def render(self, image: torch.Tensor, output: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
+               score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
+        """Boxes with ``"name score"`` captions (scores below ``score_thr`` left out; ground truth, without
+        scores, drawn whole)."""
+        from ..visualize import draw_detections
+
+        return draw_detections(image, output["boxes"], output["labels"], output.get("scores"), class_names,
+                               score_thr=score_thr)
+
+    def patch_labels(self, batch: Any, grid: Tuple[int, int], num_classes: Optional[int] = None
+                     ) -> Optional[torch.Tensor]:
+        """The class of the smallest ground-truth box containing each patch centre, 0 (background) when none:
+        ``int64 [B, gh * gw]`` (boxes in the coordinates of the batch's images)."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            return None
+        return box_patch_labels(list(batch[1]), grid, [tuple(im.shape[-2:]) for im in batch[0]])
+
+    # ---------------------------------------------------------------------------------------------- export
+    def export_target(self, model: nn.Module, cfg: Any, what: str, size: Tuple[int, int]) -> ExportTarget:
+        """The whole Faster R-CNN when ``torch.export`` captures it, else its backbone + FPN on the preprocessed
+        batch (``what="backbone"``: the PCE backbone on that batch)."""
+        from ..export_targets import detection_export_target
+
+        return detection_export_target(model, cfg, what, size)

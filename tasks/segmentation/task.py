@@ -1,4 +1,4 @@
-"""The semantic-segmentation task adapter for :class:`pce.engine.Trainer` (protocol in :mod:`pce.tasks.registry`).
+"""The semantic-segmentation task (contract: :class:`pce.engine.task.Task`), the adapter of :class:`pce.engine.Trainer`.
 
 Config (``task = "segmentation"``):
 
@@ -20,14 +20,18 @@ Batches are ``(images [B, 3, H, W], masks int64 [B, H, W])``. Losses: ``loss_ce`
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from pce.datasets import SegmentationCollate
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, head_options, image_batch_to, to_plain, unwrap
+from pce.analysis.labels import mask_patch_labels
+from pce.moe.recorder import unwrap_model
+
+from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, head_options,
+                      image_batch_to, to_plain)
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
@@ -47,11 +51,13 @@ def _num_classes(ds: Any) -> Optional[int]:
 
 
 @register_task("segmentation")
-class SegmentationTask(RouterLossMixin, SplitDatasetsMixin):
-    """Adapter: :func:`build_segmentation_model` from the config, registered datasets + transforms,
-    :class:`SegmentationCollate`, whole-image or sliding-window inference, :class:`SegmentationEvaluator`."""
+class SegmentationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
+    """The segmentation task (contract: :class:`pce.engine.task.Task`): :func:`build_segmentation_model` from the
+    config, registered datasets + transforms, :class:`SegmentationCollate`, whole-image or sliding-window
+    inference, :class:`SegmentationEvaluator`; a slide is tiled with a probability per pixel."""
 
     name = "segmentation"
+    slide_tile_mode = "segment"
 
     def __init__(self) -> None:
         self.channels_last = False
@@ -102,14 +108,14 @@ class SegmentationTask(RouterLossMixin, SplitDatasetsMixin):
         :class:`SegmentationModel` on those logits."""
         images, masks = self._inputs(batch, device)
         logits = model(images)
-        return unwrap(model, SegmentationModel).loss_terms(logits, masks)
+        return unwrap_model(model, stop_at=SegmentationModel).loss_terms(logits, masks)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(labels [B, H, W], masks [B, H, W])`` with the configured whole-image / sliding-window inference."""
         images, masks = self._inputs(batch, device)
         inf = self.inference
-        labels = unwrap(model, SegmentationModel).predict(images, mode=inf["mode"], window=inf["window"],
+        labels = unwrap_model(model, stop_at=SegmentationModel).predict(images, mode=inf["mode"], window=inf["window"],
                                                           stride=inf["stride"])
         return labels, masks
 
@@ -121,8 +127,27 @@ class SegmentationTask(RouterLossMixin, SplitDatasetsMixin):
         names = classes if len(classes) == n else None
         return SegmentationEvaluator(n, ignore_index=self.ignore_index, class_names=names)
 
-    def batch_images(self, batch: Any) -> torch.Tensor:
-        return batch[0]
+    # -------------------------------------------------------------------------- a user's images, routing labels
+    def empty_target(self, image: torch.Tensor) -> torch.Tensor:
+        """An all-background mask ``int64 [H, W]``."""
+        return torch.zeros(image.shape[-2:], dtype=torch.int64)
 
-    def batch_size(self, batch: Any) -> int:
-        return int(batch[0].shape[0])
+    def summarize(self, output: torch.Tensor, class_names: Optional[Sequence[str]], score_thr: float = 0.5
+                  ) -> Dict[str, Any]:
+        """``{"class_pixels": {class: pixel count}}`` of a label map ``[H, W]``."""
+        ids, counts = torch.unique(output, return_counts=True)
+        return {"class_pixels": {int(i): int(c) for i, c in zip(ids, counts)}}
+
+    def render(self, image: torch.Tensor, output: Any, class_names: Optional[Sequence[str]] = None,
+               score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
+        """The label map ``[H, W]`` as a colour overlay of opacity ``alpha`` (background 0 kept)."""
+        from ..visualize import overlay_mask
+
+        return overlay_mask(image, output, alpha=alpha)
+
+    def patch_labels(self, batch: Any, grid: Tuple[int, int], num_classes: Optional[int] = None
+                     ) -> Optional[torch.Tensor]:
+        """The most frequent pixel label under every patch (``ignore_index`` left out): ``int64 [B, gh * gw]``."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            return None
+        return mask_patch_labels(batch[1], grid, num_classes, self.ignore_index)

@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from pce.moe.experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
-from pce.moe.recorder import routing_sources
+from pce.moe.recorder import routing_sources, strip_wrapper_prefix
 
 __all__ = ["prune_experts", "duplicate_expert", "select_experts", "pce_layers", "structure", "apply_structure"]
 
 
-def _strip(name: str) -> str:
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
 def pce_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """``{layer name (as the recorder names it): PCE layer}`` of every routing layer with an expert bank."""
-    return {_strip(n): m for n, m in routing_sources(model) if isinstance(getattr(m, "experts", None), ExpertBank)}
+    return {strip_wrapper_prefix(n): m for n, m in routing_sources(model)
+            if isinstance(getattr(m, "experts", None), ExpertBank)}
 
 
 def _layer(model: nn.Module, name: str) -> nn.Module:
@@ -111,7 +106,7 @@ def _select_router(router: nn.Module, index: Sequence[int], logit_shift: Mapping
     _scale_capacity(router, new / old)
 
 
-def select_experts(layer: nn.Module, index: Sequence[int], logit_shift: Mapping[int, float] = None) -> None:
+def select_experts(layer: nn.Module, index: Sequence[int], logit_shift: Optional[Mapping[int, float]] = None) -> None:
     """Rebuild ``layer`` (in place) with experts ``index`` (source expert of each new expert; repeats copy)."""
     E = int(layer.num_experts)
     index = [int(i) for i in index]
