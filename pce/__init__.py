@@ -20,6 +20,8 @@ from pce.moe.routing import Router, RoutingResult
 from pce.moe.recorder import RoutingRecorder, record_routing
 from pce.moe.execution import Execution, ExecutionOptions
 from pce.layers.spp import SpatialPyramidPooling
+from pce.models.pce_conv import PCEConv2d
+from pce.models.convert import convert
 
 __version__ = "0.1.0"
 
@@ -30,5 +32,5 @@ __all__ = [
     "PositionalEncoding", "Router", "RoutingResult", "RouterLossWeights", "SpatialPyramidPooling", "Registry",
     "BACKBONES", "EXPERTS", "ROUTERS", "backbone_config", "build_backbone", "build_expert_bank", "build_router",
     "list_backbones", "router_loss", "record_routing", "RoutingRecorder", "iter_backbones", "EXECUTIONS",
-    "Execution", "ExecutionOptions", "__version__",
+    "Execution", "ExecutionOptions", "PCEConv2d", "convert", "__version__",
 ]

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from pce.layers.patches import PatchExtractor
+import torch.nn.functional as F
+
+from pce.layers.patched_map import region_pool, region_view
+from pce.layers.patches import CellGrid, CellWindows, PatchExtractor, cell_bounds, gather_windows
 from pce.layers.positional import PositionalEncoding, patch_centers, patch_coordinates
 
 
@@ -117,3 +120,68 @@ def test_fourier_features():
     assert PositionalEncoding("none").num_channels == 0
     with pytest.raises(ValueError, match="kind"):
         PositionalEncoding("sine")
+
+
+# -- cell grids ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,parts,sides", [(45, 3, [15, 15, 15]), (64, 3, [21, 22, 21]), (17, 3, [6, 5, 6]),
+                                              (23, 3, [8, 7, 8]), (2, 3, [1, 1]), (7, 1, [7])])
+def test_cell_bounds_round_to_the_nearest_pixel(size, parts, sides):
+    b = cell_bounds(size, parts)
+    assert [y - x for x, y in zip(b, b[1:])] == sides
+    assert list(b) == [math.floor(i * size / len(sides) + 0.5) for i in range(len(sides) + 1)]
+
+
+def test_cell_grid_expand_and_place_are_consistent():
+    g = CellGrid.split(17, 23, 3, 3)
+    assert (g.grid_h, g.grid_w, g.num_patches, g.cell_h, g.cell_w, g.square_side) == (3, 3, 9, 6, 8, None)
+    assert CellGrid.tiles(56, 40, 16).rows == (0, 14, 28, 42, 56) and CellGrid.tiles(56, 40, 16).grid_w == 3
+    values = torch.randn(2, 9, 5)
+    m = g.expand(values)  # [2, 5, 17, 23]
+    for p in range(9):
+        i, j = divmod(p, 3)
+        block = m[:, :, g.rows[i]:g.rows[i + 1], g.cols[j]:g.cols[j + 1]]
+        assert torch.equal(block, values[:, p, :, None, None].expand_as(block))
+    buffers = torch.randn(2, 9, 5, g.cell_h, g.cell_w)
+    placed = g.place(buffers)
+    for p in range(9):
+        i, j = divmod(p, 3)
+        h, w = g.rows[i + 1] - g.rows[i], g.cols[j + 1] - g.cols[j]
+        assert torch.equal(placed[:, :, g.rows[i]:g.rows[i + 1], g.cols[j]:g.cols[j + 1]], buffers[:, p, :, :h, :w])
+    even = CellGrid.split(12, 8, 3, 2)  # equal cells: the permutation path
+    cells = torch.randn(1, 6, 2, 4, 4)
+    assert torch.equal(even.place(cells), PatchExtractor(4).reassemble(cells, PatchExtractor(4).grid(12, 8)))
+
+
+def test_cell_windows_cover_the_receptive_fields():
+    w = CellWindows.of((0, 3, 5), 10, k=3, s=2, d=1, pad=1)  # output cells [0, 3), [3, 5) of a stride-2 conv
+    assert w.starts == (0, 6) and w.span == 7  # padded coordinates; the largest cell's field
+    assert w.field == ((-1, 6), (5, 10)) and w.own == ((0, 6), (6, 10))
+    assert w.own_mask(torch.device("cpu")).tolist() == [[False] + [True] * 6, [False] + [True] * 4 + [False] * 2]
+    x = torch.arange(2 * 12 * 12.0).reshape(1, 2, 12, 12)
+    win = gather_windows(x, w, w)  # [1, 4, 2, 7, 7]; the second window reaches 1 pixel past the map: zeros
+    assert win.shape == (1, 4, 2, 7, 7)
+    assert torch.equal(win[0, 1], F.pad(x[0, :, 0:7, 6:12], (0, 1)))
+
+
+def test_region_pool_is_adaptive_average_pooling_of_each_region():
+    x = torch.randn(2, 3, 13, 11)
+    rows, cols = [(0, 5), (4, 13), (-2, 3)], [(0, 11), (9, 30)]  # overlapping, clipped, smaller than the bins
+    out = region_pool(x, rows, cols, 4)
+    assert out.shape == (2, 3, 12, 8)
+    for i, (a, b) in enumerate(rows):
+        for j, (c, d) in enumerate(cols):
+            expect = F.adaptive_avg_pool2d(x[:, :, max(a, 0):b, max(c, 0):d], 4)
+            torch.testing.assert_close(out[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4], expect)
+    view = region_view(x, rows, cols, 4, PositionalEncoding("coord"))
+    assert view.patches_with_position().shape == (2, 6, 3 + 4, 4, 4) and view.positions.shape == (6, 2)
+
+
+def test_window_cutting_and_cell_placing_have_exact_gradients():
+    x = torch.randn(2, 3, 9, 8, dtype=torch.double, requires_grad=True)
+    rows, cols = CellWindows.of((0, 3, 5), 9, 3, 2, 1, 1), CellWindows.of((0, 2, 4), 8, 3, 2, 1, 1)
+    padded = lambda t: F.pad(t, (1, 1, 1, 1))  # noqa: E731
+    assert torch.autograd.gradcheck(lambda t: gather_windows(padded(t), rows, cols), (x,))
+    assert torch.autograd.gradcheck(lambda t: gather_windows(padded(t), rows, cols, [0, 5, 3, 7, 5, 2]), (x,))
+    g = CellGrid.split(7, 5, 3, 2)
+    cells = torch.randn(2, 6, 3, g.cell_h, g.cell_w, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(g.place, (cells,))

@@ -20,12 +20,17 @@ weights outputs zeros.
   fixed buffer of ``capacity`` tokens, those with its largest weights (top-``capacity`` over tokens), one
   gather and one weighted index-add per expert; all tokens (:func:`dispatch_dense`) when ``capacity >= N``.
   Equal to :func:`dispatch_sparse` in eval mode whenever no expert has more than ``capacity`` tokens.
+* :func:`dispatch_rows`: :func:`dispatch_sparse` for tokens cut on demand, already in expert order (no token
+  tensor, no gather): windows of a map for :class:`pce.PCEConv2d`.
+* :func:`dispatch_map`: experts on whole maps, weighted per pixel (``wmap [B, E, H, W]``), skipping listed-out
+  experts: the straightforward context execution of :class:`pce.PCEConv2d` (each pixel by its patch's experts,
+  kernels reading across patch borders), cost ~(experts used) x one expert.
 * :func:`dispatch_context`: top-1 routing where each expert's convolutions read their neighbours' activations
   across patch borders (each pixel computed once, by its patch's expert: a halo at no extra FLOPs).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -216,3 +221,34 @@ def dispatch_context(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tens
         y = bank.run(sel.routed, sel)
     return plan.scatter(plan.weigh(y, weights))
 
+
+def dispatch_rows(bank: ExpertBank, rows: Callable[[List[int]], torch.Tensor], weights: torch.Tensor,
+                  out_shape: Tuple[int, ...]) -> torch.Tensor:
+    """:func:`dispatch_sparse` where ``rows(token indices sorted by expert) -> [M, C, h, w]`` builds the routed rows
+    (each token once per expert it has), e.g. windows cut straight from a map; ``weights [N, E]``; ``out_shape``
+    ``(C_out, h', w')`` of one expert output. Returns ``[N, C_out, h', w']`` (zeros for dropped tokens)."""
+    if weights.dim() != 2 or weights.shape[1] != bank.num_experts:
+        raise ValueError(f"weights must be [N, E={bank.num_experts}], got {tuple(weights.shape)}")
+    plan = _Plan(weights, bank.num_experts)
+    if not any(plan.counts):
+        return weights.new_zeros(weights.shape[0], *out_shape)
+    with bank.per_expert():
+        y = _per_expert(rows(plan.token_idx.tolist()), plan.counts, bank.forward_one)
+    return plan.scatter(plan.weigh(y, weights))
+
+
+def dispatch_map(bank: ExpertBank, x: torch.Tensor, wmap: torch.Tensor,
+                 experts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Every expert of ``experts`` (default: all) on the whole map ``x [B, C, H', W']``, its output
+    ``[B, C_out, H, W]`` times its per-pixel weights ``wmap [B, E, H, W]``, summed (zeros if ``experts`` is
+    empty). Leave out only experts whose weights are all zero: the result is then exact."""
+    experts = range(bank.num_experts) if experts is None else experts
+    out = None
+    with bank.per_expert():
+        for e in experts:
+            y = bank.forward_one(x, e)
+            w = wmap[:, e:e + 1].to(y.dtype)
+            out = y * w if out is None else out.addcmul_(y, w)  # in place on our own sum: one pass per expert
+    if out is None:
+        return x.new_zeros(x.shape[0], bank.out_channels, *wmap.shape[-2:])
+    return out

@@ -218,6 +218,37 @@ def _normalize_anchor_sizes(anchor_sizes: Sequence[Any], num_levels: int, names:
     return sizes
 
 
+def _check_detector_args(num_classes: Any, frcnn_kwargs: Mapping[str, Any]) -> None:
+    """``TypeError`` / ``ValueError`` for FasterRCNN options :func:`build_detector` derives, unknown ones, and a
+    class count without the background."""
+    for k in ("rpn_anchor_generator", "box_roi_pool", "size_divisible", "box_head", "box_predictor"):
+        if k in frcnn_kwargs:
+            raise TypeError(f"build_detector derives {k!r} from the backbone; use anchor_sizes / aspect_ratios / "
+                            f"roi_output_size / representation_size instead, or build PCEFasterRCNN yourself")
+    unknown = set(frcnn_kwargs) - _FRCNN_ARGS
+    if unknown:
+        raise TypeError(f"unknown detector option(s) {sorted(unknown)}; valid FasterRCNN options: "
+                        f"{sorted(_FRCNN_ARGS)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes!r}")
+
+
+def _detector_body(backbone: str, backbone_overrides: Optional[Mapping[str, Any]],
+                   returned_stages: Optional[Sequence[StageRef]]) -> Tuple[PCEBackbone, Optional[Sequence[StageRef]]]:
+    """``(backbone body, the stages the FPN still has to pick)``: with ``returned_stages`` the body is built up
+    to the last of them and returns exactly those maps (nothing left to pick: ``None``)."""
+    cfg = backbone_config(backbone, **dict(backbone_overrides or {}))
+    if returned_stages is not None:
+        if cfg.get("out_indices") is not None:
+            raise ValueError("give returned_stages or backbone_overrides['out_indices'], not both")
+        info = [{"name": f"stage{i + 1}"} for i in range(len(cfg["stages"]))]
+        idx = _resolve_stages(info, returned_stages)
+        cfg["stages"] = list(cfg["stages"])[: max(idx) + 1]
+        cfg["out_indices"] = idx
+        returned_stages = None
+    return PCEBackbone(**cfg), returned_stages
+
+
 def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
                    backbone_overrides: Optional[Mapping[str, Any]] = None, fpn_channels: int = 256,
                    returned_stages: Optional[Sequence[StageRef]] = None, min_size: Union[int, Sequence[int]] = 600,
@@ -247,26 +278,8 @@ def build_detector(backbone: str = "pce_tiny", num_classes: int = 21,
         **frcnn_kwargs: any other :class:`~torchvision.models.detection.FasterRCNN` argument
             (``box_score_thresh``, ``box_detections_per_img``, ``rpn_batch_size_per_image``, ...).
     """
-    for k in ("rpn_anchor_generator", "box_roi_pool", "size_divisible", "box_head", "box_predictor"):
-        if k in frcnn_kwargs:
-            raise TypeError(f"build_detector derives {k!r} from the backbone; use anchor_sizes / aspect_ratios / "
-                            f"roi_output_size / representation_size instead, or build PCEFasterRCNN yourself")
-    unknown = set(frcnn_kwargs) - _FRCNN_ARGS
-    if unknown:
-        raise TypeError(f"unknown detector option(s) {sorted(unknown)}; valid FasterRCNN options: "
-                        f"{sorted(_FRCNN_ARGS)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes!r}")
-    cfg = backbone_config(backbone, **dict(backbone_overrides or {}))
-    if returned_stages is not None:
-        if cfg.get("out_indices") is not None:
-            raise ValueError("give returned_stages or backbone_overrides['out_indices'], not both")
-        info = [{"name": f"stage{i + 1}"} for i in range(len(cfg["stages"]))]
-        idx = _resolve_stages(info, returned_stages)
-        cfg["stages"] = list(cfg["stages"])[: max(idx) + 1]
-        cfg["out_indices"] = idx
-        returned_stages = None  # the body now returns exactly these maps
-    body = PCEBackbone(**cfg)
+    _check_detector_args(num_classes, frcnn_kwargs)
+    body, returned_stages = _detector_body(backbone, backbone_overrides, returned_stages)
     fpn_backbone = PCEFPNBackbone(body, returned_stages, fpn_channels=fpn_channels, extra_pool=extra_pool)
     names = [f["name"] for f in fpn_backbone.feature_info]
     if anchor_sizes is None:

@@ -3,6 +3,7 @@ from pce.registry import ROUTERS
 from pce.moe.routing import Router, RoutingResult
 from pce.moe.routers.cosine import CosineRouter
 from pce.moe.routers.gate import ExpertChoiceRouter, GateRouter
+from pce.moe.routers.gap_conv import GapConvRouter
 from pce.moe.routers.simple import GumbelRouter, PositionalRouter, SharedRouter, UniformRouter
 from pce.moe.routers.threshold import adaptive_threshold, hard_threshold_mask, soft_threshold_mask
 
@@ -19,6 +20,6 @@ def parameter_free_routers() -> list:
 
 __all__ = [
     "ROUTERS", "Router", "RoutingResult", "build_router", "CosineRouter", "GateRouter", "ExpertChoiceRouter",
-    "GumbelRouter", "PositionalRouter", "SharedRouter", "UniformRouter", "parameter_free_routers", "adaptive_threshold", "soft_threshold_mask",
+    "GapConvRouter", "GumbelRouter", "PositionalRouter", "SharedRouter", "UniformRouter", "parameter_free_routers", "adaptive_threshold", "soft_threshold_mask",
     "hard_threshold_mask",
 ]
