@@ -8,13 +8,14 @@
 """
 from pce.layers.attention import DeformableAttention
 from pce.models.backbone import PCEBackbone, iter_backbones
-from pce.models.presets import backbone_config, build_backbone, list_backbones
+from pce.models.presets import backbone_config, backbone_spec, build_backbone, list_backbones
+from pce.models.specs import BackboneSpec, LayerSpec, StageSpec
 from pce.moe.experts import ExpertBank, build_expert_bank
 from pce.models.layer import DenseLayer, PCELayer
 from pce.moe.losses import RouterLossWeights, router_loss
 from pce.layers.patches import PatchExtractor, PatchGrid
 from pce.layers.positional import PositionalEncoding
-from pce.registry import BACKBONES, EXECUTIONS, EXPERTS, ROUTERS, Registry
+from pce.registry import BACKBONES, EXECUTIONS, EXPERTS, LAYERS, ROUTERS, Registry
 from pce.moe.routers import build_router
 from pce.moe.routing import Router, RoutingResult
 from pce.moe.recorder import RoutingRecorder, record_routing
@@ -32,5 +33,6 @@ __all__ = [
     "PositionalEncoding", "Router", "RoutingResult", "RouterLossWeights", "SpatialPyramidPooling", "Registry",
     "BACKBONES", "EXPERTS", "ROUTERS", "backbone_config", "build_backbone", "build_expert_bank", "build_router",
     "list_backbones", "router_loss", "record_routing", "RoutingRecorder", "iter_backbones", "EXECUTIONS",
-    "Execution", "ExecutionOptions", "PCEConv2d", "convert", "__version__",
+    "Execution", "ExecutionOptions", "PCEConv2d", "convert", "LayerSpec", "StageSpec", "BackboneSpec", "LAYERS",
+    "backbone_spec", "__version__",
 ]

@@ -159,18 +159,31 @@ class SplitDatasetsMixin:
     def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:
         """Raise ``ValueError`` when ``dataset``'s classes do not fit ``model.num_classes``."""
 
-    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
-        """The configured ones of ``splits`` (a split without ``data.<split>.name`` is left out)."""
+    @staticmethod
+    def _transform_extra(cfg: Any, split: str, sc: Any, evaluate: bool) -> Dict[str, Any]:
+        """Transform options the split's config does not set: the augmentation seed of the train split, or, to
+        evaluate, ``train=False`` (no augmentation, whatever the split and the transform's defaults)."""
+        name = sc.transform.name
+        if not name:
+            return {}
+        if evaluate:
+            return {"train": False} if accepts(TRANSFORMS.get(name), "train") else {}
+        if split == "train" and "seed" not in sc.transform.kwargs and accepts(TRANSFORMS.get(name), "seed"):
+            return {"seed": int(cfg.runtime.seed)}
+        return {}
+
+    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val"),
+                       evaluate: bool = False) -> Dict[str, Any]:
+        """The configured ones of ``splits`` (a split without ``data.<split>.name`` is left out). ``evaluate``:
+        every split as the model is evaluated on it (``tools/eval.py --split train``, the routing tools): its
+        transform without augmentation."""
         out = {}
         for split in splits:
             sc = cfg.data[split]
             if not sc.name:
                 continue
             kwargs = dataset_kwargs(cfg, split)
-            extra = {}
-            if (split == "train" and sc.transform.name and "seed" not in sc.transform.kwargs
-                    and accepts(TRANSFORMS.get(sc.transform.name), "seed")):
-                extra["seed"] = int(cfg.runtime.seed)
+            extra = self._transform_extra(cfg, split, sc, evaluate)
             check_kwargs(DATASETS.get(sc.name), kwargs, f"data.{split}.kwargs", f"dataset {sc.name!r}")
             if sc.transform.name:
                 check_kwargs(TRANSFORMS.get(sc.transform.name), {**to_plain(sc.transform.kwargs), **extra},

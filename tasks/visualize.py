@@ -211,11 +211,12 @@ def class_names_from_config(cfg: Any) -> Optional[List[str]]:
 
 
 def save_png(image: torch.Tensor, path: Union[str, os.PathLike]) -> Path:
-    """Write a ``[3, H, W]`` image (uint8 or float in [0, 1]) as PNG, creating the folder. Returns the path."""
+    """Write a ``[3, H, W]`` image (uint8 or float in [0, 1]) as PNG, creating the folder. Atomic (a temp file
+    beside ``path``, then ``os.replace``: never half a file); a failed write (a full disk, ...) is a ``PCEError``
+    naming ``path``, with the previous file kept. Returns the path."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic_io import atomic_write
+
     arr = to_uint8_image(image).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))

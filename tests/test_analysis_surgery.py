@@ -1,14 +1,14 @@
 """Pruning and duplicating experts: outputs kept or changed exactly as routing says they must be."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 import pce
 from pce.analysis import routing_maps
-from pce.moe.surgery import apply_structure, duplicate_expert, pce_layers, prune_experts, structure
+from pce.moe.surgery import (apply_structure, duplicate_changes_outputs, duplicate_expert, pce_layers, prune_experts,
+                             structure)
 
 X = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
 
@@ -97,6 +97,32 @@ def test_jittered_duplicate_shares_the_load():
     assert after[busy] + after[4] == used[layer][busy] and after[4] > 0 and after[busy] > 0
     others = [e for e in range(4) if e != busy]
     assert torch.equal(after[others], used[layer][others])  # the other experts keep their patches
+
+
+@pytest.mark.parametrize("router,top_k,kw,exact", [
+    ("cosine", 1, {}, True),                                      # renormalised top-1: weight 1, whichever copy
+    ("cosine", 1, {"renormalize": "straight_through"}, True),
+    ("gate", None, {"capacity_factor": None, "renormalize": False}, True),  # soft gate: logits lowered by log 2
+    ("cosine", 1, {"renormalize": False}, False),                 # the demo router: weights are probabilities
+    ("gate", 1, {"capacity_factor": None, "renormalize": False}, False),
+    ("cosine", None, {"renormalize": False}, False),              # soft, no logit bias to split the probability
+    ("gate", 2, {"capacity_factor": None}, False),                # the copy takes another expert's top-2 place
+])
+def test_duplicate_changes_outputs_exactly_where_it_says(router, top_k, kw, exact):
+    """Issue #23: ``duplicate_changes_outputs`` is None exactly where the outputs are kept (every layer, busiest
+    expert); ``exact=True`` refuses the others."""
+    model = build(router, top_k=top_k, **kw)
+    ref, used = outputs(model), usage(model)
+    for layer, counts in used.items():
+        busy = int(counts.argmax())
+        why = duplicate_changes_outputs(pce_layers(model)[layer])
+        assert (why is None) == exact, why
+        if exact:
+            assert torch.allclose(outputs(duplicate_expert(model, layer, busy, exact=True)), ref, atol=1e-5)
+        else:
+            assert not torch.allclose(outputs(duplicate_expert(model, layer, busy, warn=False)), ref, atol=1e-5)
+            with pytest.raises(ValueError, match="changes the outputs"):
+                duplicate_expert(model, layer, busy, exact=True)
 
 
 def test_bad_edits_are_errors():

@@ -31,7 +31,8 @@ def test_benchmark_smoke_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Targets" in proc.stdout and ("PASS" in proc.stdout or "FAIL" in proc.stdout)
     r = json.loads(out.read_text())
-    assert {"config", "layer", "model", "flops", "memory"} <= set(r)
+    assert {"config", "layer", "conv", "model", "flops", "memory"} <= set(r)
+    assert {row["candidate"] for row in r["conv"]} >= {"conv", "condconv", "pce_top1_auto", "pce_top2_sparse"}
     cfg = r["config"]
     assert cfg["mode"] == "smoke" and {"batch", "channels", "size", "patch"} <= set(cfg["layer"])
     pce_name, dense_name, resnet = cfg["models"]
@@ -174,3 +175,99 @@ def test_benchmark_compile_section_rows():
             assert (r["compile_s"] is not None) == r["candidate"].endswith("compiled")
     assert max(rows[0]["max_abs_diff"].values()) < 1e-5
     assert "torch.compile (backend eager" in benchmark_compile.format_compile(rows, "eager")
+
+
+# -- issue #21 (section conv) and issue #25 (--vs condconv) -------------------------------------------------------
+def _tools():
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def test_benchmark_conv_rows_ratios_and_flops():
+    """The conv section on a tiny shape: every candidate x mode row, ratios recomputed by hand from the raw
+    timings, MACs against hand formulas, targets judged on the CPU ratio of the ``cells`` rows."""
+    _tools()
+    import benchmark_conv as bc
+
+    B, C, H, W = 2, 8, 12, 12
+    cfg = dict(shapes=((B, C, H, W),), inputs=("cells", "noise"), warmup=0, reps=2, min_reps=2, budget_s=0.0)
+    rows = json.loads(json.dumps(bc.run_conv_level(cfg, 1, lambda msg: None)))  # what --json writes
+    names = {"conv", "condconv"} | set(bc.PCE_VARIANTS)
+    assert {(r["candidate"], r["input"], r["mode"]) for r in rows} == {
+        (n, i, m) for n in names for i in ("cells", "noise") for m in ("fwd", "train")}
+    conv_macs = B * C * H * W * C * 9
+    for r in rows:
+        ref = next(x for x in rows if x["candidate"] == "conv" and x["input"] == r["input"] and x["mode"] == r["mode"])
+        assert r["ms"] == pytest.approx(_median(r["wall_runs"])) and r["cpu_ms"] == pytest.approx(_median(r["cpu_runs"]))
+        assert r["ratio"] == pytest.approx(_median(r["wall_runs"]) / _median(ref["wall_runs"]))
+        assert r["ratio_cpu"] == pytest.approx(_median(r["cpu_runs"]) / _median(ref["cpu_runs"]))
+        assert r["flop_ratio"] == pytest.approx(r["macs"] / conv_macs)
+        assert r["ratio_cpu_per_flop"] == pytest.approx(r["ratio_cpu"] / r["flop_ratio"])
+        if r["candidate"] == "conv":
+            assert r["macs"] == conv_macs
+        if r["candidate"] == "condconv":  # conv + routing linear + kernel mixing [B, E] @ [E, C C 9]
+            assert r["macs"] == conv_macs + B * C * bc.EXPERTS + B * bc.EXPERTS * C * C * 9
+        if r["top_k"] is not None:
+            assert sum(r["tokens_per_expert"]) == r["top_k"] * B * 9  # grid 3: 9 cells per image
+            assert r["router_macs"] is not None and r["macs"] >= r["router_macs"] + r["top_k"] * conv_macs
+            assert r["executed"] in ("sparse", "dense") and (r["dispatch"] != "sparse" or r["executed"] == "sparse")
+    checks = bc.check_conv_targets(rows)
+    judged = [r for r in rows if r["input"] == "cells" and r["top_k"] is not None]
+    assert len(checks) == len(judged) == 8
+    for t, r in zip(checks, judged):
+        assert t["value_cpu"] == r["ratio_cpu"] and t["pass"] == (r["ratio_cpu"] <= bc.CONV_TARGETS[r["top_k"]])
+    assert "PCEConv2d vs nn.Conv2d vs CondConv2d" in bc.format_conv(rows, 1)
+
+
+def test_benchmark_condconv_rows_and_check():
+    """--vs condconv's timing rows (ratios from the raw timings), the issue's check and the memory ratios."""
+    _tools()
+    import benchmark_condconv as bcc
+
+    pairs = (("pce_tiny", "dense_tiny"), (bcc.CONDCONV, bcc.DENSE_CC))
+    cfg = dict(points=((32, 2),), warmup=0, reps=2, min_reps=2, budget_s=0.0)
+    rows = json.loads(json.dumps(bcc.run_condconv(cfg, [1], lambda msg: None, pairs)))
+    assert {(r["input"], r["batch"], r["threads"], r["mode"]) for r in rows} == {(32, 2, 1, "infer"), (32, 2, 1, "train")}
+    for r in rows:
+        assert set(r["models"]) == {n for p in pairs for n in p} and set(r["ratios"]) == {p[0] for p in pairs}
+        for c, d in pairs:
+            assert r["ratios"][c]["wall"] == pytest.approx(_median(r["models"][c]["wall_runs"])
+                                                           / _median(r["models"][d]["wall_runs"]))
+            assert r["ratios"][c]["cpu"] == pytest.approx(_median(r["models"][c]["cpu_runs"])
+                                                          / _median(r["models"][d]["cpu_runs"]))
+    assert bcc.check_condconv(rows) == []  # 32 px is not a check point
+
+    def point(size, batch, threads, tiny, cc):
+        times = {"pce_tiny": {"wall": [tiny], "cpu": [tiny]}, "dense_tiny": {"wall": [1.0], "cpu": [1.0]},
+                 bcc.CONDCONV: {"wall": [cc], "cpu": [cc]}, bcc.DENSE_CC: {"wall": [2.0], "cpu": [2.0]}}
+        return bcc.point_row(size, batch, threads, "infer", times, pairs)
+    # CondConv 2.6 / 2.0 = 1.30: PCE passes up to 1.35
+    checks = bcc.check_condconv([point(224, 8, 1, 1.34, 2.6), point(128, 32, 1, 1.36, 2.6), point(224, 8, 2, 9.0, 2.6)])
+    assert [c["pass"] for c in checks] == [True, False] and checks[0]["limit"] == "<= 1.35"
+    mem = {n: {"peak_rss_mb": v, "total_training_mb": 2 * v} for n, v in
+           {"pce_tiny": 30.0, "dense_tiny": 20.0, bcc.CONDCONV: 50.0, bcc.DENSE_CC: 40.0}.items()}
+    ratios = bcc.memory_ratios(mem, pairs)
+    assert ratios["pce_tiny"]["step"] == pytest.approx(1.5) and ratios[bcc.CONDCONV]["total"] == pytest.approx(1.25)
+
+
+@pytest.mark.slow
+def test_benchmark_strict_exit_code(tmp_path):
+    """Without --strict a failed target exits 0; with it, 1 (the conv section alone, tiny shapes)."""
+    base = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--smoke", "--skip", "layer", "model",
+            "flops", "memory"]
+    out = tmp_path / "b.json"
+    lax = subprocess.run(base + ["--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert lax.returncode == 0, lax.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["conv"] and r["targets"] and not r["layer"] and not r["model"]
+    strict = subprocess.run(base + ["--strict"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    failed = "FAIL " in strict.stdout
+    assert strict.returncode == (1 if failed else 0), strict.stderr[-3000:]
+    assert failed  # PCEConv2d on a 2x8x12x12 map is router-bound: top-1 is far above 1.2x nn.Conv2d
+    assert "--strict" in subprocess.run(base[:2] + ["--help"], capture_output=True, text=True, cwd=ROOT).stdout

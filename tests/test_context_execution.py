@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pce
+
 from pce.moe.dispatch import dispatch_context
 from pce.moe.experts import build_expert_bank
 from pce.models.layer import PCELayer
 from pce.layers.patches import PatchExtractor
 from routing_helpers import run_routed
 from pce.layers.patched_map import PatchedMap
-from pce.moe.execution import ContextExecution
+from pce.moe.execution import ContextExecution, StaticContextExecution
 
 
 class MaskedMap:
@@ -248,3 +250,130 @@ def test_sole_expert_shortcut_equals_stitched_execution(see_position):
     assert padded.padded_size != (7, 9)
     assert sole(layer.experts, PatchedMap(torch.randn(B, 5, 7, 9), layer.extractor, layer.pos), w.detach(),
                 layer.options) is None
+
+
+# -- under graph capture: StaticContextExecution, the same computation with static shapes ----------------------------
+def _context_layer(expert="residual", norm_stats="expert", see_position=False, drops=True, seed=0):
+    """A context layer on 6 channels, 3 experts, 4-pixel patches padded to fit (``padding="pad"``), a gate router
+    with straight-through top-1 weights and, with ``drops``, a capacity that drops patches; batch norms with
+    non-trivial running statistics."""
+    torch.manual_seed(seed)
+    layer = PCELayer(6, patch_size=4, num_experts=3, expert=expert, execution="context", norm_stats=norm_stats,
+                     experts_see_position=see_position, padding="pad", router="gate",
+                     router_kwargs=dict(top_k=1, capacity_factor=0.6 if drops else None,
+                                        renormalize="straight_through"))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in layer.experts.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return layer
+
+
+def _top1(layer, x):
+    """Each patch's expert ``[B, P]`` (-1: dropped) for input ``x``."""
+    with torch.no_grad():
+        (r,) = run_routed(layer, x)[1]
+    return torch.where(r.weights.sum(-1) > 0, r.weights.argmax(-1), -1)
+
+
+def _assert_same_training_step(a, b, xa, xb, ya, yb):
+    """Outputs, then (after one backward of the same loss) input, parameter (``None`` = zero) and buffer values."""
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-4)
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(7))
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        gp = p.grad if p.grad is not None else torch.zeros_like(p)
+        gq = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(gp, gq, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, p), q in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("expert", ["residual", "double_conv", "conv_bn_relu"])
+@pytest.mark.parametrize("norm_stats,train,see_position,drops", [
+    ("expert", True, False, True), ("expert", False, True, True), ("layer", True, True, True),
+    ("layer", False, False, True), ("expert", True, True, False)])
+def test_static_context_equals_eager_context(expert, norm_stats, train, see_position, drops):
+    """The static whole-map path equals eager context execution on a 9 x 11 map (padded to 12 x 12 by the grid),
+    batch 3, routing that differs per patch and drops patches: outputs, gradients of the input, the experts, the
+    projection and the router (through the straight-through weights), running statistics after the step."""
+    a = _context_layer(expert, norm_stats, see_position, drops).train(train)
+    b = copy.deepcopy(a)
+    b.strategy = StaticContextExecution()
+    x = torch.randn(3, 6, 9, 11, generator=torch.Generator().manual_seed(3)) * 2
+    top = _top1(a.eval(), x)
+    a.train(train)
+    assert len(set(top[top >= 0].tolist())) > 1 and (top < 0).any() == drops  # mixed routing (and drops)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    _assert_same_training_step(a, b, xa, xb, a(xa), b(xb))
+
+
+def test_static_context_on_fused_experts_and_all_dropped():
+    """Batch norms folded into the convolutions (what tools/export.py captures), and a map whose patches are all
+    dropped (zeros, as the eager path gives)."""
+    from pce.models.fuse import fuse_for_inference
+
+    a = _context_layer().eval()
+    b = fuse_for_inference(copy.deepcopy(a))
+    b.strategy = StaticContextExecution()
+    x = torch.randn(2, 6, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-4)
+    view = PatchedMap(x, a.extractor, a.pos)
+    w = torch.zeros(2, view.grid.num_patches, 3)
+    with torch.no_grad():
+        out = StaticContextExecution()(a.experts, view, w, a.options)
+        ref = ContextExecution()(a.experts, PatchedMap(x, a.extractor, a.pos), w, a.options)
+    assert out.shape == (2, 6, 9, 11) and torch.equal(out, torch.zeros_like(out)) and torch.equal(ref, out)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attribute")  # positional-encoding caches, as tools/export.py
+def test_context_under_torch_export_equals_eager():
+    """torch.export of a context layer (dynamic batch) and of a small context backbone: the program gives the eager
+    outputs on held-back inputs whose routing differs from the capture example's."""
+    from pce.models.presets import build_backbone
+
+    layer = _context_layer().eval()
+    example = torch.randn(2, 6, 9, 11)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(layer, (example,), dynamic_shapes=({0: batch},)).module()
+    gen = torch.Generator().manual_seed(5)
+    held_back = [torch.randn(1, 6, 9, 11, generator=gen) * 3 + 1, torch.rand(4, 6, 9, 11, generator=gen)]
+    for x in held_back:
+        assert not torch.equal(_top1(layer, x)[0], _top1(layer, example)[0])  # other experts for some patch
+        with torch.no_grad():
+            torch.testing.assert_close(ep(x), layer(x), atol=1e-5, rtol=1e-4)
+
+    torch.manual_seed(0)
+    backbone = build_backbone("pce_tiny", stem_channels=8, num_experts=3, top_k=1, execution="context", stages=[
+        dict(channels=8, depth=1, patch_size=4, stride=1), dict(channels=16, depth=1, patch_size=3, stride=2)]).eval()
+    x0, xs = torch.randn(2, 3, 38, 42), [torch.rand(2, 3, 38, 42) * 4 - 2, torch.randn(2, 3, 38, 42) * 0.3]
+    with torch.no_grad():
+        prog = torch.export.export(backbone, (x0,)).module()
+        with pce.record_routing(backbone) as rec:
+            eager = [backbone(x) for x in [x0] + xs]
+    tops = [r.weights.argmax(-1) for r in rec.results]
+    n = len(tops) // 3
+    assert n == 2 and all(any(not torch.equal(tops[i], tops[i + k * n]) for i in range(n)) for k in (1, 2))
+    with torch.no_grad():
+        for x, want in zip(xs, eager[1:]):
+            got = prog(x)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+
+
+def test_context_under_torch_compile_trains_as_eager():
+    """torch.compile (fullgraph; backend "eager": dynamo's capture) of a training step: the same outputs,
+    gradients and running statistics as eager context execution, layer and pooled batch-norm statistics."""
+    for norm_stats in ("expert", "layer"):
+        a = _context_layer(norm_stats=norm_stats).train()
+        b = copy.deepcopy(a)
+        torch.compiler.reset()
+        compiled = torch.compile(b, fullgraph=True, backend="eager")
+        x = torch.randn(3, 6, 9, 11)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        _assert_same_training_step(a, b, xa, xb, a(xa), compiled(xb))

@@ -12,7 +12,7 @@ import torch
 
 from pce.engine import (NonFiniteLossError, PCEScheduler, PhaseController, Trainer, atomic_save, build_phases,
                         evaluate_checkpoint, load_checkpoint, load_config)
-from pce.engine.config import config_to_dict
+from pce.engine.config import config_to_dict, load_saved_config
 from pce.tasks import get_task
 from pce.tasks.classification import ClassificationTask
 from pce.tasks.hooks import default_hooks
@@ -93,8 +93,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path):
     assert resumed.phase_ctl.keys_initialized
     # the work dir holds everything rank 0 writes, and the merged config reloads to the same config
     names = {p.name for p in (tmp_path / "split").iterdir()}
-    assert {"latest.pth", "best.pth", "config.py", "metrics.jsonl", "train.log"} <= names
+    assert {"latest.pth", "best.pth", "config.json", "config.py", "metrics.jsonl", "train.log"} <= names
     assert config_to_dict(load_config(tmp_path / "split/config.py")) == config_to_dict(cfg)
+    assert config_to_dict(load_saved_config(tmp_path / "split/config.json")) == config_to_dict(cfg)
     records = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert [r["name"] for r in records if r["type"] == "phase"] == ["stabilise", "route", "finetune"]
 
@@ -271,7 +272,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path):
     ckpt = load_checkpoint(tmp_path / "wd/latest.pth")
     assert len(ckpt["rng"]) == 2 and ckpt["epoch"] == 3 and ckpt["iteration"] == 6
     assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == sorted(
-        ["best.pth", "config.py", "latest.pth", "metrics.jsonl", "train.log"])
+        ["best.pth", "config.json", "config.py", "latest.pth", "metrics.jsonl", "train.log"])
 
 
 def test_param_scheduler_warmup_cosine_multistep():

@@ -77,10 +77,28 @@ def test_jit_script_raises_clear_error(classifier_and_inputs):
         torch.jit.script(classifier_and_inputs[0])
 
 
-def test_context_execution_refuses_capture():
-    layer = PCELayer(8, 4, num_experts=2, top_k=1, execution="context").eval()
-    with pytest.raises(RuntimeError, match="execution='context'.*cannot be captured"):
-        torch.jit.trace(layer, (torch.randn(1, 8, 8, 8),), check_trace=False)
+def test_context_execution_jit_trace_keeps_routing():
+    """Context execution traces (its static whole-map form) and gives the eager outputs on an input routed
+    differently from the example; only a router giving patches several experts (refused eagerly too) is refused,
+    and pce.models.fuse.capture_blockers lists exactly that layer."""
+    from pce.models.fuse import capture_blockers
+
+    torch.manual_seed(0)
+    layer = PCELayer(8, 4, num_experts=3, top_k=1, execution="context").eval()
+    xs = [torch.randn(1, 8, 12, 12), torch.rand(1, 8, 12, 12) * 4 - 1]
+    with torch.no_grad(), record_routing(layer) as rec:
+        eager = [layer(x) for x in xs]
+    assert not torch.equal(rec.results[0].weights.argmax(-1), rec.results[1].weights.argmax(-1))
+    assert capture_blockers(layer) == []
+    with torch.no_grad():
+        tr = torch.jit.trace(layer, (xs[0],), check_trace=False)
+        for x, e in zip(xs, eager):
+            assert torch.allclose(tr(x), e, atol=1e-5)
+
+    two = PCELayer(8, 4, num_experts=3, top_k=2, execution="context").eval()
+    assert [n for n, _ in capture_blockers(two)] == [""]
+    with pytest.raises(RuntimeError, match="execution='context' needs at most one expert per patch"):
+        torch.jit.trace(two, (xs[0],), check_trace=False)
 
 
 def test_onnx_round_trip_keeps_routing(classifier_and_inputs, tmp_path):

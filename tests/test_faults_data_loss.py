@@ -3,7 +3,6 @@ failed resume, no iterations skipped after a mid-epoch stop."""
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -80,21 +79,22 @@ def test_best_written_before_latest_and_verified_on_resume(tmp_path, monkeypatch
 
 
 def test_resume_with_other_model_keeps_config_py(tmp_path, capsys):
-    """3. --resume with a different model config fails naming config.py and leaves it unchanged."""
+    """3. --resume with a different model config fails naming the saved config (config.json, the plain-data form
+    read instead of executing config.py: issue #23) and leaves config.py and config.json unchanged."""
     wd = tmp_path / "wd"
     Trainer(tiny_cfg(wd, epochs=1, iters=1), get_task("classification")).train()
-    saved = (wd / "config.py").read_text()
+    saved = {n: (wd / n).read_text() for n in ("config.py", "config.json")}
     other = [dict(channels=12, depth=1, patch_size=4, stride=1), dict(channels=16, depth=1, patch_size=2, stride=2)]
     with pytest.raises(PCEError, match="different model config") as e:
         Trainer(tiny_cfg(wd, ("model.backbone_overrides.stages", other), epochs=2, iters=1),
                 get_task("classification"), resume=True)
-    assert str(wd / "config.py") in str(e.value) and "model.backbone_overrides.stages" in str(e.value)
-    assert (wd / "config.py").read_text() == saved
+    assert str(e.value).startswith(str(wd / "config.json")) and "model.backbone_overrides.stages" in str(e.value)
+    assert {n: (wd / n).read_text() for n in saved} == saved
     args = cli_options(wd, epochs=2)
     args += [f"model.backbone_overrides.stages={other!r}"]
     assert load_tool("train").main(["configs/demo_cls_digits.py", "--resume", *args]) == 1
-    assert "config.py: --resume with a different model config" in error_line(capsys.readouterr().err)
-    assert (wd / "config.py").read_text() == saved
+    assert "config.json: --resume with a different model config" in error_line(capsys.readouterr().err)
+    assert {n: (wd / n).read_text() for n in saved} == saved
 
 
 def test_mid_epoch_stop_then_resume_skips_no_iteration(tmp_path):

@@ -218,3 +218,24 @@ def test_timm_feature_graph_net_on_backbone():
     out = net(x)
     ref = backbone.forward_intermediates(x, [1, 3], intermediates_only=True)
     assert len(out) == 2 and all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+# -- PCEConv2d (pce.convert) -----------------------------------------------------------------------------------
+def test_pce_conv2d_is_a_leaf_of_every_tracer_and_registered_with_timm():
+    from timm.layers import is_notrace_module
+
+    assert pce.PCEConv2d in FX_LEAF_MODULES and is_notrace_module(pce.PCEConv2d)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    pce.convert(model, "layer4.*.conv2", num_experts=4, top_k=2, grid=3, noise=0.3)
+    nodes = get_graph_node_names(model)[1]
+    assert "layer4.0.conv2" in nodes and not any(n.startswith("layer4.0.conv2.") for n in nodes)
+    fx_model = timm_feature_extractor(model, {"layer4": "c5"})
+    x1, x2 = _inputs("pce_tiny")
+    for x in (x1, x2 * 3):
+        with pce.record_routing(model) as rec_eager:
+            ref = model.forward_features(x)
+        with pce.record_routing(fx_model) as rec_fx:
+            out = fx_model(x)["c5"]
+        assert torch.equal(out, ref)
+        _assert_same_routing(rec_eager.records, rec_fx.records)
+        assert [n for n, _ in rec_fx.records] == ["layer4.0.conv2", "layer4.1.conv2"]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pce.layers.patched_map import region_pool, region_view
-from pce.layers.patches import CellGrid, CellWindows, PatchExtractor, cell_bounds, gather_windows
+from pce.layers.cells import CellGrid, CellWindows, cell_bounds, gather_windows
+from pce.layers.patches import PatchExtractor
 from pce.layers.positional import PositionalEncoding, patch_centers, patch_coordinates
 
 

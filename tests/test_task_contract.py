@@ -58,6 +58,12 @@ class ClassificationSpec:
         assert target == 0
 
     @staticmethod
+    def check_input_frame(task: Any) -> None:
+        """Logits belong to the whole image: unchanged by any size."""
+        out = task.to_input_frame(ClassificationSpec.output, (16, 16), (427, 640))
+        assert torch.equal(out, ClassificationSpec.output)
+
+    @staticmethod
     def check_render(task: Any) -> None:
         image = torch.full((3, 64, 64), 0.5)
         for output, colour in ((ClassificationSpec.output, VOC[3]), (torch.tensor(4), VOC[5])):  # label k: colour k+1
@@ -91,6 +97,15 @@ class DetectionSpec:
         assert target["boxes"].shape == (0, 4) and target["labels"].numel() == 0
 
     @staticmethod
+    def check_input_frame(task: Any) -> None:
+        """Model frame 64 high x 64 wide, image 128 high x 96 wide: x * 96 / 64 = 1.5, y * 128 / 64 = 2."""
+        out = task.to_input_frame(DetectionSpec.output, (64, 64), (128, 96))
+        assert out["boxes"].tolist() == [[15.0, 20.0, 60.0, 80.0], [67.5, 90.0, 90.0, 120.0]]
+        assert torch.equal(out["scores"], DetectionSpec.output["scores"])
+        assert torch.equal(out["labels"], DetectionSpec.output["labels"])
+        assert DetectionSpec.output["boxes"][0].tolist() == [10.0, 10.0, 40.0, 40.0]  # input untouched
+
+    @staticmethod
     def check_render(task: Any) -> None:
         pic = task.render(torch.zeros(3, 64, 64), DetectionSpec.output, DetectionSpec.names, score_thr=0.5)
         assert pic.dtype == torch.uint8 and pic.shape == (3, 64, 64)
@@ -117,6 +132,15 @@ class SegmentationSpec:
     @staticmethod
     def check_empty(target: Any, image: torch.Tensor) -> None:
         assert torch.equal(target, torch.zeros(image.shape[-2:], dtype=torch.int64))
+
+    @staticmethod
+    def check_input_frame(task: Any) -> None:
+        """A 4x4 label map to an 8x12 image: every label covers a 2x3 block (nearest, no new classes); the same
+        size: unchanged."""
+        out = task.to_input_frame(SegmentationSpec.output, (4, 4), (8, 12))
+        want = SegmentationSpec.output.repeat_interleave(2, 0).repeat_interleave(3, 1)
+        assert out.dtype == SegmentationSpec.output.dtype and torch.equal(out, want)
+        assert torch.equal(task.to_input_frame(SegmentationSpec.output, (4, 4), (4, 4)), SegmentationSpec.output)
 
     @staticmethod
     def check_render(task: Any) -> None:
@@ -243,6 +267,30 @@ def test_render_handbuilt(built):
     built["spec"].check_render(built["task"])
 
 
+@covers("to_input_frame")
+def test_to_input_frame_handbuilt(built):
+    """A prediction in the model's frame back in the user's image's own frame (hand-computed scales)."""
+    built["spec"].check_input_frame(built["task"])
+
+
+@covers("to_input_frame")
+def test_infer_frame_round_trip(built):
+    """``prepare_image`` then ``to_input_frame``: a prediction of the model input's size comes back at the size of
+    the user's image (40 x 56), whatever the task resized."""
+    task, cfg, model, spec = built["task"], built["cfg"], built["model"], built["spec"]
+    image = torch.rand(int(cfg.model.input_shape[0]), 40, 56)
+    x, target = task.prepare_image(cfg, image, eval_transform(cfg))
+    pred = task.predict(model, collate(task, [(x, target)]), CPU)[0][0]
+    back = task.to_input_frame(pred, tuple(x.shape[-2:]), (40, 56))
+    pic = task.render(image, back, spec.names)
+    assert pic.shape == (3, 40, 56)
+    if isinstance(back, torch.Tensor) and back.dim() == 2:
+        assert back.shape == (40, 56)
+    if isinstance(back, dict):
+        boxes = back["boxes"]
+        assert boxes.numel() == 0 or (boxes[:, 0::2].max() <= 56 + 1e-3 and boxes[:, 1::2].max() <= 40 + 1e-3)
+
+
 @covers("patch_labels", "image_labels")
 def test_labels_handbuilt(built):
     task, spec = built["task"], built["spec"]
@@ -265,6 +313,28 @@ def test_export_target(built):
             out = module(a)
         leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         assert leaves and all(torch.isfinite(t.float()).all() for t in leaves)
+
+
+def test_build_datasets_for_evaluation_does_not_augment(built):
+    """``build_datasets(..., evaluate=True)``: the train split as evaluated (``tools/eval.py --split train``), so
+    its samples do not depend on the augmentation seed or the epoch; without it they do (when the config
+    augments at all)."""
+    task, cfg = built["task"], built["cfg"]
+
+    def images(seed: int, evaluate: bool) -> List[torch.Tensor]:
+        c = cfg.clone()
+        c.defrost()
+        c.runtime.seed = seed
+        t = get_task(built["name"])
+        ds = t.build_datasets(c, splits=("train",), evaluate=evaluate)["train"]
+        t.set_epoch(seed)
+        return [ds[i][0] for i in range(min(4, len(ds)))]
+
+    plain = all(torch.equal(a, b) for a, b in zip(images(1, True), images(2, True)))
+    assert plain, f"{task.name}: evaluation datasets still augment"
+    augmented = images(1, False), images(2, False)
+    if all(torch.equal(a, b) for a, b in zip(*augmented)):
+        pytest.skip(f"{task.name}'s tiny config does not augment: nothing to compare")
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -7,6 +7,8 @@
     python tools/benchmark.py --quick --profile            # + torch.profiler top ops of the PCE paths
     python tools/benchmark.py --quick --smoke --json b.json  # tiny shapes, every code path (tests)
     python tools/benchmark.py --quick --compile              # + torch.compile (inductor) on layer and model
+    python tools/benchmark.py --quick --threads 1 --vs condconv --skip layer model flops memory conv  # issue #25 only
+    python tools/benchmark.py --quick --strict               # exit status 1 when a target fails
 
 What it measures, in one process, candidates interleaved (A B C, C B A, ...) after warm-up, medians of wall
 time (the ratios and targets) and of process CPU time (``*_cpu*`` keys: with one thread, what the computation
@@ -22,16 +24,22 @@ cost even when other jobs share the cores):
 3. FLOPs (fvcore, :mod:`pce.models.flops`, fused multiply-adds) and parameters, total and active per token.
 4. peak resident memory of one training step, each model in a fresh subprocess: peak RSS minus the RSS after
    model construction and a warm-up step.
+5. ``conv`` (issue #21): ``PCEConv2d`` (top-1 / top-2, auto and sparse dispatch) against ``nn.Conv2d`` and timm's
+   ``CondConv2d``, forward and training step, time ratios next to active-FLOP ratios; ``--layer-threads``.
+6. ``--vs condconv`` (issue #25): ``pce_tiny`` / ``pce_small`` over their dense twins next to timm's
+   ``efficientnet_cc_b0_4e`` over ``efficientnet_b0``, same process, interleaved; peak memory ratios.
 
 Ratios are time ratios (candidate / reference, lower is better); ``images_per_s`` is ``batch / time``.
-The issue's targets are printed next to the measurements with PASS/FAIL.
+The issues' targets are printed next to the measurements with PASS/FAIL; the run exits with status 0 whatever
+they say, unless ``--strict`` (then 1 when any target fails). Targets marked ``[CPU]`` are judged on the
+process-CPU-time ratio, the others on the wall-clock one.
 
 Modules (tools/benchmark_*.py): this file is the entry point (settings, CLI, running the sections, JSON);
-``benchmark_timing`` (interleaved timing, medians, deadline, machine info), ``benchmark_layer`` (layer level),
-``benchmark_model`` (model level, FLOPs, model builders), ``benchmark_memory`` (peak memory, subprocesses),
-``benchmark_profile`` (``--profile``), ``benchmark_report`` (targets, text report), ``benchmark_compile``
-(``--compile``). This module also serves as the harness ``B`` that ``benchmark_compile`` runs on
-(``bench_interleaved``, ``median``, ``NUM_CLASSES``, ``build_model``, ``make_train_step``, ``make_infer``).
+``benchmark_timing`` (interleaved timing, medians, deadline, machine info), ``benchmark_layer``, ``benchmark_model``
+(model level, FLOPs, model builders), ``benchmark_memory``, ``benchmark_conv``, ``benchmark_condconv``,
+``benchmark_profile`` and ``benchmark_breakdown`` (``--profile``), ``benchmark_report`` (targets, text report),
+``benchmark_compile`` (``--compile``; this module is its harness ``B``: ``bench_interleaved``, ``median``,
+``NUM_CLASSES``, ``build_model``, ``make_train_step``, ``make_infer``).
 """
 from __future__ import annotations
 
@@ -58,6 +66,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 import torch  # noqa: E402
 
 import benchmark_compile  # noqa: E402
+import benchmark_condconv as bcc  # noqa: E402
+import benchmark_conv as bconv  # noqa: E402
 from benchmark_layer import ROUTINGS, run_layer_level  # noqa: E402
 from benchmark_memory import collect_memory, memory_worker, start_memory  # noqa: E402
 from benchmark_model import (NUM_CLASSES, build_model, make_infer, make_train_step, model_names,  # noqa: E402
@@ -124,10 +134,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="threads of the layer level (default 1: per-operator overheads without scheduling noise; "
                          "its CPU-time ratios are then exact even on a busy machine)")
     ap.add_argument("--preset", default="tiny", help="PCE preset X: compare pce_X, dense_X and resnet18 (default tiny)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["layer", "model", "flops", "memory"],
-                    help="sections to leave out")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["layer", "model", "flops", "memory", "conv"],
+                    help="sections to leave out (conv: PCEConv2d vs nn.Conv2d vs CondConv2d, issue #21)")
+    ap.add_argument("--vs", nargs="+", default=[], choices=["condconv"], help="also compare with other networks: "
+                    "condconv = pce_tiny / pce_small over their dense twins next to timm's efficientnet_cc_b0_4e over "
+                    "efficientnet_b0 (issue #25; threads: --threads, default 1 2; minutes)")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when any target fails (default: "
+                    "print PASS/FAIL and exit 0)")
     ap.add_argument("--max-minutes", type=float, help="soft limit of the whole run: past it (less a reserve for "
-                    "FLOPs and memory) every cell stops at its minimum repetitions (default: full 8, quick 1)")
+                    "FLOPs and memory) every cell stops at its minimum repetitions (default: full 8, quick 2; "
+                    "--vs condconv adds full 20, quick 4)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of the PCE paths")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile on the layer and the "
                     "classifier (PCE and dense twin, eager and compiled; tools/benchmark_compile.py; minutes)")
@@ -151,28 +167,50 @@ def _config(args: argparse.Namespace, mode: str, s: Dict[str, Any], threads: Lis
             "model": dict(s["model"], threads=threads, optimizer="SGD(lr=1e-3, momentum=0.9)",
                           train_step="zero_grad, forward, loss (+ router losses), backward, step"),
             "flops_input": s["flops_input"], "memory": dict(s["memory"], threads=max(threads)),
+            "conv": dict(bconv.SETTINGS[mode], threads=args.layer_threads, experts=bconv.EXPERTS,
+                         targets=bconv.CONV_TARGETS, judged_input=bconv.JUDGED_INPUT),
             "targets": TARGETS, "machine": machine_info(), "loadavg_start": loadavg(),
             "ratio": "time ratio candidate / reference (lower is better)",
             "flops_convention": "fvcore: one fused multiply-add = 1 FLOP; eval mode; batch 1"}
 
 
-def _run_sections(args: argparse.Namespace, s: Dict[str, Any], threads: List[int], result: Dict[str, Any],
-                  log: Callable[[str], None], done: Callable[[str], None]) -> None:
-    """Every section not skipped, in order, into ``result``; ``done(name)`` records each one's time. The memory
-    subprocesses run in the background while the FLOPs are counted."""
-    layer_threads = args.layer_threads
+def _run_timed(args: argparse.Namespace, s: Dict[str, Any], mode: str, threads: List[int], result: Dict[str, Any],
+               log: Callable[[str], None], done: Callable[[str], None]) -> None:
+    """The timed sections, in order: layer, conv, model, vs condconv."""
     if "layer" not in args.skip:
         log("layer level ...")
-        result["layer"] = run_layer_level(s["layer"], layer_threads, log)
+        result["layer"] = run_layer_level(s["layer"], args.layer_threads, log)
         done("layer")
+    if "conv" not in args.skip:
+        log("PCEConv2d vs nn.Conv2d vs CondConv2d ...")
+        result["conv"] = bconv.run_conv_level(bconv.SETTINGS[mode], args.layer_threads, log)
+        done("conv")
     if "model" not in args.skip:
         log("model level ...")
         result["model"] = run_model_level(s["model"], args.preset, threads, log)
         done("model")
-    procs = None
+    if "condconv" in args.vs:
+        cfg = bcc.SETTINGS[mode]
+        th = list(args.threads or cfg["threads"])
+        result["config"]["vs_condconv"] = dict(cfg, threads=th, pairs=bcc.PAIRS, check_points=bcc.CHECK_POINTS,
+                                               slack=bcc.SLACK)
+        log(f"vs condconv (threads {th}) ...")
+        result["vs_condconv"] = bcc.run_condconv(cfg, th, log)
+        done("vs condconv")
+
+
+def _run_sections(args: argparse.Namespace, s: Dict[str, Any], mode: str, threads: List[int],
+                  result: Dict[str, Any], log: Callable[[str], None], done: Callable[[str], None]) -> None:
+    """Every section not skipped, in order, into ``result``; ``done(name)`` records each one's time. The memory
+    subprocesses run in the background while the FLOPs are counted."""
+    _run_timed(args, s, mode, threads, result, log, done)
+    procs = cc_procs = None
     if "memory" not in args.skip:
         log("memory (fresh subprocesses, in the background) ...")
         procs = start_memory(args.preset, s["memory"], max(threads))
+    if "condconv" in args.vs:
+        log("vs condconv memory (fresh subprocesses, in the background) ...")
+        cc_procs = bcc.start_condconv_memory(bcc.SETTINGS[mode])
     if "flops" not in args.skip:
         log("FLOPs ...")
         result["flops"] = run_flops(args.preset, s["flops_input"])
@@ -180,12 +218,16 @@ def _run_sections(args: argparse.Namespace, s: Dict[str, Any], threads: List[int
     if procs is not None:
         result["memory"] = collect_memory(args.preset, procs)
         done("memory (after flops)")
+    if cc_procs is not None:
+        result["vs_condconv_memory"] = bcc.collect_condconv_memory(cc_procs)
+        done("vs condconv memory")
     if args.compile:
         result["config"]["compile_backend"] = args.compile_backend
-        result["compile"] = run_compile(s, args, threads, layer_threads, log)
+        result["compile"] = run_compile(s, args, threads, args.layer_threads, log)
         done("compile")
     if args.profile:
-        run_profile(s["layer"], args.preset, s["model"], layer_threads, log)
+        run_profile(s["layer"], args.preset, s["model"], args.layer_threads, log,
+                    conv_shape=bconv.SETTINGS[mode]["shapes"][0])
         done("profile")
 
 
@@ -194,6 +236,16 @@ def _write_json(result: Dict[str, Any], path: str, log: Callable[[str], None]) -
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
     log(f"wrote {out}")
+
+
+def _set_deadline(args: argparse.Namespace, mode: str, t_start: float) -> Any:
+    """``DEADLINE`` from ``--max-minutes`` (or the mode's default, longer with ``--vs``); returns the minutes."""
+    max_minutes = args.max_minutes if args.max_minutes is not None else (
+        {"full": 8.0, "quick": 2.0}.get(mode, 0.0) + ({"full": 20.0, "quick": 4.0}.get(mode, 0.0) if args.vs else 0.0))
+    if max_minutes:
+        reserve = 75.0 if mode == "full" else 25.0
+        DEADLINE[0] = t_start + max(0.0, max_minutes * 60 - reserve)
+    return max_minutes
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -209,15 +261,12 @@ def main(argv=None) -> Dict[str, Any]:
     if any(t < 1 for t in threads) or args.layer_threads < 1:
         raise SystemExit("--threads must be positive")
     t_start = time.perf_counter()
-    max_minutes = args.max_minutes if args.max_minutes is not None else {"full": 8.0, "quick": 1.0}.get(mode)
-    if max_minutes:
-        reserve = 75.0 if mode == "full" else 25.0
-        DEADLINE[0] = t_start + max(0.0, max_minutes * 60 - reserve)
+    max_minutes = _set_deadline(args, mode, t_start)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     config = _config(args, mode, s, threads, max_minutes)
     log(f"PCE benchmark ({mode}), torch {torch.__version__}, {cores} CPU cores, threads {threads}, "
         f"load {config['loadavg_start']}")
-    result: Dict[str, Any] = {"config": config, "layer": [], "model": [], "flops": {}, "memory": {}}
+    result: Dict[str, Any] = {"config": config, "layer": [], "conv": [], "model": [], "flops": {}, "memory": {}}
     sections: Dict[str, float] = {}
     config["section_s"] = sections
     mark = [time.perf_counter()]
@@ -226,8 +275,9 @@ def main(argv=None) -> Dict[str, Any]:
         now = time.perf_counter()
         sections[name] = round(now - mark[0], 1)
         mark[0] = now
-    _run_sections(args, s, threads, result, log, done)
-    result["targets"] = check_targets(result, args.preset)
+    _run_sections(args, s, mode, threads, result, log, done)
+    result["targets"] = (check_targets(result, args.preset) + bconv.check_conv_targets(result["conv"])
+                         + bcc.check_condconv(result.get("vs_condconv", [])))
     config["loadavg_end"] = loadavg()
     config["wall_s"] = round(time.perf_counter() - t_start, 1)
     log(format_report(result, args.preset))
@@ -237,6 +287,10 @@ def main(argv=None) -> Dict[str, Any]:
         f"load average at end {config['loadavg_end']}")
     if args.json:
         _write_json(result, args.json, log)
+    failed = [t["target"] for t in result["targets"] if not t["pass"]]
+    if args.strict and failed:
+        log(f"--strict: {len(failed)} target(s) failed, exit status 1")
+        raise SystemExit(1)
     return result
 
 

@@ -11,7 +11,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -76,6 +76,8 @@ def memory_worker(name: str, size: int, batch: int, threads: int, steps: int) ->
     torch.set_num_threads(threads)
     if name == "resnet18":
         import torchvision  # noqa: F401
+    elif name.startswith("efficientnet"):
+        import timm  # noqa: F401
     else:
         import pce.models.classifier  # noqa: F401
     _trim()
@@ -98,28 +100,39 @@ def memory_worker(name: str, size: int, batch: int, threads: int, steps: int) ->
 
 
 def start_memory(preset: str, cfg: Dict[str, Any], threads: int) -> Dict[str, subprocess.Popen]:
-    """Start one fresh subprocess per model (side by side: resident memory is per process; they start after
-    the timed sections, so they disturb no timing)."""
+    """Start one fresh subprocess per model of ``preset`` (side by side: resident memory is per process; they
+    start after the timed sections, so they disturb no timing)."""
+    return start_memory_for(model_names(preset), cfg, threads)
+
+
+def start_memory_for(names: Sequence[str], cfg: Dict[str, Any], threads: int) -> Dict[str, subprocess.Popen]:
+    """:func:`start_memory` for any :func:`benchmark_model.build_model` names."""
     env = dict(os.environ)
     # A fixed mmap threshold turns off glibc's dynamic threshold, so freed activations go back to the OS and
     # the RSS after the warm-up step is a clean baseline.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     procs = {}
-    for n in model_names(preset):
+    for n in names:
         cmd = [sys.executable, str(ENTRY_POINT), "--_memory-worker", n, "--_mem-input", str(cfg["input"]),
                "--_mem-batch", str(cfg["batch"]), "--_mem-threads", str(threads), "--_mem-steps", str(cfg["steps"])]
         procs[n] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return procs
 
 
-def collect_memory(preset: str, procs: Dict[str, subprocess.Popen]) -> Dict[str, Any]:
+def collect_workers(procs: Dict[str, subprocess.Popen]) -> Dict[str, Any]:
+    """Each worker's measurement, by model name."""
     out: Dict[str, Any] = {}
     for n, p in procs.items():
         stdout, stderr = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"memory worker for {n} failed:\n{stderr[-2000:]}")
         out[n] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def collect_memory(preset: str, procs: Dict[str, subprocess.Popen]) -> Dict[str, Any]:
+    out = collect_workers(procs)
     pce_name, dense_name, _ = model_names(preset)
     out["ratio_pce_vs_dense"] = out[pce_name]["peak_rss_mb"] / max(out[dense_name]["peak_rss_mb"], 1e-6)
     out["ratio_total_pce_vs_dense"] = (out[pce_name]["total_training_mb"]

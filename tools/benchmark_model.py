@@ -16,11 +16,17 @@ NUM_CLASSES = 10
 
 
 def build_model(name: str) -> nn.Module:
+    """A PCE classifier preset (``pce_tiny``, ``dense_tiny``, ...), ``resnet18`` (torchvision) or a timm model
+    named ``efficientnet*`` (``efficientnet_b0``, ``efficientnet_cc_b0_4e``; ``pretrained=False``)."""
     torch.manual_seed(0)
     if name == "resnet18":
         import torchvision
 
         return torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    if name.startswith("efficientnet"):
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
     from pce.models.classifier import build_classifier
 
     return build_classifier(name, NUM_CLASSES)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from benchmark_condconv import format_condconv
+from benchmark_conv import format_conv
 from benchmark_model import model_names
 
 TARGETS = {
@@ -99,10 +101,11 @@ def _format_memory(result: Dict[str, Any], preset: str) -> List[str]:
 
 
 def _format_targets(result: Dict[str, Any]) -> List[str]:
-    lines = ["\n== Targets (judged on wall-clock medians; CPU = the same ratio from CPU time) =="]
+    lines = ["\n== Targets (judged on wall-clock medians, those marked [CPU] on CPU-time medians; CPU = the ratio "
+             "from CPU time) =="]
     for t in result["targets"]:
         cpu = f"CPU {t['value_cpu']:6.2f}" if t["value_cpu"] is not None else " " * 10
-        lines.append(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']:<48} {t['value']:7.2f}  {cpu}  "
+        lines.append(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']:<56} {t['value']:7.2f}  {cpu}  "
                      f"(target {t['limit']})")
     n_pass = sum(t["pass"] for t in result["targets"])
     lines.append(f"{n_pass}/{len(result['targets'])} targets pass")
@@ -114,8 +117,12 @@ def format_report(result: Dict[str, Any], preset: str) -> str:
     lines: List[str] = []
     if result["layer"]:
         lines += _format_layer(result)
+    if result.get("conv"):
+        lines.append(format_conv(result["conv"], result["config"]["layer_threads"]))
     if result["model"]:
         lines += _format_model(result)
+    if result.get("vs_condconv"):
+        lines.append(format_condconv(result))
     if result["flops"]:
         lines += _format_flops(result)
     if result.get("memory"):

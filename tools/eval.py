@@ -4,6 +4,8 @@
     python tools/eval.py configs/demo_cls_digits.py --checkpoint work_dirs/demo_cls_digits/best.pth --out metrics.json
 
 Classification writes top1 / top5 (fractions), per_class_acc, mean_class_acc, confusion_matrix and num_samples.
+Every split, ``--split train`` included, is scored through its evaluation transform (no augmentation); ``--out``
+is written atomically.
 Works under torchrun too (each rank evaluates a shard; rank 0 writes).
 """
 from __future__ import annotations
@@ -12,9 +14,9 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from pce.engine import cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process, load_config
+from pce.engine.checkpoint import atomic_write_text
 from pce.engine.errors import add_debug_flag, run_cli
 from pce.tasks import get_task
 
@@ -58,9 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_json_ready(results), indent=2))
+        out = atomic_write_text(json.dumps(_json_ready(results), indent=2), args.out)
         print(f"metrics written to {out}")
     return 0
 

@@ -4,21 +4,26 @@
     python tools/infer.py configs/demo_det_pce.py --checkpoint work_dirs/demo_det_pce/best.pth \\
         data/demo_voc/VOCdevkit/VOC2007/JPEGImages/000001.jpg --out vis/ --score-thr 0.5
 
-IMAGES are files or folders (their .jpg / .jpeg / .png / .bmp files). Each image goes through the config's
-evaluation transform (data.test, else data.val, else data.train with train=False) and the task's ``predict``;
-the picture shows it as the model saw it (resized for detection):
+IMAGES are files or folders (their .jpg / .jpeg / .png / .bmp / .tif / .tiff files). Each image goes through the
+config's evaluation transform (data.test, else data.val, else data.train with train=False) and the task's
+``predict``; the prediction is brought back to the image's own coordinates (``task.to_input_frame``: boxes
+scaled, label maps resized) and drawn on the original image:
 
 * detection: boxes with "class score" captions (scores >= --score-thr);
 * segmentation: the predicted classes as a colour overlay (VOC palette, --alpha);
 * classification: the top-1 class and its probability.
 
-Writes ``OUT/<image stem>.png`` per image and ``OUT/predictions.json`` (boxes / labels / scores, the class
-histogram of the mask, or the top-5 classes). The model runs in the routing phase its checkpoint was saved in.
-What is drawn and listed, the smallest image side and the resizing are the task's (``task.render``,
-``task.summarize``, ``task.min_input_side``, ``task.prepare_image``). An unreadable image, or one larger than ``data.max_input_size`` (longest side) or smaller than the model's
-largest stride, is reported on stderr and skipped (``OUT/skipped.json``: path -> reason); the exit
-status is 1 when no image could be used. Classification images are resized to ``model.input_shape``. 16-bit
-images are scaled by 65535.
+Writes ``OUT/<name>.png`` per image, ``OUT/predictions.json`` (per input path: the picture, ``image_size`` and
+``model_input_size`` as ``[height, width]``, and the boxes / labels / scores, the class histogram of the mask, or
+the top-5 classes) and ``OUT/skipped.json`` (path -> reason, ``{}`` when none). ``<name>`` is the file stem;
+inputs sharing a stem (``a/x.png``, ``b/x.png``) get ``x``, ``x_1``, ... in input order. Existing outputs are
+never overwritten without ``--force``; every file is written atomically. The model runs in the routing phase its
+checkpoint was saved in. What is drawn and listed, the smallest image side and the resizing are the task's
+(``task.render``, ``task.summarize``, ``task.min_input_side``, ``task.prepare_image``). An unreadable image, one
+with pixel values outside its format's range (a float image outside [0, 1], NaN pixels), one larger than
+``data.max_input_size`` (longest side) or smaller than the model's largest stride, is reported on stderr and
+skipped; the exit status is 1 when no image could be used. Classification images are resized to
+``model.input_shape``. 16-bit images are scaled by 65535.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ import torch
 from torch.utils.data import default_collate
 
 from pce.engine.errors import PCEError, one_line, run_cli
-from pce.tasks.tooling import add_run_args, check_size, eval_transform, list_images, load_image, load_run, write_json
-from pce.tasks.visualize import class_names_from_config, display_image, save_png
+from pce.tasks.tooling import (add_force_flag, add_run_args, check_fraction, check_outputs, check_size,
+                               eval_transform, list_images, load_image, load_run, output_names, write_json)
+from pce.tasks.visualize import class_names_from_config, save_png
 
 
 def main(argv=None) -> int:
@@ -40,27 +46,30 @@ def main(argv=None) -> int:
     add_run_args(ap)
     ap.add_argument("images", nargs="+", help="image files or folders")
     ap.add_argument("--out", required=True, help="output folder for the PNGs and predictions.json")
-    ap.add_argument("--score-thr", type=float, default=0.5, help="detection: smallest score drawn / listed")
-    ap.add_argument("--alpha", type=float, default=0.5, help="segmentation: overlay opacity")
+    ap.add_argument("--score-thr", type=float, default=0.5, help="detection: smallest score drawn / listed, in [0, 1]")
+    ap.add_argument("--alpha", type=float, default=0.5, help="segmentation: overlay opacity, in [0, 1]")
+    add_force_flag(ap)
     args = ap.parse_args(argv)
     return run_cli(lambda: _run(args), debug=args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
+    score_thr, alpha = check_fraction("--score-thr", args.score_thr), check_fraction("--alpha", args.alpha)
     paths = list_images(args.images)  # fail before building the model
+    out_dir = Path(args.out)
+    pictures = [out_dir / f"{name}.png" for name in output_names(paths)]
+    check_outputs(pictures + [out_dir / "predictions.json", out_dir / "skipped.json"], args.force)
     cfg, task, model, _, device = load_run(args)
     transform = eval_transform(cfg)
     names = class_names_from_config(cfg)
     collate = getattr(task, "collate_fn", None) or default_collate
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     channels = int(cfg.model.input_shape[0])
     lo, hi = task.min_input_side(cfg, model), int(cfg.data.max_input_size or 0)
     results: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
-    for path in paths:
+    for path, picture_path in zip(paths, pictures):
         try:
-            image = load_image(path, channels)
+            image = load_image(path, channels, max_side=hi)
             check_size(path, image, lo, hi)
             img_t, tgt = task.prepare_image(cfg, image, transform)
             with torch.no_grad():
@@ -74,13 +83,14 @@ def _run(args: argparse.Namespace) -> int:
             pred = {k: v.detach().cpu() for k, v in pred.items()}
         else:
             pred = pred.detach().cpu()
-        picture = task.render(display_image(img_t, transform), pred, names, score_thr=args.score_thr,
-                              alpha=args.alpha)
-        dst = save_png(picture, out_dir / f"{path.stem}.png")
-        results[str(path)] = {"output": str(dst), **task.summarize(pred, names, args.score_thr)}
+        image_size, model_size = tuple(image.shape[-2:]), tuple(img_t.shape[-2:])
+        pred = task.to_input_frame(pred, model_size, image_size)
+        picture = task.render(image, pred, names, score_thr=score_thr, alpha=alpha)
+        dst = save_png(picture, picture_path)
+        results[str(path)] = {"output": str(dst), "image_size": list(image_size), "model_input_size": list(model_size),
+                              **task.summarize(pred, names, score_thr)}
         print(f"{path} -> {dst}")
-    if skipped:
-        write_json(skipped, out_dir / "skipped.json")
+    write_json(skipped, out_dir / "skipped.json")
     write_json(results, out_dir / "predictions.json")
     print(f"{len(paths) - len(skipped)} image(s), {len(skipped)} skipped; predictions in "
           f"{out_dir / 'predictions.json'}")

@@ -4,6 +4,9 @@
 Usage (from the repo root, package installed)::
 
     python tools/make_demo_data.py --root data/demo_voc --num-train 400 --num-val 100 --image-size 128
+
+Errors are one line naming the file or flag (``--debug``: the traceback); a folder holding other files than the
+generator's own is never deleted (see ``pce.datasets.demo_voc``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 from pce.datasets.demo_voc import DEMO_CLASSES, make_demo_voc
+from pce.engine.errors import PCEError, add_debug_flag, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +31,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="square side, or two numbers LO HI for random height/width per image")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="regenerate even if a complete dataset exists")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     if len(args.image_size) not in (1, 2):
-        ap.error("--image-size takes one value (square) or two (LO HI)")
+        raise PCEError("--image-size", " ".join(map(str, args.image_size)), "one value (square) or two (LO HI)")
+    if min(args.image_size) < 1:
+        raise PCEError("--image-size", " ".join(map(str, args.image_size)), "positive pixel sizes")
+    for flag, value in (("--num-train", args.num_train), ("--num-val", args.num_val), ("--num-test", args.num_test)):
+        if value < 0:
+            raise PCEError(flag, str(value), "a number of images >= 0")
+    root = Path(args.root)
+    if root.exists() and not root.is_dir():
+        raise PCEError(root, "is a file, not a folder", "a folder for the dataset (created when missing)")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
 
     t0 = time.time()

@@ -2,6 +2,8 @@
 """Print the merged, validated config (with _base_ files and --cfg-options applied).
 
     python tools/print_config.py configs/fmnist_cls_pce.py --cfg-options optimizer.lr=0.01 [--format yaml]
+
+Errors are one line naming the file or key (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import sys
 
 import yaml
 
-from pce.engine import ConfigError, config_to_dict, format_config, load_config
+from pce.engine import config_to_dict, format_config, load_config
+from pce.engine.errors import add_debug_flag, run_cli
 
 
 def main(argv=None) -> int:
@@ -18,12 +21,13 @@ def main(argv=None) -> int:
     ap.add_argument("config")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--format", choices=["py", "yaml"], default="py")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.cfg_options)
     if args.format == "py":
         print(format_config(cfg))
     else:

@@ -12,11 +12,20 @@ on ``--split`` (``--num`` samples); experts with usage below ``--usage-below`` o
 above ``--duplicate-above`` are duplicated (:func:`pce.moe.surgery.duplicate_expert`). The new checkpoint records
 the edits (``expert_structure``), so the analysis tools load it with the original config. Prints the task
 metric, parameters, active parameters per patch and FLOPs before and after; ``--json`` writes them.
+
+Nothing is overwritten without ``--force`` (an existing ``--out``), and the run's own ``latest.pth`` / ``best.pth``
+(in the folder of ``--checkpoint``) are refused even where missing unless ``--force``: the edited checkpoint holds
+no training state, so ``--resume`` could no longer continue the run. The checkpoint is written atomically. Numbers
+out of their range (or NaN) are one-line errors naming the flag. The split is measured through its evaluation
+transform (no augmentation, ``--split train`` included). A duplicate changes the outputs unless the router keeps
+them (:func:`pce.moe.surgery.duplicate_changes_outputs`: e.g. top-1 routing without renormalisation); the tool
+says so and the ``--json`` file records it under ``notes``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -25,10 +34,10 @@ import torch
 
 from pce.engine import atomic_save
 from pce.engine.errors import PCEError, run_cli
-from pce.engine.evaluation import evaluate_model
+from pce.engine.evaluation import evaluate_model, evaluation_config
 from pce.engine.logging import scalar_metrics
 from pce.models.flops import active_params_per_token, count_flops, count_params
-from pce.moe.surgery import duplicate_expert, pce_layers, prune_experts, structure
+from pce.moe.surgery import duplicate_changes_outputs, duplicate_expert, pce_layers, prune_experts, structure
 from pce.tasks.routing_runs import collect_routing
 from pce.tasks.tooling import add_run_args, load_run, load_split, write_json
 
@@ -46,7 +55,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--duplicate-above", type=float, default=None, help="duplicate experts with usage share above this")
     ap.add_argument("--jitter", type=float, default=0.01, help="relative noise on a duplicate's key (load split)")
     ap.add_argument("--json", help="write the before / after numbers here")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out (also the run's own "
+                    "latest.pth / best.pth, which then hold no training state to --resume from)")
     return ap.parse_args(argv)
+
+
+#: flag -> (lowest, highest, what it is); both ends included
+RANGES = {
+    "--usage-below": (0.0, 1.0, "a share of a layer's patches in [0, 1]"),
+    "--entropy-above": (0.0, math.inf, "a routing entropy in nats, >= 0"),
+    "--duplicate-above": (0.0, 1.0, "a usage share in [0, 1]"),
+    "--jitter": (0.0, 1.0, "a relative key noise in [0, 1]"),
+    "--num": (1, math.inf, "a number of samples >= 1"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in its range (``RANGES``), before anything is loaded."""
+    for flag, (lo, hi, what) in RANGES.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is None:
+            continue
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise PCEError(flag, f"{v!r} is out of range", what)
+
+
+def check_out(args: argparse.Namespace) -> Path:
+    """``--out``: never an existing file without ``--force``, never the run's own latest.pth / best.pth (the
+    folder of ``--checkpoint``) without it, even where that file is missing."""
+    out, src = Path(args.out), Path(args.checkpoint)
+    if out.is_dir():
+        raise PCEError(out, "is a folder", "the path of the new checkpoint file (.pth)")
+    if args.force:
+        return out
+    own = out.name in ("latest.pth", "best.pth") and out.resolve().parent == src.resolve().parent
+    if own:
+        raise PCEError(out, f"is the run's own {out.name} (the run of --checkpoint {src})",
+                       "another --out: an edited checkpoint holds no training state, so --resume of that run "
+                       "would fail; --force to replace it anyway")
+    if out.exists():
+        raise PCEError(out, "exists", "another --out, or --force to replace it")
+    return out
 
 
 def parse_remove(items: List[str], layers) -> Dict[str, List[int]]:
@@ -95,7 +144,10 @@ def measure(model, task, cfg, ds, device) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
+    out = check_out(args)
     cfg, task, model, ckpt, device = load_run(args)
+    cfg = evaluation_config(cfg, (args.split,))  # measured as evaluated: no augmentation
     ds = load_split(cfg, task, args.split, args.num)
     plan = {"remove": parse_remove(args.remove, pce_layers(model)), "duplicate": {}}
     if args.usage_below is not None or args.entropy_above is not None or args.duplicate_above is not None:
@@ -108,22 +160,27 @@ def main(args: argparse.Namespace) -> int:
                        "a threshold some expert passes, or explicit --remove LAYER:I")
     before = measure(model, task, cfg, ds, device)
     new = copy.deepcopy(model)
+    notes = []
     for layer, experts in plan["duplicate"].items():  # before pruning: indices refer to the original experts
+        why = duplicate_changes_outputs(pce_layers(new)[layer])
+        if why is not None:
+            notes.append(f"{layer}: duplicating expert(s) {experts} changes the outputs: {why}")
         for e in experts:
-            new = duplicate_expert(new, layer, e, jitter=args.jitter, inplace=True)
+            new = duplicate_expert(new, layer, e, jitter=args.jitter, inplace=True, warn=False)
     new = prune_experts(new, plan["remove"], inplace=True)
     after = measure(new, task, cfg, ds, device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(args)  # again: nothing appeared there meanwhile
     atomic_save({"model": new.state_dict(), "expert_structure": structure(new), "epoch": ckpt.get("epoch"),
                  "phase": ckpt.get("phase"), "source_checkpoint": str(args.checkpoint), "plan": plan}, out)
     for name, r in (("before", before), ("after", after)):
         v = r["value"]
         print(f"{name:>6}: {r['metric']} {'-' if v is None else f'{v:.4f}'}  params {r['params'] / 1e6:.3f} M  "
               f"active/patch {r['active_params'] / 1e6:.3f} M  FLOPs {r['flops'] / 1e6:.2f} M  experts {r['experts']}")
+    for note in notes:
+        print(f"note: {note}")
     print(f"removed {plan['remove'] or 'none'}, duplicated {plan['duplicate'] or 'none'}; checkpoint written to {out}")
     if args.json:
-        write_json({"plan": plan, "before": before, "after": after}, Path(args.json))
+        write_json({"plan": plan, "before": before, "after": after, "notes": notes}, Path(args.json))
     return 0
 
 

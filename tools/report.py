@@ -3,15 +3,19 @@
 
     python tools/report.py work_dirs/fmnist_cls_pce                  # -> work_dirs/fmnist_cls_pce/report.html
     python tools/report.py RUN_DIR --num 256 --images 4 --out report.html
+    python tools/report.py OLD_RUN_DIR --config configs/fmnist_cls_pce.py   # a run without config.json
 
-Reads RUN_DIR/config.py, RUN_DIR/metrics.jsonl and RUN_DIR/best.pth (else latest.pth); shows the training curves
+Reads RUN_DIR/config.json (plain data: a work dir's config.py is never executed; a run that predates config.json
+needs ``--config CONFIG``), RUN_DIR/metrics.jsonl and RUN_DIR/best.pth (else latest.pth); shows the training curves
 (loss, validation metric, routing entropy per layer), the final metrics with per-class tables (an evaluation of
 the checkpoint on --split), routing maps of the first --images images and the routing statistics and plots of
-tools/analyze_routing.py over the first --num samples of --split.
+tools/analyze_routing.py over the first --num samples of --split (through its evaluation transform: no
+augmentation). The page is written atomically.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +24,7 @@ from pce.analysis import plots
 from pce.analysis.maps import routing_maps
 from pce.analysis.report import build_report, metric_tables, read_metrics, routing_table
 from pce.analysis.runner import cluster_routes
+from pce.engine.config import load_saved_config
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
 from pce.tasks.routing_runs import collect_routing
 from pce.tasks.tooling import batches, display, load_run, load_split, split_samples
@@ -28,6 +33,8 @@ from pce.tasks.tooling import batches, display, load_run, load_split, split_samp
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a work dir of tools/train.py")
+    ap.add_argument("--config", help="the run's config (default: RUN_DIR/config.json; a config given here is run "
+                    "as Python, so pass only one you trust)")
     ap.add_argument("--checkpoint", help="default: RUN_DIR/best.pth, else RUN_DIR/latest.pth")
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
     ap.add_argument("--num", type=int, default=512, help="samples for the evaluation and the statistics")
@@ -43,9 +50,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     run = Path(args.run_dir)
     if not run.is_dir():
         raise PCEError(run, "not a folder", "a work dir written by tools/train.py")
-    config = run / "config.py"
-    if not config.is_file():
-        raise PCEError(config, "missing", "the merged config tools/train.py writes into its work dir")
+    if args.config:  # given on the command line: the user's own choice to run it
+        config = Path(args.config)
+    else:
+        config = run / "config.json"
+        if not config.is_file():
+            if (run / "config.py").is_file():
+                raise PCEError(run / "config.py", "not read: a work dir's config.py is Python and is never executed "
+                               "(the run predates config.json)", "pass the run's config explicitly: --config CONFIG")
+            raise PCEError(config, "missing", "the config.json tools/train.py writes into its work dir, or "
+                           "--config CONFIG")
+        load_saved_config(config, args.cfg_options)  # plain data, validated: nothing of the work dir runs
     ckpt = Path(args.checkpoint) if args.checkpoint else next((run / n for n in ("best.pth", "latest.pth")
                                                                if (run / n).is_file()), run / "best.pth")
     args.config, args.checkpoint = str(config), str(ckpt)
@@ -64,11 +79,12 @@ def curves(run: Path, tmp: Path, metric: str) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pce.engine.evaluation import evaluate_model
+    from pce.engine.evaluation import evaluate_model, evaluation_config
     from pce.tasks.visualize import class_names_from_config
 
     args = resolve(args)
     cfg, task, model, _, device = load_run(args)
+    cfg = evaluation_config(cfg, (args.split,))  # scored and drawn as evaluated: no augmentation
     run, out = Path(args.run_dir), Path(args.out) if args.out else Path(args.run_dir) / "report.html"
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -94,7 +110,12 @@ def main(args: argparse.Namespace) -> int:
         sections.append(("Routing statistics", "<p class='note'>NMI: normalised mutual information of the expert "
                          "with the label / the grid cell; shuffled: the same with the labels permuted "
                          "(chance).</p>" + routing_table(stats), figs))
-        build_report(out, f"PCE run report: {run.name}", sections)
+        tmp_page = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            build_report(tmp_page, f"PCE run report: {run.name}", sections)
+            os.replace(tmp_page, out)
+        finally:
+            tmp_page.unlink(missing_ok=True)
     print(f"report written to {out}")
     return 0
 

@@ -7,6 +7,9 @@ confidence interval and two-sided p-value (unequal variances), so "within noise"
 
     python tools/summarize_runs.py work_dirs/demo_det_pce work_dirs/demo_det_dense --metric AP50
     python tools/summarize_runs.py work_dirs/fmnist_*_s[012] --metric top1
+
+Errors (a missing ``metrics.jsonl``, a line that is not JSON, a metric never logged) are one line naming the file
+(``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -19,17 +22,30 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
+from pce.engine.errors import PCEError, add_debug_flag, run_cli
+
 _SEED = re.compile(r"^(?P<group>.+?)_(?:s|seed)(?P<seed>\d+)$")
 
 
 def summarize(work_dir: Path, metric: str) -> dict:
     path = work_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {work_dir} a tools/train.py work dir?)")
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    vals = [r for r in rows if r.get("type") == "val" and metric in r]
+        raise PCEError(work_dir, f"no metrics.jsonl ({path} not found)", "a tools/train.py work dir")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise PCEError(f"{path}: line {n}", f"not JSON ({e.msg})", "one JSON record per line") from None
+        if not isinstance(row, dict):
+            raise PCEError(f"{path}: line {n}", f"a JSON {type(row).__name__}, not a record",
+                           "one JSON object per line")
+        rows.append(row)
+    vals = [r for r in rows if r.get("type") == "val" and isinstance(r.get(metric), (int, float))]
     if not vals:
-        raise KeyError(f"{path}: no validation rows with metric {metric!r}")
+        raise PCEError(path, f"no validation rows with metric {metric!r}", "a metric tools/train.py logged: --metric")
     train = [r for r in rows if r.get("type") == "train"]
     best = max(vals, key=lambda r: r[metric])
     times = [r["time"] for r in rows if "time" in r]
@@ -93,12 +109,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work_dirs", nargs="+", type=Path)
     ap.add_argument("--metric", default="top1")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
-    try:
-        rows = [summarize(d, args.metric) for d in args.work_dirs]
-    except (FileNotFoundError, KeyError) as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    rows = [summarize(d, args.metric) for d in args.work_dirs]
     print(f"| run | best {args.metric} (epoch) | final | epochs | wall min | median img/s | router entropy | expert usage per layer |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

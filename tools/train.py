@@ -7,9 +7,12 @@
     torchrun --nproc_per_node=2 tools/train.py configs/fmnist_cls_pce.py     # DDP (gloo on CPU, nccl on CUDA)
 
 Prints ``final test top1: 0.9xxx (N images)`` (the configured eval.metric) at the end. A work dir is used by one
-run at a time (a lock), and one that holds checkpoints is refused unless ``--resume`` or ``--force``. Errors are
-one line ``error: <file or key>: <what is wrong> (<what was expected>)`` and exit status 1; ``--debug`` shows the
-traceback.
+run at a time (a lock), and one that holds checkpoints is refused unless ``--resume`` or ``--force``. The merged
+config goes into the work dir as ``config.json`` (plain data: what ``--resume`` compares the model config with and
+``tools/report.py`` reads; a work dir's ``config.py`` is never executed) and ``config.py``. ``--resume`` without a
+``latest.pth`` (a run stopped during its first save) resumes from ``best.pth`` when that is a full training state.
+Errors are one line ``error: <file or key>: <what is wrong> (<what was expected>)`` and exit status 1; ``--debug``
+shows the traceback.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("config", help="config file (.py or .yaml)")
     ap.add_argument("--work-dir", help="where checkpoints, logs and the merged config go (runtime.work_dir)")
     ap.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                    help="resume from CHECKPOINT, or from WORK_DIR/latest.pth when no path is given")
+                    help="resume from CHECKPOINT, or from WORK_DIR/latest.pth when no path is given (WORK_DIR/best.pth "
+                    "when latest.pth is missing and best.pth holds a full training state)")
     ap.add_argument("--force", action="store_true",
                     help="start a fresh run in a work dir that holds checkpoints (they are replaced)")
     ap.add_argument("--seed", type=int, help="runtime.seed")

@@ -34,7 +34,8 @@ class Annotation:
     """One ASAP annotation: ``coords`` float64 ``[N, 2]`` (x, y) level-0 pixels in ``Order``.
 
     ``kind`` is ``"polygon"`` (ASAP Polygon / Rectangle / Spline; Spline control points are joined as a polygon)
-    or ``"point"`` (Dot / PointSet, no area); ``type`` keeps ASAP's own ``Type``.
+    or ``"point"`` (Dot / PointSet, no area); ``type`` keeps ASAP's own ``Type``; ``source`` the XML file it was
+    read from (named in errors; empty for annotations made in code).
     """
 
     name: str
@@ -42,6 +43,7 @@ class Annotation:
     kind: str
     coords: np.ndarray
     type: str = field(default="")
+    source: str = field(default="", compare=False, repr=False)
 
     @property
     def bbox(self) -> Tuple[float, float, float, float]:
@@ -50,13 +52,17 @@ class Annotation:
         return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
-def _number(text: Optional[str], path: Path, name: str, attr: str) -> float:
+def _number(text: Optional[str], path: Path, name: str, attr: str, index: int) -> float:
     if text is None:
         raise ValueError(f"{path}: annotation {name!r}: a Coordinate has no {attr} attribute")
     try:
-        return float(text.strip().replace(",", "."))  # ASAP under a decimal-comma locale writes "1500,25"
+        v = float(text.strip().replace(",", "."))  # ASAP under a decimal-comma locale writes "1500,25"
     except ValueError:
         raise ValueError(f"{path}: annotation {name!r}: {attr}={text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{path}: annotation {name!r}: {attr}={text.strip()} (Coordinate {index}) is not a finite "
+                         f"number (level-0 pixel coordinates)")
+    return v
 
 
 def _parse_annotation(el: ET.Element, path: Path, index: int) -> Annotation:
@@ -70,8 +76,8 @@ def _parse_annotation(el: ET.Element, path: Path, index: int) -> Annotation:
     coords_el = el.find("Coordinates")
     for i, c in enumerate(coords_el.findall("Coordinate") if coords_el is not None else []):
         order = c.get("Order")
-        pts.append((float(_number(order, path, name, "Order")) if order is not None else float(i),
-                    _number(c.get("X"), path, name, "X"), _number(c.get("Y"), path, name, "Y")))
+        pts.append((float(_number(order, path, name, "Order", i)) if order is not None else float(i),
+                    _number(c.get("X"), path, name, "X", i), _number(c.get("Y"), path, name, "Y", i)))
     if not pts:
         raise ValueError(f"{path}: annotation {name!r} has no <Coordinate> elements")
     pts.sort(key=lambda p: p[0])
@@ -82,14 +88,15 @@ def _parse_annotation(el: ET.Element, path: Path, index: int) -> Annotation:
     if kind == "polygon" and len(coords) < 3:
         raise ValueError(f"{path}: annotation {name!r} ({asap_type}) has {len(coords)} coordinates "
                          f"(a polygon needs at least 3)")
-    return Annotation(name=name, group=el.get("PartOfGroup") or "None", kind=kind, coords=coords, type=asap_type)
+    return Annotation(name=name, group=el.get("PartOfGroup") or "None", kind=kind, coords=coords, type=asap_type,
+                      source=str(path))
 
 
 def read_asap_xml(path: str | os.PathLike) -> List[Annotation]:
     """Parse an ASAP XML file into a list of :class:`Annotation` (document order).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the annotation) for a
-    malformed or truncated file, a missing coordinate attribute or an unknown ``Type``.
+    malformed or truncated file, a missing, non-numeric or non-finite coordinate or an unknown ``Type``.
     """
     path = Path(path)
     if not path.is_file():
@@ -130,12 +137,13 @@ def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation],
 
 def annotation_labels(annotations: Sequence[Annotation], label_map: Optional[Mapping[str, int]] = None,
                       source: str = "annotations") -> List[int]:
-    """The label of every annotation's group; ``ValueError`` naming a group that is not in ``label_map``."""
+    """The label of every annotation's group; ``ValueError`` naming a group that is not in ``label_map`` (and
+    the annotation's XML file, else ``source``)."""
     lm = DEFAULT_LABEL_MAP if label_map is None else label_map
     out = []
     for a in annotations:
         if a.group not in lm:
-            raise ValueError(f"{source}: annotation {a.name!r} is in group {a.group!r}, which is not in the "
+            raise ValueError(f"{a.source or source}: annotation {a.name!r} is in group {a.group!r}, which is not in the "
                              f"label map (expected one of {sorted(lm)})")
         out.append(int(lm[a.group]))
     return out

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -57,13 +59,36 @@ def _annotation_digest(annotations: Optional[Sequence[Annotation]]) -> str:
 
 
 def check_inside(annotations: Sequence[Annotation], dims: Sequence[int], source: str) -> None:
-    """``ValueError`` naming ``source`` and the annotation when one lies outside the level-0 ``dims`` (w, h)."""
+    """``ValueError`` naming ``source`` (the annotation's XML when known), the annotation and its first
+    coordinate outside the level-0 ``dims`` (w, h) when one lies outside the slide."""
     w, h = dims
     for a in annotations:
         x0, y0, x1, y1 = a.bbox
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise ValueError(f"{source}: annotation {a.name!r} spans x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}, "
-                             f"outside the slide (level 0 is {w} x {h} pixels)")
+            c = np.asarray(a.coords)
+            k = int(np.flatnonzero((c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] > w) | (c[:, 1] > h))[0])
+            raise ValueError(f"{a.source or source}: annotation {a.name!r} spans x {x0:.0f}..{x1:.0f}, y "
+                             f"{y0:.0f}..{y1:.0f}: its coordinate ({c[k, 0]:g}, {c[k, 1]:g}) lies outside the "
+                             f"slide (level 0 is {w} x {h} pixels; expected annotations of this slide, in its "
+                             f"level-0 pixels)")
+
+
+_CACHE_KEYS = ("x", "y", "tissue", "tumour", "centre", "downsample")
+
+
+def _read_cache(cache: Path) -> Optional[Dict[str, np.ndarray]]:
+    """The cached index, or ``None`` with a warning when the file is broken (truncated by a crash, a full disk,
+    another version): it is then rebuilt and replaced."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+        missing = [k for k in _CACHE_KEYS if k not in out]
+        if missing:
+            raise KeyError(f"no {missing}")
+        return out
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        warnings.warn(f"{cache}: unreadable tile-index cache ({type(e).__name__}: {e}); rebuilding it", stacklevel=3)
+        return None
 
 
 def _tumour(annotations: Sequence[Annotation], xs: np.ndarray, ys: np.ndarray, extent: float,
@@ -93,7 +118,8 @@ def index_slide(path: Path, annotations: Optional[Sequence[Annotation]], level: 
     ``"tumour"`` float32 ``[N]`` fractions, ``"centre"`` bool ``[N]``, plus ``"downsample"`` of ``level``.
 
     Tiles tile ``level`` from (0, 0) every ``stride`` level pixels and lie fully inside it; a tile is kept when
-    its tissue fraction (area-weighted on :func:`tissue_mask`) is >= ``min_tissue``.
+    its tissue fraction (area-weighted on :func:`tissue_mask`) is >= ``min_tissue``. A broken cache file is
+    rebuilt with a warning; the cache is written atomically (temp file, then ``os.replace``).
     """
     stat = path.stat()
     key = {"v": INDEX_VERSION, "slide": str(path.resolve()), "bytes": stat.st_size, "mtime": stat.st_mtime_ns,
@@ -101,8 +127,9 @@ def index_slide(path: Path, annotations: Optional[Sequence[Annotation]], level: 
            "min_tissue": float(min_tissue), "labels": label_map, "tissue_level": tissue_level}
     cache = Path(cache_dir) / f"{path.stem}-{_digest(key)}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
-        with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
     with open_slide(path) as slide:
         if not 0 <= level < slide.level_count:
             raise ValueError(f"{path}: level {level} out of range (the slide has levels 0..{slide.level_count - 1})")
@@ -126,6 +153,11 @@ def index_slide(path: Path, annotations: Optional[Sequence[Annotation]], level: 
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **out)
-        os.replace(tmp, cache)
+        try:
+            np.savez(tmp, **out)
+            os.replace(tmp, cache)
+        except OSError as e:  # the cache only saves time: a full disk or a read-only folder is not an error
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"{cache}: tile-index cache not written ({e}); the index is rebuilt next time",
+                          stacklevel=2)
     return out

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from ..registry import DATASETS
@@ -75,6 +75,19 @@ class Camelyon16Tiles(CamelyonTiles):
             annotations.append(xml if xml.is_file() else None)
         self.root = root
         super().__init__(slides, annotations, **kwargs)
+
+
+def _signature() -> inspect.Signature:
+    """``Camelyon16Tiles``' own arguments followed by those of :class:`CamelyonTiles` it passes on, so that a
+    config's typo in ``data.<split>.kwargs`` is named before anything is read (``tasks.common.check_kwargs``)."""
+    own = list(inspect.signature(Camelyon16Tiles.__init__).parameters.values())[:-1]  # without **kwargs
+    base = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for n, p in inspect.signature(CamelyonTiles.__init__).parameters.items()
+            if n not in ("self", "slides", "annotations")]
+    return inspect.Signature(own + base)
+
+
+Camelyon16Tiles.__init__.__signature__ = _signature()
 
 
 class BalancedTileSampler(Sampler[int]):

@@ -1,8 +1,10 @@
 """Whole-slide reading through openslide-python + openslide-bin: opening with clear errors, level choice by
-downsample or microns per pixel, RGB tiles, and the tissue mask (Otsu on HSV saturation, as CLAM and MONAI do)."""
+downsample or microns per pixel, RGB tiles (a tile that does not decode is an ``OSError`` naming the slide and the
+tile), and the tissue mask (Otsu on HSV saturation, as CLAM and MONAI do; on darkness for a grayscale scan)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -10,7 +12,8 @@ import cv2
 import numpy as np
 import openslide
 
-__all__ = ["open_slide", "slide_mpp", "choose_level", "read_rgb", "tissue_mask", "SlideLike"]
+__all__ = ["open_slide", "slide_mpp", "choose_level", "read_rgb", "read_thumbnail", "tissue_mask", "is_grayscale",
+           "slide_name", "SlideLike"]
 
 SlideLike = Union[str, os.PathLike, "openslide.OpenSlide"]
 
@@ -33,6 +36,11 @@ def _as_slide(slide: SlideLike) -> Tuple[openslide.OpenSlide, bool]:
     if isinstance(slide, (str, os.PathLike)):
         return open_slide(slide), True
     return slide, False
+
+
+def slide_name(slide: openslide.OpenSlide) -> str:
+    """The file of an open slide (for messages)."""
+    return str(getattr(slide, "_filename", None) or "slide")
 
 
 def slide_mpp(slide: openslide.OpenSlide) -> Optional[float]:
@@ -64,12 +72,36 @@ def choose_level(slide: openslide.OpenSlide, downsample: Optional[float] = None,
 
 
 def read_rgb(slide: openslide.OpenSlide, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> np.ndarray:
-    """``uint8 [h, w, 3]`` RGB of ``read_region``; transparent pixels (outside the scanned area) become white."""
-    rgba = np.asarray(slide.read_region((int(location[0]), int(location[1])), int(level),
-                                        (int(size[0]), int(size[1]))))
+    """``uint8 [h, w, 3]`` RGB of ``read_region``; transparent pixels (outside the scanned area) become white.
+    A region that does not decode (``openslide.OpenSlideError``: a corrupt tile) is an ``OSError`` naming the slide
+    file and the region."""
+    try:
+        rgba = np.asarray(slide.read_region((int(location[0]), int(location[1])), int(level),
+                                            (int(size[0]), int(size[1]))))
+    except openslide.OpenSlideError as e:
+        raise OSError(f"{slide_name(slide)}: the tile at level-0 ({int(location[0])}, {int(location[1])}), level "
+                      f"{int(level)}, {int(size[0])} x {int(size[1])} px does not decode ({e}) (a slide whose tiles "
+                      f"all decode: copy or convert it again)") from None
     rgb = rgba[..., :3].astype(np.float32)
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     return (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+
+
+def read_thumbnail(slide: openslide.OpenSlide, size: Tuple[int, int]) -> np.ndarray:
+    """``uint8 [h, w, 3]`` RGB thumbnail fitting ``size``; ``OSError`` naming the slide when it does not decode."""
+    try:
+        return np.asarray(slide.get_thumbnail((int(size[0]), int(size[1]))).convert("RGB"))
+    except openslide.OpenSlideError as e:
+        raise OSError(f"{slide_name(slide)}: the thumbnail ({int(size[0])} x {int(size[1])} px) does not decode "
+                      f"({e}) (a slide whose tiles all decode: copy or convert it again)") from None
+
+
+def is_grayscale(rgb: np.ndarray, tolerance: int = 2) -> bool:
+    """Whether an RGB image has no colour: its channels differ by at most ``tolerance`` everywhere but 0.1% of
+    the pixels (a grayscale scan, which OpenSlide returns as R = G = B)."""
+    rgb = np.asarray(rgb)
+    spread = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    return bool((spread > tolerance).mean() <= 1e-3)
 
 
 def _low_res_rgb(slide: openslide.OpenSlide, level: Optional[int], target: float) -> Tuple[np.ndarray, float]:
@@ -86,7 +118,7 @@ def _low_res_rgb(slide: openslide.OpenSlide, level: Optional[int], target: float
     else:  # no level near the target: OpenSlide's thumbnail (downscaled from the best level)
         w0, h0 = slide.dimensions
         size = (max(int(round(w0 / target)), 1), max(int(round(h0 / target)), 1))
-        rgb = np.asarray(slide.get_thumbnail(size).convert("RGB"))
+        rgb = read_thumbnail(slide, size)
     return rgb, slide.dimensions[0] / rgb.shape[1]
 
 
@@ -95,7 +127,8 @@ def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample
                 min_threshold: int = 15) -> Tuple[np.ndarray, float]:
     """Tissue on a low-resolution level (the one nearest ``target_downsample``) or the thumbnail.
 
-    Median blur (``blur`` px, at most 1/8 of the mask's shorter side) of the HSV saturation, Otsu threshold (at
+    Median blur (``blur`` px, at most 1/8 of the mask's shorter side) of the HSV saturation (of a grayscale scan,
+    :func:`is_grayscale`: the darkness below the glass, at least 220, with a warning), Otsu threshold (at
     least ``min_threshold``, so a blank slide is not split in two), morphological closing (``close`` px ellipse),
     then connected components smaller than ``min_object`` of the image area and holes smaller than it removed.
     Returns ``(mask bool [h, w], downsample)``: level-0 pixels per mask pixel (level-0 width / mask width).
@@ -106,7 +139,15 @@ def tissue_mask(slide: SlideLike, level: Optional[int] = None, target_downsample
     finally:
         if owned:
             sl.close()
-    sat = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
+    rgb = np.ascontiguousarray(rgb)
+    if is_grayscale(rgb):  # no stain colour to find: tissue is what is darker than the glass
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        glass = max(float(np.percentile(grey, 99)), 220.0)  # a scan that is all tissue still has white glass
+        sat = np.clip(glass - grey.astype(np.float32), 0, 255).astype(np.uint8)
+        warnings.warn(f"{slide if owned else slide_name(sl)}: no colour (a grayscale scan, or blank glass): tissue "
+                      f"found by darkness instead of stain saturation", stacklevel=2)
+    else:
+        sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
     blur = min(int(blur), max(min(sat.shape) // 8, 1)) | 1  # at most 1/8 of a tiny thumbnail's side
     if blur > 1:
         sat = cv2.medianBlur(sat, blur)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ..registry import DATASETS
-from .annotations import Annotation, read_asap_xml, rasterize
+from .annotations import Annotation, annotation_labels, read_asap_xml, rasterize
 from .index import index_slide
 from .slide import choose_level, open_slide, read_rgb
 
@@ -62,8 +62,11 @@ class CamelyonTiles(Dataset):
     (``mode="classify"``). ``annotations``: None, one entry per slide (None / XML path / list of
     :class:`Annotation`) or a dict keyed by slide path or stem. ``mpp`` / ``downsample`` choose each slide's
     level instead of ``level``. ``balance=p`` makes an epoch of ``epoch_size`` (default: all tiles) draws, a
-    fraction ``p`` of them tumour tiles. Slides are opened lazily, once per process (DataLoader worker); the
-    index is cached under ``cache_dir``.
+    fraction ``p`` of them tumour tiles: after :meth:`set_epoch` draw ``i`` is a function of ``(seed, epoch, i)``
+    alone (the same tiles with any number of DataLoader workers, and after a resume); before it, of the torch RNG
+    of the process that loads the sample (which a trainer seeds and restores on resume, and DataLoader seeds per
+    worker and epoch). Slides are opened lazily, once per process (DataLoader worker); the index is cached under
+    ``cache_dir``. A tile that does not decode is an ``OSError`` naming the slide and the tile.
     """
 
     def __init__(self, slides: Sequence[Union[str, os.PathLike]], annotations: AnnotationsArg = None,
@@ -72,11 +75,13 @@ class CamelyonTiles(Dataset):
                  transform: Optional[Callable] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
                  mpp: Optional[float] = None, downsample: Optional[float] = None, balance: Optional[float] = None,
                  epoch_size: Optional[int] = None, tissue_level: Optional[int] = None,
-                 transforms: Optional[Callable] = None) -> None:
+                 transforms: Optional[Callable] = None, seed: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} (expected one of {MODES})")
         if int(tile_size) < 1 or (stride is not None and int(stride) < 1):
             raise ValueError(f"tile_size={tile_size} and stride={stride} must be positive")
+        if int(seed) < 0:
+            raise ValueError(f"seed={seed} (expected a non-negative integer)")
         if balance is not None and not 0.0 <= float(balance) <= 1.0:
             raise ValueError(f"balance={balance} (expected a tumour fraction in [0, 1] or None)")
         self.slides = [Path(s) for s in slides]
@@ -89,6 +94,8 @@ class CamelyonTiles(Dataset):
         self.classes = ("background", "tumour") if mode == "segment" else ("normal", "tumour")
         loaded = [_load_annotations(e) for e in _align_annotations(self.slides, annotations)]
         self.annotations: List[Optional[List[Annotation]]] = [a for a, _ in loaded]
+        for path, (anns, xml) in zip(self.slides, loaded):  # an unknown group fails here, naming its XML
+            annotation_labels(anns or [], self.label_map, source=str(xml or path))
         self.levels: List[int] = []
         self.downsamples: List[float] = []
         self.tiles: List[Dict[str, Any]] = []
@@ -108,12 +115,12 @@ class CamelyonTiles(Dataset):
                                    "label": int(c)})
         self.level = self.levels[0]
         self.balance = None if balance is None else float(balance)
+        self.seed, self.epoch = int(seed), None
         self.epoch_size = int(epoch_size) if epoch_size else len(self.tiles)
         pos = np.array([self._positive(t) for t in self.tiles], bool)
         self._pools = (np.flatnonzero(pos), np.flatnonzero(~pos))
         self._handles: Dict[int, Any] = {}
         self._owner: Any = None
-        self._rng: Optional[np.random.Generator] = None
 
     # --------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -140,11 +147,9 @@ class CamelyonTiles(Dataset):
         return os.getpid(), info.id if info is not None else None
 
     def _this_process(self) -> None:
-        """Forget handles and random state inherited from another process (a forked DataLoader worker)."""
+        """Forget handles inherited from another process (a forked DataLoader worker)."""
         if self._owner != self._process_key():
-            info = get_worker_info()
             self._handles, self._owner = {}, self._process_key()
-            self._rng = np.random.default_rng(info.seed if info is not None else torch.initial_seed())
 
     def _handle(self, k: int) -> Any:
         """The open slide ``k`` of this process, opened on first use (never pickled, never shared)."""
@@ -155,7 +160,7 @@ class CamelyonTiles(Dataset):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_handles={}, _owner=None, _rng=None)
+        state.update(_handles={}, _owner=None)
         return state
 
     def close(self) -> None:
@@ -168,14 +173,20 @@ class CamelyonTiles(Dataset):
     def __len__(self) -> int:
         return self.epoch_size if self.balance is not None else len(self.tiles)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Key the balanced draws of the coming epoch by ``(seed, epoch, draw index)``: an epoch's tiles no longer
+        depend on the process, the number of workers or what was drawn before (an exact resume)."""
+        self.epoch = int(epoch)
+
     def _balanced(self, i: int) -> int:
         """Tile of draw ``i``: the first ``round(balance * epoch_size)`` draws are tumour tiles, the rest normal
-        ones, each uniform in its pool from this process's generator (a fresh stream every epoch)."""
+        ones, each uniform in its pool (see the class docstring for what seeds it)."""
         pos, neg = self._pools
         n_pos = round(self.balance * self.epoch_size) if len(pos) else 0
         pool = pos if (i < n_pos or not len(neg)) else neg
-        self._this_process()
-        return int(pool[self._rng.integers(len(pool))])
+        if self.epoch is None:  # the process's torch RNG: restored by a resumed trainer, seeded per worker and epoch
+            return int(pool[int(torch.randint(len(pool), ()))])
+        return int(pool[np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(pool))])
 
     def read_tile(self, i: int) -> np.ndarray:
         """``uint8 [s, s, 3]`` RGB of tile ``i`` (index into ``tiles``)."""

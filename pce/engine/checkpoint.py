@@ -21,10 +21,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from pce.engine.errors import NonFiniteStateError
+from pce.engine.errors import NonFiniteStateError, PCEError
 
-__all__ = ["atomic_save", "atomic_copy", "load_checkpoint", "capture_rng_state", "restore_rng_state",
-           "CheckpointManager", "nonfinite_tensors", "check_finite", "checkpoint_is_finite", "remove_stale_temps"]
+__all__ = ["atomic_save", "atomic_copy", "atomic_write_text", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+           "CheckpointManager", "nonfinite_tensors", "check_finite", "checkpoint_is_finite", "remove_stale_temps",
+           "is_training_state", "TRAINING_STATE_KEYS"]
 
 logger = logging.getLogger("pce")
 
@@ -93,6 +94,11 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
 
     return _atomic_write(Path(path), write)
+
+
+def atomic_write_text(text: str, path: PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_copy(src: PathLike, dst: PathLike) -> Path:
@@ -231,16 +237,49 @@ class CheckpointManager:
         return None
 
     def find_resume(self, resume: Union[bool, PathLike, None]) -> Optional[Path]:
-        """``True`` / ``"auto"`` -> ``latest.pth`` of the work dir; a path -> that file."""
+        """``True`` / ``"auto"`` -> ``latest.pth`` of the work dir; a folder -> its ``latest.pth``; a path -> that
+        file. Where ``latest.pth`` is missing but ``best.pth`` beside it holds a full training state (a kill
+        after the first ``best.pth``, before ``latest.pth``), the run resumes from ``best.pth`` with a warning;
+        a ``best.pth`` of weights only is named in the error, with what to do."""
         if not resume:
             return None
         if resume is True or str(resume) == "auto":
-            if not self.latest.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint to resume from: {self.latest} does not exist")
-            return self.latest
+            return self._latest_or_best(self.latest)
         p = Path(resume)
         if p.is_dir():
-            p = p / "latest.pth"
+            return self._latest_or_best(p / "latest.pth")
         if not p.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {p}")
+            raise PCEError(p, "--resume: checkpoint not found", "a latest.pth / best.pth of tools/train.py")
         return p
+
+    @staticmethod
+    def _latest_or_best(latest: Path) -> Path:
+        if latest.is_file():
+            return latest
+        best = latest.with_name("best.pth")
+        if not best.is_file():
+            raise PCEError(latest, "does not exist: no checkpoint to resume from",
+                           "a work dir where tools/train.py saved a checkpoint, or --resume CHECKPOINT")
+        try:
+            ckpt = load_checkpoint(best)
+        except RuntimeError as e:
+            raise PCEError(latest, f"does not exist, and {best} is not readable ({e})",
+                           "a complete checkpoint to resume from") from None
+        if is_training_state(ckpt):
+            logger.warning("--resume: %s does not exist (a run stopped during its first save?): resuming from %s, "
+                           "a complete training state (epoch %s)", latest, best, ckpt.get("epoch"))
+            return best
+        raise PCEError(latest, f"does not exist; {best} holds weights only, not a training state (no "
+                       f"{', '.join(k for k in TRAINING_STATE_KEYS if k not in ckpt)})",
+                       f"start a new run from its weights: --cfg-options model.pretrained={best} with another "
+                       "--work-dir (or --force)")
+
+
+#: what a checkpoint needs for ``--resume`` (besides the RNG states, phase and best, which have defaults)
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration")
+
+
+def is_training_state(ckpt: Mapping[str, Any]) -> bool:
+    """Whether ``ckpt`` is a full training state :meth:`Trainer.load_state` resumes from (``latest.pth``, and
+    ``best.pth``, which holds the same state at the best epoch), not weights only (``tools/prune_experts.py``)."""
+    return all(k in ckpt for k in TRAINING_STATE_KEYS) and isinstance(ckpt.get("optimizer"), Mapping)

@@ -14,11 +14,18 @@ key by key into the base dict, any other value replaces the base value, and a ch
 "phases.0.epochs=2"]``, values typed with ``literal_eval`` like yacs' ``merge_from_list``; list entries are
 addressed by index) and validates everything against the schema with yacs' type rules: an unknown key or a
 value of the wrong type raises :class:`ConfigError` naming the key and the file (or ``--cfg-options``) that
-set it. ``dump_config`` writes the merged config as ``.py`` or ``.yaml``; both reload with ``load_config``.
+set it. ``dump_config`` writes the merged config as ``.py``, ``.yaml`` or ``.json``; each reloads with
+``load_config``.
+
+A ``.json`` config is plain data (a saved, resolved config: no ``_base_``), so reading one never runs code:
+:func:`load_saved_config` reads the ``config.json`` a training run writes into its work dir, for the tools that
+open a work dir someone else may have written (``--resume``, ``tools/report.py``); they never execute the work
+dir's ``config.py``.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pprint
 import runpy
@@ -31,8 +38,8 @@ from fvcore.common.config import CfgNode
 from pce.engine.defaults import get_default_config
 from pce.engine.validation import ConfigError, build_config, key_origin
 
-__all__ = ["ConfigError", "load_config", "load_raw_config", "parse_overrides", "dump_config", "format_config",
-           "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
+__all__ = ["ConfigError", "load_config", "load_saved_config", "load_raw_config", "parse_overrides", "dump_config",
+           "format_config", "config_to_dict", "to_plain", "OVERRIDE_SOURCE"]
 
 OVERRIDE_SOURCE = "--cfg-options"
 _PLAIN = (dict, list, tuple, str, int, float, bool, type(None))
@@ -58,7 +65,22 @@ def _read_file(path: Path) -> Dict[str, Any]:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a YAML config must be a mapping, got {type(data).__name__}")
         return data
-    raise ConfigError(f"unsupported config file type {path.suffix!r} ({path}); use .py or .yaml")
+    if path.suffix == ".json":
+        return _read_json(path)
+    raise ConfigError(f"unsupported config file type {path.suffix!r} ({path}); use .py, .yaml or .json")
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    """A saved config: one JSON object of plain values, no ``_base_`` (nothing is executed or followed)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable JSON config ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a JSON config must be an object, got {type(data).__name__}")
+    if "_base_" in data:
+        raise ConfigError(f"{path}: a JSON config is a saved, resolved config and has no _base_")
+    return data
 
 
 def _drop_origins(origins: Dict[str, str], key: str) -> None:
@@ -207,6 +229,16 @@ def load_config(path: Union[str, os.PathLike], overrides: Overrides = None, free
     return cfg
 
 
+def load_saved_config(path: Union[str, os.PathLike], overrides: Overrides = None, freeze: bool = True) -> CfgNode:
+    """The config a run saved as ``config.json`` (plain data: nothing is executed), validated like
+    :func:`load_config` (an unknown key or a wrong type is a :class:`ConfigError` naming the file)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ConfigError(f"{path}: a saved config is read from its .json form only (a .py config is Python: "
+                          "pass it on the command line to run it)")
+    return load_config(path, overrides, freeze)
+
+
 # ---------------------------------------------------------------------------------------- writing
 def config_to_dict(cfg: Any) -> Any:
     """CfgNode -> plain nested dicts (lists / tuples kept)."""
@@ -239,17 +271,25 @@ def format_config(cfg: CfgNode) -> str:
 
 
 def dump_config(cfg: CfgNode, path: Union[str, os.PathLike]) -> Path:
-    """Write the merged config to ``path`` (``.py`` or ``.yaml``), atomically. Returns the path."""
+    """Write the merged config to ``path`` (``.py``, ``.yaml`` or ``.json``), atomically. Returns the path."""
     path = Path(path)
     if path.suffix == ".py":
         text = format_config(cfg)
     elif path.suffix in (".yaml", ".yml"):
         text = yaml.safe_dump(to_plain(config_to_dict(cfg)), sort_keys=False)
+    elif path.suffix == ".json":
+        text = json.dumps(to_plain(config_to_dict(cfg)), indent=1) + "\n"
     else:
-        raise ConfigError(f"dump_config: unsupported file type {path.suffix!r}; use .py or .yaml")
+        raise ConfigError(f"dump_config: unsupported file type {path.suffix!r}; use .py, .yaml or .json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the temp-file pattern remove_stale_temps knows
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -1,6 +1,7 @@
 """User-facing errors and the one command-line error handler of the tools.
 
-Every tool (``tools/train.py``, ``tools/eval.py``, ``tools/infer.py``) runs its work through :func:`run_cli`:
+Every tool (``tools/train.py``, ``tools/eval.py``, ``tools/infer.py``, the analysis and image tools, ...) runs its
+work through :func:`run_cli` (with :func:`add_debug_flag`):
 an error of the user's input (config, data, checkpoint, work dir) is printed as one line::
 
     error: <file or key>: <what is wrong> (<what was expected>)

@@ -1,10 +1,12 @@
-"""Evaluation: the sharded evaluation loader, a model over a split, a checkpoint in its own phase."""
+"""Evaluation: the sharded evaluation loader, a model over a split, a checkpoint in its own phase, and the
+evaluation form of a config (every split through its non-augmenting transform, ``train=False``)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -15,10 +17,10 @@ from pce.engine.distributed import InferenceShardSampler, all_gather_object, get
 from pce.engine.phase import build_phases
 from pce.engine.phases import PhaseController
 from pce.engine.runtime import autocast_context, resolve_amp_dtype, resolve_device, to_channels_last
-from pce.engine.weights import checkpoint_phase, load_model_weights
-from pce.moe.surgery import apply_structure
+from pce.engine.weights import checkpoint_phase, load_model_weights, replay_structure
 
-__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights"]
+__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights", "evaluation_config",
+           "build_eval_datasets"]
 
 logger = logging.getLogger("pce")
 
@@ -66,15 +68,52 @@ def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, devi
     return evaluator.compute()
 
 
+def evaluation_config(cfg: Any, splits: Sequence[str] = ("train", "val", "test")) -> Any:
+    """``cfg`` with the transform of each of ``splits`` in evaluation mode: ``train=False`` where its
+    ``data.<split>.transform.kwargs`` set ``train`` (every registered transform takes it: augmentation off), and
+    no augmentation ``seed``. Scoring, measuring or drawing a split (``--split train`` included) must see its
+    images as the model is evaluated on them, not augmented. ``cfg`` itself is not changed (a copy, frozen like
+    ``cfg``, when a transform changes; else ``cfg``)."""
+    changes = [s for s in splits if s in cfg.data and cfg.data[s].name and cfg.data[s].transform.name
+               and ("seed" in cfg.data[s].transform.kwargs or cfg.data[s].transform.kwargs.get("train", False))]
+    if not changes:
+        return cfg
+    out = cfg.clone()
+    frozen = out.is_frozen()
+    out.defrost()
+    for s in changes:
+        kwargs = out.data[s].transform.kwargs
+        if "train" in kwargs:
+            kwargs.train = False
+        kwargs.pop("seed", None)
+    if frozen:
+        out.freeze()
+    return out
+
+
+def build_eval_datasets(cfg: Any, task: Any, splits: Sequence[str]) -> Dict[str, Any]:
+    """``task.build_datasets`` of ``splits`` for evaluation: through :func:`evaluation_config`, and with
+    ``evaluate=True`` for an adapter whose ``build_datasets`` takes it (it then leaves augmentation out itself,
+    whatever the transform's defaults)."""
+    kwargs = {"evaluate": True} if _accepts(task.build_datasets, "evaluate") else {}
+    return task.build_datasets(evaluation_config(cfg, splits), splits=tuple(splits), **kwargs)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Make ``model`` (freshly built from ``cfg``) the trained one of ``checkpoint``, for evaluation, inference
     and export: the expert structure of a pruned checkpoint (``expert_structure``, from
     ``tools/prune_experts.py``) replayed, the weights loaded (EMA weights when saved; non-finite ones refused),
     the routing of the phase it was saved in applied. Returns the checkpoint dict."""
     ckpt = load_checkpoint(checkpoint)
-    structure = ckpt.get("expert_structure") if isinstance(ckpt, dict) else None
-    if structure:
-        apply_structure(model, structure)
+    replay_structure(model, ckpt, checkpoint)
     ckpt = load_model_weights(model, checkpoint, prefer_ema=True, ckpt=ckpt)
     ctl = PhaseController(build_phases(cfg.phases, cfg.schedule.epochs), kmeans_init_batches=0)
     ctl.apply(checkpoint_phase(ckpt, cfg.phases, cfg.schedule.epochs), [model])
@@ -84,13 +123,14 @@ def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.P
 def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
                         device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
-    the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured)."""
+    the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured) through
+    its evaluation transform (:func:`evaluation_config`: ``--split train`` is scored without augmentation)."""
     if not Path(checkpoint).is_file():  # fail before building the data and the model
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
     if split == "test" and not cfg.data.test.name:
         split = "val"
-    datasets = task.build_datasets(cfg, splits=(split,))
+    datasets = build_eval_datasets(cfg, task, (split,))
     if split not in datasets:
         raise ValueError(f"the config defines no data.{split} dataset")
     model = task.build_model(cfg)

@@ -46,8 +46,10 @@ class Task(Protocol):
     def build_model(self, cfg: Any) -> nn.Module:
         """The task's model of ``cfg.model`` (PCE or dense backbone), untrained."""
 
-    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val")) -> Dict[str, Any]:
-        """The configured ones of ``splits`` (a split without ``data.<split>.name`` is left out)."""
+    def build_datasets(self, cfg: Any, splits: Sequence[str] = ("train", "val"), evaluate: bool = False
+                       ) -> Dict[str, Any]:
+        """The configured ones of ``splits`` (a split without ``data.<split>.name`` is left out); ``evaluate``:
+        without augmentation (as the model is evaluated on them, whatever the split)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed the training augmentation for ``epoch`` (exact resume)."""
@@ -82,6 +84,12 @@ class Task(Protocol):
     def min_input_side(self, cfg: Any, model: nn.Module) -> int:
         """The smallest image side the task's model accepts (1 when any size is resized to fit)."""
 
+    def to_input_frame(self, output: Any, model_input_size: Tuple[int, int], original_size: Tuple[int, int]
+                       ) -> Any:
+        """One image's prediction (``predict(...)[0][i]``, in the frame of the model input ``prepare_image`` made,
+        ``model_input_size = (H', W')``) in the user's image's own frame ``original_size = (H, W)``: boxes scaled,
+        label maps resized (nearest), image-level outputs as they are."""
+
     def summarize(self, output: Any, class_names: Optional[Sequence[str]], score_thr: float = 0.5
                   ) -> Dict[str, Any]:
         """A JSON-ready summary of one image's prediction (``predict(...)[0][i]``)."""
@@ -89,7 +97,8 @@ class Task(Protocol):
     def render(self, image: torch.Tensor, output: Any, class_names: Optional[Sequence[str]] = None,
                score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
         """A picture (uint8 ``[3, H, W]``) of one image's prediction or ground truth on ``image`` (``[C, H, W]``
-        in [0, 1], as the model saw it)."""
+        in [0, 1], in the frame of ``output``: as the model saw it, or the user's image after
+        :meth:`to_input_frame`)."""
 
     # ----------------------------------------------------------------------------------- routing statistics
     def patch_labels(self, batch: Any, grid: Tuple[int, int], num_classes: Optional[int] = None

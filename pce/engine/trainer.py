@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from pce.engine.checkpoint import CheckpointManager, capture_rng_state, check_finite, restore_rng_state
-from pce.engine.config import dump_config
+from pce.engine.checkpoint import (CheckpointManager, capture_rng_state, check_finite, load_checkpoint,
+                                   restore_rng_state)
 from pce.engine.distributed import (all_reduce_max, all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
                                     sync_router_keys)
 from pce.engine.evaluation import evaluate_model
@@ -90,8 +90,10 @@ class Trainer(TrainerSetup, TrainerState):
         if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
             raise FileNotFoundError(f"model.pretrained: checkpoint not found: {cfg.model.pretrained}")
 
+        self.resume_path = resume_path
         self._build_data(cfg, task, resume_path, force)
-        self._build_training(cfg, task)
+        resume_ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path is not None else None
+        self._build_training(cfg, task, resume_ckpt)
 
         self.total_epochs = cfg.schedule.epochs
         self.epoch = 0          # completed epochs
@@ -100,9 +102,10 @@ class Trainer(TrainerSetup, TrainerState):
         self.loss_history: List[float] = []   # total loss of every iteration of this process (tests, debugging)
         self.last_val: Dict[str, Any] = {}
         if resume_path is not None:
-            self.load_state(resume_path)
+            self.load_state(resume_path, resume_ckpt)
+            del resume_ckpt
             if self.is_main:
-                dump_config(cfg, self.work_dir / "config.py")
+                self._save_config()
 
     # ---------------------------------------------------------------------------------- properties
     @property

@@ -14,7 +14,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from pce.engine.config import dump_config
 from pce.engine.distributed import broadcast_parameters
 from pce.engine.ema import build_ema
 from pce.engine.logging import MetricWriter, setup_logger
@@ -22,7 +21,7 @@ from pce.engine.optim import build_lr_scheduler, build_optimizer
 from pce.engine.phase import build_phases
 from pce.engine.phases import PhaseController
 from pce.engine.runtime import task_batch_images, to_channels_last
-from pce.engine.weights import load_pretrained
+from pce.engine.weights import load_pretrained, replay_structure
 from pce.moe.routing import keyed_routers
 
 __all__ = ["TrainerSetup"]
@@ -42,8 +41,8 @@ class TrainerSetup:
         if self.is_main:
             self._claim_work_dir(resume_path, force)  # after the data checks: a missing dataset writes nothing
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            if resume_path is None:  # a resumed run's config.py is replaced only once its checkpoint loaded
-                dump_config(cfg, self.work_dir / "config.py")
+            if resume_path is None:  # a resumed run's config is replaced only once its checkpoint loaded
+                self._save_config()
             setup_logger(self.work_dir, self.rank)
         if cfg.runtime.amp != "none" and self.amp_dtype is None:
             logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
@@ -62,8 +61,9 @@ class TrainerSetup:
         if cfg.schedule.iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.schedule.iters_per_epoch)
 
-    def _build_training(self, cfg: Any, task: Any) -> None:
-        """Model (same initial weights on every rank), optimizer, phases, lr schedule, AMP scaler, EMA."""
+    def _build_training(self, cfg: Any, task: Any, resume_ckpt: Optional[dict] = None) -> None:
+        """Model (same initial weights on every rank; the expert structure of a pruned / duplicated
+        ``model.pretrained`` or resumed checkpoint replayed), optimizer, phases, lr schedule, AMP scaler, EMA."""
         torch.manual_seed(cfg.runtime.seed)
         self.model = task.build_model(cfg).to(self.device)
         torch.manual_seed(cfg.runtime.seed + self.rank)
@@ -71,6 +71,8 @@ class TrainerSetup:
             to_channels_last(self.model)
         if cfg.model.pretrained:
             load_pretrained(self.model, cfg.model.pretrained)  # reports missing / unexpected, fails on no match
+        if resume_ckpt is not None:  # before the optimizer and the EMA copy see the parameters
+            replay_structure(self.model, resume_ckpt, self.resume_path)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.phases = build_phases(cfg.phases, cfg.schedule.epochs)
         self.phase_ctl = PhaseController(self.phases, cfg.runtime.kmeans_init_batches, seed=cfg.runtime.seed)

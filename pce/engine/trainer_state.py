@@ -19,14 +19,15 @@ import torch
 
 from pce.engine.checkpoint import (capture_rng_state, checkpoint_is_finite, load_checkpoint, nonfinite_tensors,
                                    remove_stale_temps, restore_rng_state)
-from pce.engine.config import format_config
+from pce.engine.config import config_to_dict, dump_config, format_config, to_plain
 from pce.engine.distributed import all_gather_object, all_reduce_max
 from pce.engine.ema import build_ema
 from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
 from pce.engine.logging import scalar_metrics
 from pce.engine.runtime import NonFiniteLossError, format_metrics
-from pce.engine.weights import mismatch_summary
+from pce.engine.weights import mismatch_summary, saved_structure
 from pce.moe.recorder import unwrap_model
+from pce.moe.surgery import structure
 
 __all__ = ["TrainerState"]
 
@@ -64,20 +65,27 @@ class TrainerState:
             logger.info("removed %s (a temp file of an interrupted save)", f)
 
     def _check_resume_config(self, resume_path: Path) -> None:
-        """The model config must be the saved run's (``config.py`` beside the checkpoint or in the work dir)."""
-        from pce.engine.config import config_to_dict, load_config
+        """The model config must be the saved run's. The saved config is read from ``config.json`` (plain data,
+        in the work dir or beside the checkpoint); a work dir's ``config.py`` is never executed: a work dir is
+        data (someone may have sent it), and only the config given on the command line runs. An old work dir
+        with ``config.py`` only: a warning, and the weights check of :meth:`load_state` still applies."""
+        from pce.engine.config import load_saved_config
 
-        for saved in (self.work_dir / "config.py", Path(resume_path).parent / "config.py"):
-            if saved.is_file():
-                break
-        else:
+        dirs = list(dict.fromkeys([self.work_dir, Path(resume_path).parent]))
+        saved = next((d / "config.json" for d in dirs if (d / "config.json").is_file()), None)
+        if saved is None:
+            legacy = next((d / "config.py" for d in dirs if (d / "config.py").is_file()), None)
+            if legacy is not None:
+                logger.warning("the saved config could not be read safely: %s is Python and is not executed (the run "
+                               "predates config.json); resuming with the config given on the command line, the "
+                               "checkpoint's weights must fit its model", legacy)
             return
         try:
-            old = config_to_dict(load_config(saved))
-        except Exception as e:  # noqa: BLE001 - a damaged config.py: the weights check still applies
+            old = to_plain(config_to_dict(load_saved_config(saved)))
+        except Exception as e:  # noqa: BLE001 - a damaged config.json: the weights check still applies
             logger.warning("could not compare with %s: %s", saved, e)
             return
-        new = config_to_dict(self.cfg)
+        new = to_plain(config_to_dict(self.cfg))
 
         a, b = _flatten(old), _flatten(new)
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "runtime.work_dir"]
@@ -86,10 +94,17 @@ class TrainerState:
             k = model[0]
             raise PCEError(saved, f"--resume with a different model config: {k} is {a.get(k)!r} in the saved run, "
                            f"{b.get(k)!r} now" + (f" (and {len(model) - 1} more model key(s))" if len(model) > 1
-                                                  else ""), "the saved run's model config; config.py is kept")
+                                                  else ""), "the saved run's model config; config.py and "
+                           "config.json are kept")
         if diff:
             logger.warning("resuming with config changes against %s: %s", saved,
                            ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8]))
+
+    def _save_config(self) -> None:
+        """Rank 0: the merged config into the work dir, as ``config.json`` (plain data, what ``--resume`` and
+        ``tools/report.py`` read) and ``config.py`` (to read, or to run again with ``tools/train.py``)."""
+        dump_config(self.cfg, self.work_dir / "config.json")
+        dump_config(self.cfg, self.work_dir / "config.py")
 
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -107,12 +122,19 @@ class TrainerState:
             "iteration": self.iteration,
             "rng": rng,
             "best": dict(self.best),
+            "expert_structure": structure(unwrap_model(self.model)),  # pruned / duplicated experts, replayed on load
             "config": format_config(self.cfg),
             "meta": {"torch": str(torch.__version__), "world_size": self.world_size, "time": time.time()},
         }
 
-    def load_state(self, path: Union[str, os.PathLike]) -> None:
-        ckpt = load_checkpoint(path, map_location="cpu")
+    def load_state(self, path: Union[str, os.PathLike], ckpt: Optional[Dict[str, Any]] = None) -> None:
+        """Restore the state of the checkpoint ``path`` (``ckpt``: its contents, already read). The model must
+        have the checkpoint's expert structure (replayed by the trainer before the optimizer is built)."""
+        ckpt = load_checkpoint(path, map_location="cpu") if ckpt is None else ckpt
+        saved, current = saved_structure(ckpt), structure(unwrap_model(self.model))
+        if saved != current:
+            raise PCEError(path, f"--resume: its expert structure {saved or '(none)'} differs from the model's "
+                           f"{current or '(none)'}", "a checkpoint of this run")
         try:
             unwrap_model(self.model).load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -1,10 +1,11 @@
 """Loading weights into a model: checkpoints (model or EMA weights), pretrained partial loads with a report,
+the expert structure of a surgically edited checkpoint (pruned / duplicated experts) replayed before loading,
 and the phase a checkpoint was saved in."""
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -13,8 +14,10 @@ from pce.engine.errors import PCEError
 from pce.engine.phase import Phase, build_phases
 from pce.engine.phases import PhaseController
 from pce.moe.recorder import unwrap_model
+from pce.moe.surgery import apply_structure, structure
 
-__all__ = ["load_model_weights", "model_state", "mismatch_summary", "load_pretrained", "checkpoint_phase"]
+__all__ = ["load_model_weights", "model_state", "mismatch_summary", "load_pretrained", "checkpoint_phase",
+           "saved_structure", "replay_structure"]
 
 logger = logging.getLogger("pce")
 
@@ -65,11 +68,41 @@ def mismatch_summary(model: torch.nn.Module, state: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "load_state_dict failed"
 
 
+def saved_structure(ckpt: Mapping[str, Any]) -> Dict[str, List[List[int]]]:
+    """The expert edits a checkpoint records (``expert_structure``: ``tools/prune_experts.py``, and the training
+    checkpoints of a run started from such a checkpoint), as ``{layer: [[source expert, ...], ...]}``."""
+    saved = ckpt.get("expert_structure") if isinstance(ckpt, Mapping) else None
+    return {str(k): [[int(i) for i in step] for step in v] for k, v in (saved or {}).items() if v}
+
+
+def replay_structure(model: torch.nn.Module, ckpt: Mapping[str, Any], where: Any) -> bool:
+    """Give ``model`` the expert structure ``ckpt`` records (:func:`pce.moe.surgery.apply_structure`), so its
+    weights fit. Nothing to do when the model already has it; a model with other edits is a :class:`PCEError`
+    naming ``where``. Returns whether edits were replayed."""
+    saved = saved_structure(ckpt)
+    current = structure(unwrap_model(model))
+    if current == saved:
+        return False
+    if current:
+        raise PCEError(where, f"its expert structure {saved or '(none)'} differs from the model's {current}",
+                       "a checkpoint of the same pruned / duplicated model")
+    try:
+        apply_structure(unwrap_model(model), saved)
+    except (KeyError, ValueError) as e:
+        raise PCEError(where, f"its expert structure does not fit the model of the config ({e})",
+                       "a checkpoint of the same model config") from e
+    logger.info("%s: replayed its expert structure (%s)", where,
+                ", ".join(f"{n}: {len(steps[-1])} experts" for n, steps in saved.items()))
+    return True
+
+
 def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pretrained") -> Dict[str, Any]:
     """Load the tensors of ``path`` whose names and shapes match ``model``; report the missing, unexpected and
-    shape-mismatched ones. Raises :class:`PCEError` naming ``key`` when nothing matched. Returns
-    ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
+    shape-mismatched ones. The expert structure of a pruned / duplicated checkpoint (``expert_structure``) is
+    replayed on ``model`` first, so its tensors fit. Raises :class:`PCEError` naming ``key`` when nothing
+    matched. Returns ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
     ckpt = load_checkpoint(path)
+    replay_structure(model, ckpt, f"{key}={path}")
     state = model_state(ckpt)
     check_finite(state, f"{key}={path}", " in the pretrained weights")
     own = unwrap_model(model).state_dict()

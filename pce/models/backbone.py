@@ -22,7 +22,9 @@ from torch import nn
 from pce.layers.attention import DeformableAttention
 from pce.layers.fx import check_map, false_when_traced
 from pce.models import fx as _fx  # noqa: F401  registers the FX leaf modules with timm
-from pce.models.layer import PCELayer
+from pce.models.layer import PCELayer  # noqa: F401  registers the "pce" and "dense" layer kinds
+from pce.models.routed import (RoutedLayerMixin, init_keys, key_routers, routed_layers, set_attention_enabled,
+                               set_keys_trainable, set_router_override, upcycle_experts)
 from pce.models.specs import BackboneSpec, StageLike
 from pce.moe.recorder import record_routing
 from pce.moe.routing import Router
@@ -213,66 +215,58 @@ class PCEBackbone(nn.Module):
         self.num_features = self._all_info[-1]["channels"]
         self.out_channels = [f["channels"] for f in self.feature_info]
 
-    # -- PCE controls ------------------------------------------------------------------------------
-    def pce_layers(self) -> Iterator[PCELayer]:
-        return (m for m in self.modules() if isinstance(m, PCELayer))
+    # -- PCE controls (pce.models.routed's walkers over this backbone) ---------------------------------------
+    def pce_layers(self) -> Iterator[RoutedLayerMixin]:
+        """Every routed layer of the backbone (its PCE layers, and e.g. a :class:`pce.PCEConv2d` put in by
+        :func:`pce.convert`), in module order."""
+        return (layer for _, layer in routed_layers(self))
 
     def key_routers(self) -> Iterator[Router]:
         """The learned routers that use keys (``Router.uses_keys``), in layer order."""
-        return (l.router for l in self.pce_layers() if l.router.uses_keys)
+        return key_routers(self)
 
     def set_keys_trainable(self, flag: bool) -> None:
         """Phase switch for every key-based router: keys EMA-updated (False) or in the graph (True)."""
-        for r in self.key_routers():
-            r.set_keys_trainable(flag)
+        set_keys_trainable(self, flag)
 
     def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
         """Route every PCE layer with a parameter-free router (``"uniform"``, ``"positional"``, ``"shared"``)
         or ``None`` (the learned routers)."""
-        for l in self.pce_layers():
-            l.set_router_override(name, **kwargs)
+        set_router_override(self, name, **kwargs)
 
     def upcycle_experts(self, source: int = 0, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
         """Copy expert ``source`` into the other experts of every PCE layer (after a stabilisation phase with
         the ``"shared"`` router), with its optimizer state when ``optimizer`` is given. Returns the number of
         layers changed."""
-        layers = list(self.pce_layers())
-        for l in layers:
-            l.experts.upcycle(source, optimizer)
-        return len(layers)
+        return upcycle_experts(self, source, optimizer)
 
     def set_attention_enabled(self, flag: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, DeformableAttention):
-                m.enabled = bool(flag)
+        set_attention_enabled(self, flag)
 
-    @torch.no_grad()
     def init_keys(self, batches: Iterable[torch.Tensor], seed: int = 0, max_samples: int = 20000) -> int:
         """K-Means initialisation of every key-based router, layer by layer (later layers see the features
-        produced with the earlier layers' new keys). ``batches``: an iterable of input tensors (or
-        ``(images, ...)`` tuples); it is materialised once. Returns the number of routers initialised."""
-        data = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
-        if not data:
-            raise ValueError("init_keys needs at least one batch of images")
-        was_training = self.training
-        self.eval()
-        count = 0
-        try:
-            for r in list(self.key_routers()):
-                r.start_collecting()
-                try:
-                    for x in data:
-                        self(x.to(next(self.parameters()).device))
-                finally:
-                    emb = r.stop_collecting()
-                r.init_keys(emb, seed=seed + count, max_samples=max_samples)
-                count += 1
-        finally:
-            self.train(was_training)
-        return count
+        produced with the earlier layers' new keys; :func:`pce.models.routed.init_keys`). ``batches``: an iterable
+        of input tensors (or ``(images, ...)`` tuples); it is materialised once. Returns the number of routers
+        initialised."""
+        return init_keys(self, batches, seed=seed, max_samples=max_samples)
 
 
 def iter_backbones(model: nn.Module) -> Iterator[PCEBackbone]:
     """Every :class:`PCEBackbone` inside ``model`` (a detector, an smp model, a DDP / EMA wrapper, ...): the
     objects whose controls (``set_router_override``, ``set_keys_trainable``, ``init_keys``, ...) phases use."""
     return (m for m in model.modules() if isinstance(m, PCEBackbone))
+
+
+def init_router_keys(model: nn.Module, batches: Iterable[Any], seed: int = 0, max_samples: int = 20000) -> int:
+    """K-Means initialisation of every keyed router of ``model`` from image batches: each
+    :class:`PCEBackbone` inside ``model`` initialises its own from ``batches`` (what the backbone sees, e.g. a
+    detector's preprocessed images), then the keyed routers outside every backbone (a :func:`pce.convert`-ed
+    timm / smp / torchvision model, a converted head) from ``model(batch)``. Returns the number of routers."""
+    batches = list(batches)
+    backbones = list(iter_backbones(model))
+    count = sum(bb.init_keys(batches, seed=seed, max_samples=max_samples) for bb in backbones)
+    inside = {id(r) for bb in backbones for r in bb.key_routers()}
+    rest = [r for r in key_routers(model) if id(r) not in inside]
+    if rest:
+        count += init_keys(model, batches, seed=seed + count, max_samples=max_samples, routers=rest)
+    return count

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from pce.layers.positional import patch_centers
+from pce.models.flops import count_flops
 from pce.models.pce_conv import PCEConv2d
 from pce.moe.recorder import RoutingSource
 
-__all__ = ["convert", "ConversionReport", "ConvertedLayer", "conv_flops", "router_flops"]
+__all__ = ["convert", "ConversionReport", "ConvertedLayer", "conv_flops", "router_flops", "pce_conv_flops",
+           "call_shapes"]
 
 Target = Union[str, Callable[[str, nn.Module], bool]]
 
@@ -35,8 +37,9 @@ Target = Union[str, Callable[[str, nn.Module], bool]]
 class ConvertedLayer:
     """One replaced convolution: shapes of its first call and totals over every call of one forward at the
     report's input (``None`` without one). FLOPs are fused multiply-adds (fvcore's convention); ``flops_after``
-    is *active*: ``k x`` the convolution (``k = top_k``, ``E`` for soft routing) plus the router's own FLOPs on its
-    pooled patches (the region pooling's additions are not counted)."""
+    is *active* (:func:`pce_conv_flops`): ``k x`` the convolution (``k = top_k``, ``E`` for soft routing) plus the
+    router's own FLOPs on its pooled patches (the region pooling's additions are not counted);
+    :func:`pce.models.flops.active_flops` counts a whole model the same way."""
 
     name: str
     params_before: int
@@ -88,25 +91,26 @@ def _shape(s: Optional[Tuple[int, ...]]) -> str:
     return "-" if s is None else "x".join(map(str, s))
 
 
-def conv_flops(conv: Union[nn.Conv2d, PCEConv2d], out_shape: Sequence[int]) -> int:
-    """One convolution's multiply-adds for an output ``[B, C_out, H, W]``: ``B H W C_out (C_in / g) kh kw``."""
+def conv_flops(conv: nn.Module, out_shape: Sequence[int]) -> int:
+    """One convolution's multiply-adds (``nn.Conv2d`` or :class:`pce.PCEConv2d`, one expert) for an output
+    ``[B, C_out, H, W]``: ``B H W C_out (C_in / g) kh kw``."""
     B, C, H, W = out_shape
     kh, kw = conv.kernel_size
     return B * H * W * C * (conv.in_channels // conv.groups) * kh * kw
 
 
-def router_flops(layer: PCEConv2d, in_shape: Sequence[int]) -> int:
-    """FLOPs of ``layer``'s router on its pooled patches for an input ``[B, C_in, H, W]`` (fvcore, eval mode)."""
-    from pce.models.flops import count_flops
-
+def router_flops(layer: nn.Module, in_shape: Sequence[int]) -> int:
+    """FLOPs of a :class:`pce.PCEConv2d`'s current router on its pooled patches for an input ``[B, C_in, H, W]``
+    (fvcore, eval mode; 0 for a router without parameters)."""
+    router = layer.current_router()
+    params = list(router.parameters())
+    if not params:
+        return 0
     B, _, H, W = in_shape
     g = layer.geometry(H, W)
-    router = layer.current_router()
-    p = torch.zeros(B, g.cells.num_patches, layer.router_in_channels, g.pool, g.pool,
-                    device=next(layer.parameters()).device)
+    p = torch.zeros(B, g.cells.num_patches, layer.router_in_channels, g.pool, g.pool, device=params[0].device,
+                    dtype=params[0].dtype)
     pos = patch_centers(g.cells.grid_h, g.cells.grid_w, p.device)
-    if not any(True for _ in router.parameters()):
-        return 0
 
     class _Weights(nn.Module):
         def __init__(self) -> None:
@@ -119,9 +123,17 @@ def router_flops(layer: PCEConv2d, in_shape: Sequence[int]) -> int:
     was = router.training
     router.eval()
     try:
-        return int(count_flops(_Weights(), (p.to(next(router.parameters()).dtype), pos))["total"])
+        return int(count_flops(_Weights(), (p, pos))["total"])
     finally:
         router.train(was)
+
+
+def pce_conv_flops(layer: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """Active FLOPs of one call of a :class:`pce.PCEConv2d`: ``k = active_fraction * E`` times its convolution
+    (``k = top_k``; ``E`` under soft routing) plus its router (:func:`router_flops`; the region pooling's additions
+    are not counted)."""
+    k = layer.current_router().active_fraction * layer.num_experts
+    return int(round(k * conv_flops(layer, out_shape))) + router_flops(layer, in_shape)
 
 
 def _closest(target: str, names: Sequence[str]) -> str:
@@ -170,15 +182,16 @@ def _candidates(model: nn.Module) -> Dict[str, nn.Conv2d]:
 
 
 @torch.no_grad()
-def _shapes(model: nn.Module, names: Sequence[str], example: Any) -> Dict[str, List[Tuple[tuple, tuple]]]:
-    """``{name: [(input shape, output shape) per call]}`` of one eval-mode forward of ``model(example)``."""
+def call_shapes(model: nn.Module, names: Sequence[str], args: Tuple[Any, ...]) -> Dict[str, List[Tuple[tuple, tuple]]]:
+    """``{name: [(input shape, output shape) per call]}`` of the modules ``names`` over one eval-mode forward
+    ``model(*args)`` (the model's mode is restored)."""
     calls: Dict[str, List[Tuple[tuple, tuple]]] = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: calls[n].append((tuple(i[0].shape), tuple(o.shape)))) for n in names]
     was = model.training
     model.eval()
     try:
-        model(example)
+        model(*args)
     finally:
         model.train(was)
         for h in hooks:
@@ -204,7 +217,7 @@ def convert(model: nn.Module, targets: Union[Target, Sequence[Target]], *,
     if example_input is None and input_size is not None:
         example_input = torch.randn(1, *input_size, device=None if p is None else p.device,
                                     dtype=None if p is None else p.dtype)
-    shapes = _shapes(model, names, example_input) if example_input is not None else {}
+    shapes = call_shapes(model, names, (example_input,)) if example_input is not None else {}
     report = ConversionReport(skipped=skipped, input_size=None if input_size is None else tuple(input_size))
     for name in names:
         conv = model.get_submodule(name)
@@ -215,10 +228,8 @@ def convert(model: nn.Module, targets: Union[Target, Sequence[Target]], *,
                                sum(q.numel() for q in layer.parameters()))
         calls = shapes.get(name) or []
         if calls:
-            k = layer.current_router().active_fraction * layer.num_experts
             entry.in_shape, entry.out_shape, entry.calls = calls[0][0], calls[0][1], len(calls)
             entry.flops_before = sum(conv_flops(conv, out) for _, out in calls)
-            entry.flops_after = sum(int(round(k * conv_flops(conv, out))) + router_flops(layer, inp)
-                                    for inp, out in calls)
+            entry.flops_after = sum(pce_conv_flops(layer, inp, out) for inp, out in calls)
         report.layers.append(entry)
     return model, report

@@ -5,8 +5,12 @@
   ``aten::scaled_dot_product_attention``, ``aten::index_add``, every ``aten::upsample_*`` variant) and
   returns the total, the per-operator and per-module counts and fvcore's per-module table.
 * :func:`active_params_per_token` counts the parameters one patch actually uses in a PCE model: every
-  non-expert parameter plus ``k / E`` of each PCE layer's expert parameters (``top_k = k``; all of them for
-  soft routing). Dense models use all their parameters.
+  non-expert parameter plus ``k / E`` of each routed layer's expert parameters (``top_k = k``; all of them for
+  soft routing; :class:`~pce.models.layer.PCELayer` and :class:`pce.PCEConv2d` alike). Dense models use all
+  their parameters.
+* :func:`active_flops`: :func:`count_flops` where every :class:`pce.PCEConv2d` counts ``k`` of its ``E``
+  convolutions plus its router (:func:`pce.models.convert.pce_conv_flops`, what :func:`pce.convert`'s report
+  says), not the windows and halos its sparse implementation happened to execute.
 
 Conventions (fvcore's): one fused multiply-add is one FLOP, so a convolution costs
 ``N * C_out * H_out * W_out * (C_in / groups) * k_h * k_w`` and a linear layer ``N * in * out``; bias
@@ -27,10 +31,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pce.moe.execution import eager_routing
+from pce.moe.recorder import strip_wrapper_prefix
 
 Handle = Callable[[List[Any], List[Any]], Union[int, float, Counter]]
 
-__all__ = ["count_flops", "active_params_per_token", "count_params", "EXTRA_HANDLES",
+__all__ = ["count_flops", "active_params_per_token", "active_flops", "count_params", "EXTRA_HANDLES",
            "ZERO_FLOP_OPS"]
 
 
@@ -165,19 +170,34 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def active_params_per_token(model: nn.Module) -> int:
-    """Parameters one patch (token) uses: all parameters, minus ``(1 - k/E)`` of every PCE layer's expert
-    parameters (``k / E`` = the router's :attr:`~pce.moe.routing.Router.active_fraction`). For a model without PCE layers this is :func:`count_params`.
+    """Parameters one patch (token) uses: all parameters, minus ``(1 - k/E)`` of every routed layer's expert
+    parameters (``k / E`` = the router's :attr:`~pce.moe.routing.Router.active_fraction`; PCE layers and
+    :class:`pce.PCEConv2d` alike). For a model without routed layers this is :func:`count_params`.
     Routers, positional projections, the 1x1 output projection, stems, heads and dense layers count fully.
     Under a parameter-free router override (``set_router_override``) the override's sparsity is used."""
-    from pce.models.layer import PCELayer  # local: keeps this module importable without building the package graph
+    from pce.models.routed import routed_layers  # local: keeps this module importable without the package graph
 
-    total = count_params(model)
-    inactive = 0.0
-    for m in model.modules():
-        if isinstance(m, PCELayer):
-            expert_params = count_params(m.experts)
-            inactive += expert_params * (1.0 - m.current_router().active_fraction)
-    return int(round(total - inactive))
+    inactive = sum(count_params(layer.experts) * (1.0 - layer.current_router().active_fraction)
+                   for _, layer in routed_layers(model))
+    return int(round(count_params(model) - inactive))
+
+
+def active_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Tensor]], **kwargs: Any
+                 ) -> Dict[str, Any]:
+    """FLOPs of ``model(*inputs)`` (:func:`count_flops`, ``kwargs`` for it) with every :class:`pce.PCEConv2d`
+    counted by :func:`pce.models.convert.pce_conv_flops` (``k`` of ``E`` kernels plus the router, per call) instead
+    of the windows, halos or whole-map experts its implementation executed. Returns ``{"total", "gflops",
+    "executed" (the traced total), "layers" ({name: active FLOPs of that layer, all calls})}``. Call
+    ``model.eval()`` first."""
+    from pce.models.convert import call_shapes, pce_conv_flops
+    from pce.models.pce_conv import PCEConv2d
+
+    named = {n: m for n, m in model.named_modules() if isinstance(m, PCEConv2d)}
+    traced = count_flops(model, inputs, **kwargs)
+    calls = call_shapes(model, list(named), _as_tuple(inputs))
+    layers = {strip_wrapper_prefix(n): sum(pce_conv_flops(m, i, o) for i, o in calls[n]) for n, m in named.items()}
+    total = traced["total"] - sum(traced["by_module"].get(n, 0) for n in named) + sum(layers.values())
+    return {"total": total, "gflops": total / 1e9, "executed": traced["total"], "layers": layers}
 
 
 class _TraceableScatter(TorchFunctionMode):

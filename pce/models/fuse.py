@@ -4,24 +4,36 @@
 * every expert's ``StackedBatchNorm2d`` into its ``StackedConv2d`` (per expert: ``w' = w * g / s``,
   ``b' = (b - mean) * g / s + beta`` with ``s = sqrt(var + eps)``), using the pairs each expert type declares
   in ``fusable_pairs``;
-* every ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an ``nn.Sequential`` (stems, downsampling),
-  with ``torch.nn.utils.fusion.fuse_conv_bn_eval``.
+* every ``BatchNorm2d`` that directly follows a plain ``Conv2d`` (with ``torch.nn.utils.fusion.fuse_conv_bn_eval``)
+  or a :class:`pce.PCEConv2d` (into every expert's kernel: the layer outputs ``sum_e w_e conv_e(x)`` with weights
+  summing to 1 per patch, so ``BN(sum_e w_e conv_e(x)) = sum_e w_e BN(conv_e(x))``; only when its router
+  renormalises and drops no patch, i.e. no capacity; otherwise the pair is left as it is). "Directly follows":
+  adjacent in an ``nn.Sequential`` (stems, downsampling), or, in a model ``torch.fx.symbolic_trace`` can trace (a
+  timm ResNet's ``conv2`` -> ``bn2``), the batch norm's input is the convolution's output and nothing else reads
+  it. Each folded batch norm becomes an ``nn.Identity``.
 The result is for inference only: calling ``train()`` on a fused model raises.
 
 ``capture_blockers(model)`` lists the layers whose execution cannot run in a captured graph (torch.export, ONNX,
 torch.compile, jit.trace): ``execution="context"`` (data-dependent shapes). Every other strategy is static or
-becomes the static ``capacity`` execution under capture (:mod:`pce.moe.execution`).
+becomes the static ``capacity`` execution under capture (:mod:`pce.moe.execution`); :class:`pce.PCEConv2d` runs
+its dense implementation there.
 """
 from __future__ import annotations
 
+import logging
+import warnings
+from collections import Counter
 from typing import List, Tuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pce.models.pce_conv import PCEConv2d
 from pce.moe.execution import Execution
 from pce.moe.experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
+
+logger = logging.getLogger("pce")
 
 
 class FoldedNorm(nn.Module):
@@ -38,18 +50,107 @@ class FoldedNorm(nn.Module):
 
 
 @torch.no_grad()
-def fold_stacked(conv: StackedConv2d, bn: StackedBatchNorm2d) -> None:
-    """Fold ``bn`` into ``conv`` expert by expert (``conv`` gains biases)."""
-    C = conv.out_channels
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+def fold_kernels(conv: StackedConv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """``conv``'s experts followed by the affine map ``y * scale + shift`` (``[E * C_out]``: one per expert, or
+    ``[C_out]``: shared), folded into their kernels and biases (``conv`` gains biases)."""
+    C, E = conv.out_channels, conv.num_experts
+    scale, shift = scale.reshape(-1, C).expand(E, C), shift.reshape(-1, C).expand(E, C)
     if conv.biases is None:
         conv.biases = nn.ParameterList([nn.Parameter(torch.zeros(C, device=scale.device, dtype=scale.dtype))
-                                        for _ in range(conv.num_experts)])
-    for e in range(conv.num_experts):
-        s = scale[e * C:(e + 1) * C]
-        conv.weights[e].mul_(s.view(-1, 1, 1, 1))
-        conv.biases[e].copy_(conv.biases[e] * s + shift[e * C:(e + 1) * C])
+                                        for _ in range(E)])
+    for e in range(E):
+        conv.weights[e].mul_(scale[e].view(-1, *[1] * (conv.weights[e].dim() - 1)))
+        conv.biases[e].copy_(conv.biases[e] * scale[e] + shift[e])
+
+
+def _affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``y * scale + shift``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+    return scale, shift
+
+
+@torch.no_grad()
+def fold_stacked(conv: StackedConv2d, bn: StackedBatchNorm2d) -> None:
+    """Fold ``bn`` into ``conv`` expert by expert (``conv`` gains biases)."""
+    fold_kernels(conv, *_affine(bn))
+
+
+def _sums_to_one(layer: PCEConv2d) -> bool:
+    """Whether ``layer``'s routing weights sum to 1 on every patch (renormalised, no capacity drops)."""
+    routers = [layer.router] + ([layer.router_override] if layer.router_override is not None else [])
+    return all(bool(getattr(r, "renormalize", False)) and getattr(r, "capacity_factor", None) is None
+               and getattr(r, "choice_capacity_factor", None) is None for r in routers)
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    if not (isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, StackedBatchNorm2d) and bn.track_running_stats
+            and bn.running_mean is not None):
+        return False
+    return type(conv) is nn.Conv2d or (isinstance(conv, PCEConv2d) and _sums_to_one(conv))
+
+
+def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(conv, batch norm)`` module paths adjacent in an ``nn.Sequential``."""
+    out = []
+    for name, seq in model.named_modules():
+        if isinstance(seq, nn.Sequential):
+            prefix = name + "." if name else ""
+            names = list(seq._modules)
+            out += [(prefix + a, prefix + b) for a, b in zip(names, names[1:])]
+    return out
+
+
+def _graph_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(conv, batch norm)`` module paths of an FX trace of ``model`` where the batch norm reads the module's
+    output and nothing else does, each module called once; none when ``model`` does not trace."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = fx.symbolic_trace(model).graph
+    except Exception as e:  # noqa: BLE001 - any model FX cannot trace: fold what nn.Sequential shows
+        logger.debug("fuse_for_inference: %s does not FX-trace (%s); folding nn.Sequential pairs only",
+                     type(model).__name__, e)
+        return []
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    out = []
+    for node in graph.nodes:
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
+            if calls[src.target] == 1 and calls[node.target] == 1:
+                out.append((str(src.target), str(node.target)))
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def fold_conv_bn(model: nn.Module) -> List[Tuple[str, str]]:
+    """Fold every batch norm that directly follows a plain ``nn.Conv2d`` or a :class:`pce.PCEConv2d` (see the
+    module docstring) into it, in place, in eval mode. Returns the ``(conv, batch norm)`` paths folded."""
+    done: List[Tuple[str, str]] = []
+    seen = set()
+    for conv_name, bn_name in _graph_pairs(model) + _sequential_pairs(model):
+        if conv_name in seen or bn_name in seen:
+            continue
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not _foldable(conv, bn):
+            if isinstance(conv, PCEConv2d) and isinstance(bn, nn.BatchNorm2d):
+                logger.info("fuse_for_inference: %s is not folded into %s (its routing weights need not sum to 1)",
+                            bn_name, conv_name)
+            continue
+        if isinstance(conv, PCEConv2d):
+            fold_kernels(conv.experts.conv, *_affine(bn))
+        else:
+            _replace(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _replace(model, bn_name, nn.Identity())
+        seen.update((conv_name, bn_name))
+        done.append((conv_name, bn_name))
+    return done
 
 
 def _no_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -67,13 +168,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             if isinstance(conv, StackedConv2d) and isinstance(bn, StackedBatchNorm2d):
                 fold_stacked(conv, bn)
                 setattr(bank, bn_name, FoldedNorm())
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
-                seq._modules[b] = nn.Identity()
+    fold_conv_bn(model)
     for m in model.modules():
         m.train = _no_train.__get__(m)  # type: ignore[method-assign]
     return model

@@ -1,7 +1,7 @@
 """FX symbolic tracing of PCE models: which modules are leaves, and their registration with timm.
 
-Every module here branches on shapes, devices or data (patch grids, padding, routing, a CPU fast path, an on/off
-switch), so FX graphs hold each as one ``call_module`` node named by its module path (``stages.1.layers.0``)
+Every module here branches on shapes, devices or data (patch grids, output cells, padding, routing, a CPU fast
+path, an on/off switch), so FX graphs hold each as one ``call_module`` node named by its module path (``stages.1.layers.0``)
 that runs the real module eagerly (:func:`pce.layers.fx.fx_leaf`). That works with any tracer and no tracer
 arguments (``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` / ``get_graph_node_names``);
 they are also registered as timm's "notrace" modules, so timm's FX feature extraction
@@ -23,11 +23,12 @@ from torch import nn
 from pce.layers.attention import DeformableAttention
 from pce.layers.pointwise import PointwiseConv
 from pce.models.layer import DenseLayer, PCELayer
+from pce.models.pce_conv import PCEConv2d
 
 __all__ = ["FX_LEAF_MODULES"]
 
 #: the module classes that FX graphs of PCE models hold as single ``call_module`` nodes
-FX_LEAF_MODULES: Tuple[Type[nn.Module], ...] = (PCELayer, DenseLayer, DeformableAttention, PointwiseConv)
+FX_LEAF_MODULES: Tuple[Type[nn.Module], ...] = (PCELayer, DenseLayer, PCEConv2d, DeformableAttention, PointwiseConv)
 
 for _cls in FX_LEAF_MODULES:
     register_notrace_module(_cls)

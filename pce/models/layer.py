@@ -13,10 +13,10 @@ from pce.layers.patched_map import PatchedMap
 from pce.layers.patches import PatchExtractor, PatchGrid
 from pce.layers.pointwise import PointwiseConv
 from pce.layers.positional import PositionalEncoding
+from pce.models.routed import RoutedLayerMixin
 from pce.models.specs import LayerSpec, layer_spec
 from pce.moe.execution import Execution, build_execution
 from pce.moe.experts import build_expert_bank
-from pce.moe.recorder import RoutingSource
 from pce.moe.routers import build_router
 from pce.moe.routing import Router
 from pce.registry import EXECUTIONS, LAYERS
@@ -30,7 +30,7 @@ def execution_name(strategy: Execution) -> str:
 
 
 @LAYERS.register("pce")
-class PCELayer(RoutingSource, nn.Module):
+class PCELayer(RoutedLayerMixin, nn.Module):
     """One Positional Convolution Experts layer, ``[B, C, H, W] -> [B, C, H, W]``.
 
     1. fit the patch grid to the map (``padding="fit"``: shrink the patches to tile it when they can, else pad;
@@ -44,7 +44,9 @@ class PCELayer(RoutingSource, nn.Module):
     ``norm_stats="layer"`` (context execution only): the experts' batch norms share the statistics of all the
     layer's pixels (per-expert affine), as a dense layer's batch norm would, instead of each expert's own.
     ``router_override``: a parameter-free router used instead of the learned one (training phases), set by
-    :meth:`set_router_override`; it has no state, so checkpoints never contain it.
+    :meth:`~pce.models.routed.RoutedLayerMixin.set_router_override`; it has no state, so checkpoints never contain
+    it. The phase controls (override, keys, upcycling) are those of every routed layer
+    (:class:`~pce.models.routed.RoutedLayerMixin`).
 
     Built from a frozen :class:`~pce.models.specs.LayerSpec` (:meth:`from_spec`, or keyword options that make
     one); ``layer.spec`` gives it back.
@@ -101,25 +103,6 @@ class PCELayer(RoutingSource, nn.Module):
     def router_in_channels(self) -> int:
         return self.channels + self.pos.num_channels
 
-    # -- phases ----------------------------------------------------------------------------------
-    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        """Route with a parameter-free registered router (``"uniform"``, ``"positional"``, ``"shared"``) instead of
-        the learned one, e.g. during a stabilisation phase; ``None`` restores the learned router. The learned
-        router's ``top_k`` carries over unless given, so stabilisation costs what routing costs."""
-        if name is None:
-            self.router_override = None
-            return
-        if self.router.top_k is not None:
-            kwargs.setdefault("top_k", self.router.top_k)
-        r = build_router(name, self.router_in_channels, self.num_experts, **kwargs)
-        if not r.parameter_free or any(True for _ in r.parameters()):
-            raise ValueError(f"router override {name!r} has parameters; use a parameter-free router")
-        self.router_override = r.train(self.training)
-
-    def current_router(self) -> Router:
-        """The router this forward uses: the override when one is set, else the learned router."""
-        return self.router_override if self.router_override is not None else self.router
-
     def __prepare_scriptable__(self) -> "PCELayer":
         raise RuntimeError("PCE layers cannot be compiled with torch.jit.script (routing, registries and "
                            "dataclasses are plain Python); export with torch.export / ONNX (tools/export.py) "
@@ -138,6 +121,7 @@ class PCELayer(RoutingSource, nn.Module):
         routing = router.route(view)
         g = view.grid
         routing.grid, routing.patch_size, routing.patch_stride = (g.grid_h, g.grid_w), g.patch_size, g.stride
+        routing.map_size = (g.height, g.width)
         mix = self.strategy.resolve(router, x.device)(self.experts, view, routing.weights, self.options)
         self.emit_routing(routing)
         return x + self.proj(mix)

@@ -5,7 +5,7 @@
 >>> with pce.record_routing(pce_conv) as rec:
 ...     y = pce_conv(x)                                  # [B, 64, H, W]; rec.results[0].weights [B, 9, 4]
 
-Geometry. Patches are cells of the *output* map (:class:`~pce.layers.patches.CellGrid`): ``grid=(gh, gw)`` (or
+Geometry. Patches are cells of the *output* map (:class:`~pce.layers.cells.CellGrid`): ``grid=(gh, gw)`` (or
 ``grid=3``) cuts it into a fixed number of cells with borders ``round(i * H_out / gh)`` (sides differ by at most
 one pixel: 17 rows in 3 give 6, 5, 6; a side shorter than the grid gets one cell per pixel), ``patch_size=n`` into
 ``ceil(H_out / n) x ceil(W_out / n)`` cells split the same way. On the output grid, stride and dilation place
@@ -28,7 +28,9 @@ Implementations (``dispatch``): ``"dense"`` (context: every routed expert on the
 :func:`~pce.moe.dispatch.dispatch_map`, cost (experts used) x the conv; isolated: every expert on every window),
 ``"sparse"`` (each expert on a batch of its cells' windows, :func:`~pce.moe.dispatch.dispatch_rows`, about
 ``k`` x the conv plus the halo), ``"auto"`` (sparse when it computes fewer pixels; dense under graph capture,
-where shapes must be static).
+where shapes must be static). The kernels: :class:`~pce.moe.experts.ConvExperts`, stored as
+:class:`~pce.moe.stacked.StackedKernels` (a :class:`~pce.moe.stacked.StackedConv2d`, so surgery, upcycling and
+batch-norm folding see them).
 """
 from __future__ import annotations
 
@@ -39,19 +41,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from pce.layers.cells import CellGrid, CellWindows, conv_pads, gather_windows
 from pce.layers.fx import check_map, fx_leaf
 from pce.layers.patched_map import region_view
-from pce.layers.patches import CellGrid, CellWindows, gather_windows
 from pce.layers.positional import PositionalEncoding
+from pce.models.routed import RoutedLayerMixin
 from pce.moe.balance import BALANCE_LOSSES
 from pce.moe.dispatch import dispatch_dense, dispatch_map, dispatch_rows
 from pce.moe.execution import is_capturing
-from pce.moe.experts import ExpertBank, StackedConv2d
-from pce.moe.recorder import RoutingSource
+from pce.moe.experts import ConvExperts
 from pce.moe.routers import build_router
-from pce.moe.routing import Router
+from pce.moe.routing import Router, RoutingResult
 
-__all__ = ["PCEConv2d", "ConvExperts", "StackedKernels", "conv_pads"]
+__all__ = ["PCEConv2d", "ConvCells"]
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -69,99 +71,14 @@ class ConvCells(NamedTuple):
     pool: int
 
 
-def conv_pads(padding: Union[str, IntPair], kernel: Tuple[int, int], stride: Tuple[int, int],
-              dilation: Tuple[int, int]) -> Tuple[int, int, int, int]:
-    """``nn.Conv2d``'s padding (int, pair, ``"valid"``, ``"same"``) as ``(top, bottom, left, right)``; ``"same"``
-    puts the odd pixel bottom/right, as PyTorch does."""
-    if padding == "valid":
-        return 0, 0, 0, 0
-    if padding == "same":
-        if stride != (1, 1):
-            raise ValueError("padding='same' is not supported for strided convolutions")
-        (top, left), (kh, kw) = [(d * (k - 1)) // 2 for d, k in zip(dilation, kernel)], kernel
-        return top, dilation[0] * (kh - 1) - top, left, dilation[1] * (kw - 1) - left
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    ph, pw = _pair(padding)
-    return ph, ph, pw, pw
-
-
-class StackedKernels(StackedConv2d):
-    """E kernels of one convolution geometry (any kernel size, stride, dilation, groups), each expert's own
-    parameters (``weights[e] [C_out, C_in / groups, kh, kw]``, ``biases[e] [C_out]``: :class:`StackedConv2d`'s
-    storage, so expert surgery and upcycling apply as they are). Inputs come padded: ``forward_one`` is the
-    valid convolution."""
-
-    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
-                 stride: Tuple[int, int], dilation: Tuple[int, int], groups: int, bias: bool) -> None:
-        nn.Module.__init__(self)  # StackedConv2d's own constructor: odd square 'same' kernels only
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
-        self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
-        shape = (out_channels, in_channels // groups, *kernel_size)
-        self.weights = nn.ParameterList([nn.Parameter(torch.empty(shape)) for _ in range(num_experts)])
-        self.biases = nn.ParameterList([nn.Parameter(torch.empty(out_channels)) for _ in range(num_experts)]) \
-            if bias else None
-        fan_in = shape[1] * kernel_size[0] * kernel_size[1]
-        for e in range(num_experts):  # nn.Conv2d's initialisation
-            nn.init.kaiming_uniform_(self.weights[e], a=5 ** 0.5)
-            if self.biases is not None:
-                nn.init.uniform_(self.biases[e], -fan_in ** -0.5, fan_in ** -0.5)
-
-    def extra_repr(self) -> str:
-        return (f"E={self.num_experts}, {self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
-                f"stride={self.stride}, dilation={self.dilation}, groups={self.groups}")
-
-    def forward_one(self, x: torch.Tensor, e: int, padding: int = 0) -> torch.Tensor:
-        """Expert ``e``: ``[n, C_in, h, w]`` -> ``[n, C_out, h', w']`` (valid unless ``padding``)."""
-        b = self.biases[e] if self.biases is not None else None
-        return F.conv2d(x, self.weights[e], b, self.stride, padding, self.dilation, self.groups)
-
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on ``[N, C_in, h, w]`` -> ``[N, E * C_out, h', w']``."""
-        return torch.cat([self.forward_one(x, e) for e in range(self.num_experts)], 1)
-
-
-class ConvExperts(ExpertBank):
-    """The expert bank of :class:`PCEConv2d`: E convolutions of padded inputs, ``[N, C_in, h, w] -> [N, C_out,
-    h', w']`` (``h' = (h - d (k - 1) - 1) // s + 1``); ``weight [E, C_out, C_in / groups, kh, kw]``,
-    ``bias [E, C_out]``."""
-
-    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
-                 stride: Tuple[int, int], dilation: Tuple[int, int], groups: int, bias: bool) -> None:
-        super().__init__(num_experts, in_channels, out_channels)
-        self.conv = StackedKernels(num_experts, in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.conv.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.conv.bias
-
-    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
-        return sel.conv(self.conv, x)
-
-    @torch.no_grad()
-    def load_from(self, weight: torch.Tensor, bias: Optional[torch.Tensor], noise: float = 0.0) -> None:
-        """Every expert := ``weight`` (``[C_out, C_in / groups, kh, kw]``) and ``bias``, the kernels plus
-        ``noise * std(weight)`` Gaussian noise each."""
-        for e in range(self.num_experts):
-            w = weight if noise <= 0 else weight + noise * weight.std() * torch.randn_like(weight)
-            self.conv.weights[e].copy_(w)
-            if self.conv.biases is not None and bias is not None:
-                self.conv.biases[e].copy_(bias)
-
-
-class PCEConv2d(RoutingSource, nn.Module):
+class PCEConv2d(RoutedLayerMixin, nn.Module):
     """``nn.Conv2d`` semantics (``[B, C_in, H, W] -> [B, C_out, H_out, W_out]``, same arguments and output shape)
     with ``num_experts`` kernels ``experts.weight [E, C_out, C_in / groups, kh, kw]`` (+ ``experts.bias [E, C_out]``)
     mixed per patch by ``router`` (any registered router; ``router_kwargs`` for it, ``top_k`` and renormalisation
     as in :class:`~pce.models.layer.PCELayer`). See the module docstring for patches, execution and dispatch.
-    ``balance``: this layer's load-balancing term for :func:`pce.moe.balance.layer_balance_loss`."""
+    ``balance``: this layer's load-balancing term (:mod:`pce.moe.balance`), stamped on every result it records, so
+    the ``balance`` weight of :func:`pce.router_loss` applies it. A routed layer
+    (:class:`~pce.models.routed.RoutedLayerMixin`): router override, keys and upcycling as ``PCELayer``'s."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
                  padding: Union[str, IntPair] = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True,
@@ -241,23 +158,6 @@ class PCEConv2d(RoutingSource, nn.Module):
         layer.experts.load_from(w.detach(), None if conv.bias is None else conv.bias.detach(), noise)
         return layer.train(conv.training)
 
-    # -- router override (training phases), as PCELayer ------------------------------------------------------
-    def set_router_override(self, name: Optional[str], **kwargs: Any) -> None:
-        """Route with a parameter-free router (``"uniform"``, ``"positional"``, ``"shared"``) instead of the
-        learned one; ``None`` restores it. The learned router's ``top_k`` carries over unless given."""
-        if name is None:
-            self.router_override = None
-            return
-        if self.top_k is not None:
-            kwargs.setdefault("top_k", self.top_k)
-        r = build_router(name, self.router_in_channels, self.num_experts, **kwargs)
-        if not r.parameter_free or any(True for _ in r.parameters()):
-            raise ValueError(f"router override {name!r} has parameters; use a parameter-free router")
-        self.router_override = r.train(self.training)
-
-    def current_router(self) -> Router:
-        return self.router_override if self.router_override is not None else self.router
-
     # -- geometry -------------------------------------------------------------------------------------------
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         (top, bottom, left, right), (kh, kw) = self.pads, self.kernel_size
@@ -311,12 +211,18 @@ class PCEConv2d(RoutingSource, nn.Module):
         cells = g.cells
         view = region_view(x, g.region_rows, g.region_cols, g.pool, self.pos)
         router = self.current_router()
-        routing = router.route(view)
-        routing.grid, routing.patch_size = (cells.grid_h, cells.grid_w), cells.square_side
-        routing.patch_stride = routing.patch_size
+        routing = self._stamp(router.route(view), cells)
         out = self._execute(self._pad(x), cells, g.rows, g.cols, routing.weights, router)
         self.emit_routing(routing)
         return out
+
+    def _stamp(self, routing: RoutingResult, cells: CellGrid) -> RoutingResult:
+        """The layer's geometry and balancing term on its result: the output grid, its cell borders and size."""
+        routing.grid, routing.patch_size = (cells.grid_h, cells.grid_w), cells.square_side
+        routing.patch_stride = routing.patch_size
+        routing.map_size, routing.cell_rows, routing.cell_cols = (cells.height, cells.width), cells.rows, cells.cols
+        routing.balance = self.balance
+        return routing
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self.pads

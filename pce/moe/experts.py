@@ -14,16 +14,17 @@ So a new expert type is one class with stacked layers and a ``run`` method, plus
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pce.moe.stacked import StackedBatchNorm2d, StackedConv2d
+from pce.moe.stacked import StackedBatchNorm2d, StackedConv2d, StackedKernels
 from pce.registry import EXPERTS
 
-__all__ = ["StackedConv2d", "StackedBatchNorm2d", "AllExperts", "OneExpert", "ExpertBank", "build_expert_bank"]
+__all__ = ["StackedConv2d", "StackedBatchNorm2d", "StackedKernels", "AllExperts", "OneExpert", "ExpertBank",
+           "ConvExperts", "build_expert_bank"]
 
 
 class AllExperts:
@@ -179,6 +180,44 @@ class ConvBNReLUExpert(ExpertBank):
 
     def run(self, x: torch.Tensor, sel) -> torch.Tensor:
         return self.drop(F.relu(sel.norm(self.bn, sel.conv(self.conv, x))))
+
+
+class ConvExperts(ExpertBank):
+    """The expert bank of :class:`pce.PCEConv2d`: E convolutions of padded inputs, ``[N, C_in, h, w] -> [N, C_out,
+    h', w']`` (``h' = (h - d (k - 1) - 1) // s + 1``); ``weight [E, C_out, C_in / groups, kh, kw]``,
+    ``bias [E, C_out]``.
+
+    Not in :data:`~pce.registry.EXPERTS`: registered banks keep the map size (``'same'`` odd square kernels, what
+    :class:`~pce.models.layer.PCELayer`'s strategies and stitched context execution assume), while this one is a
+    valid convolution of any geometry (stride, dilation, rectangular kernels) run on windows its layer cuts.
+    Everything that walks expert banks (surgery, upcycling, batch-norm folding) sees its :class:`StackedKernels`
+    as a :class:`StackedConv2d`."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
+                 stride: Tuple[int, int], dilation: Tuple[int, int], groups: int, bias: bool) -> None:
+        super().__init__(num_experts, in_channels, out_channels)
+        self.conv = StackedKernels(num_experts, in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.conv.bias
+
+    def run(self, x: torch.Tensor, sel) -> torch.Tensor:
+        return sel.conv(self.conv, x)
+
+    @torch.no_grad()
+    def load_from(self, weight: torch.Tensor, bias: Optional[torch.Tensor], noise: float = 0.0) -> None:
+        """Every expert := ``weight`` (``[C_out, C_in / groups, kh, kw]``) and ``bias``, the kernels plus
+        ``noise * std(weight)`` Gaussian noise each."""
+        for e in range(self.num_experts):
+            w = weight if noise <= 0 else weight + noise * weight.std() * torch.randn_like(weight)
+            self.conv.weights[e].copy_(w)
+            if self.conv.biases is not None and bias is not None:
+                self.conv.biases[e].copy_(bias)
 
 
 def build_expert_bank(name: str, num_experts: int, in_channels: int, out_channels: int, **kwargs) -> ExpertBank:

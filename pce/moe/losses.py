@@ -3,8 +3,12 @@
 Losses (all differentiable, unweighted; :func:`router_loss` combines them):
 
 * ``entropy`` (the seeds' confidence loss): mean over patches of ``H(p) = -sum_e p_e log p_e``.
-* ``balance`` (Switch Transformer form): ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of patches whose
-  largest weight is expert e (not differentiable) and ``P_e`` the mean probability of e. Equals 1 when balanced.
+* ``balance``: each layer's own balancing term (``result.balance``, see :mod:`pce.moe.balance`), by default the
+  Switch Transformer form ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of patches whose largest weight is
+  expert e (not differentiable) and ``P_e`` the mean probability of e (equals 1 when balanced); a
+  :class:`pce.PCEConv2d` built with ``balance="entropy"`` or ``"none"`` gets that term instead.
+* ``batch_entropy`` (PatchConvMoE): ``log E - H(mean_{B, P} p)`` for every layer
+  (:func:`pce.moe.balance.batch_entropy_balance`): 0 when the batch-mean routing distribution is uniform.
 * ``z`` (ST-MoE): mean of ``logsumexp(logits)^2``; zero for routers without logits.
 * ``collapse``: the seeds count experts with usage < tau, which has no gradient. We report that count as the
   statistic ``collapsed_experts`` and train on the differentiable surrogate
@@ -18,21 +22,22 @@ from typing import Dict, Iterable, Mapping
 
 import torch
 
+from pce.moe.balance import balance_loss, batch_entropy_balance
 from pce.moe.metrics import COLLAPSE_TAU, entropy
 from pce.moe.routing import RoutingResult
 
 
 def routing_aux_losses(result: RoutingResult, tau: float = COLLAPSE_TAU) -> Dict[str, torch.Tensor]:
-    """The unweighted differentiable losses of one layer's routing: ``entropy``, ``balance``, ``collapse``, ``z``."""
+    """The unweighted differentiable losses of one layer's routing: ``entropy``, ``balance`` (the layer's own
+    term, :func:`pce.moe.balance.balance_loss`), ``batch_entropy``, ``collapse``, ``z``."""
     probs = result.probs
     E = probs.shape[-1]
     flat_p = probs.reshape(-1, E)
     mean_p = flat_p.mean(0)
-    top1 = result.weights.detach().reshape(-1, E).argmax(-1)
-    f = torch.bincount(top1, minlength=E).to(probs.dtype) / max(top1.numel(), 1)
     losses = {
         "entropy": entropy(flat_p).mean(),
-        "balance": E * (f * mean_p).sum(),
+        "balance": balance_loss(result),
+        "batch_entropy": batch_entropy_balance(result),
         "collapse": torch.relu(tau - mean_p).sum() / tau,
     }
     if result.logits is not None:
@@ -44,16 +49,18 @@ def routing_aux_losses(result: RoutingResult, tau: float = COLLAPSE_TAU) -> Dict
 
 @dataclass
 class RouterLossWeights:
-    """Weights of the router regularisers in the total loss (0 disables a term)."""
+    """Weights of the router regularisers in the total loss (0 disables a term). ``balance`` weighs each layer's
+    own balancing term (Switch unless the layer chose another), ``batch_entropy`` the batch-entropy term of every
+    layer."""
 
     entropy: float = 0.0
     balance: float = 0.01
     z: float = 0.001
     collapse: float = 0.0
+    batch_entropy: float = 0.0
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
-
 
     @classmethod
     def coerce(cls, weights: "RouterLossWeights | Mapping[str, float] | None") -> "RouterLossWeights":

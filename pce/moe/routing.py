@@ -14,7 +14,7 @@ patches; the lowest-probability assignments beyond capacity are dropped).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple, Union
 
 import torch
@@ -34,7 +34,15 @@ class RoutingResult:
         logits: ``[B, P, E]`` pre-softmax scores, or ``None`` for routers without logits.
         grid: ``(grid_h, grid_w)`` of the patch grid (set by the layer): patch ``p`` sits at row
             ``p // grid_w``, column ``p % grid_w``.
-        patch_size / patch_stride: the patch side and step in the layer's map pixels (set by the layer).
+        patch_size / patch_stride: the patch side and step in the layer's map pixels (set by the layer; ``None``
+            when the patches are cells of uneven sides).
+        map_size: ``(H, W)`` of the map the patches cut (set by the layer: a PCE layer's input, a
+            :class:`pce.PCEConv2d`'s output), so maps of the routing can be scaled to the image.
+        cell_rows / cell_cols: the borders of uneven cells in map pixels (``gh + 1`` / ``gw + 1`` increasing
+            integers from 0 to ``H`` / ``W``: patch ``p`` covers rows ``cell_rows[p // gw]:cell_rows[p // gw + 1]``),
+            or ``None`` for square patches (``patch_size`` / ``patch_stride`` describe them).
+        balance: the layer's own load-balancing term (a key of :data:`pce.moe.balance.BALANCE_LOSSES`), which the
+            ``balance`` weight of :func:`pce.router_loss` applies to this result; ``None``: the default (Switch).
 
     Losses: :func:`pce.moe.losses.routing_aux_losses`; statistics: :mod:`pce.analysis.stats`.
     """
@@ -45,6 +53,10 @@ class RoutingResult:
     grid: Optional[Tuple[int, int]] = None
     patch_size: Optional[int] = None
     patch_stride: Optional[int] = None
+    map_size: Optional[Tuple[int, int]] = None
+    cell_rows: Optional[Tuple[int, ...]] = None
+    cell_cols: Optional[Tuple[int, ...]] = None
+    balance: Optional[str] = None
 
     @property
     def num_experts(self) -> int:
@@ -53,8 +65,7 @@ class RoutingResult:
     def detach(self) -> "RoutingResult":
         """A copy with every tensor detached from the autograd graph."""
         d = lambda t: None if t is None else t.detach()  # noqa: E731
-        return RoutingResult(d(self.weights), d(self.probs), d(self.logits), self.grid, self.patch_size,
-                             self.patch_stride)
+        return replace(self, weights=d(self.weights), probs=d(self.probs), logits=d(self.logits))
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Stacked layers: ``E`` convolutions or batch norms stored as one tensor, run for all experts at once (fused /
-grouped) or for one expert on its own tokens. The building blocks of :mod:`pce.moe.experts`."""
+grouped) or for one expert on its own tokens. The building blocks of :mod:`pce.moe.experts`; :class:`StackedKernels`:
+the same storage for any convolution geometry (:class:`pce.PCEConv2d`)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,41 @@ class StackedBatchNorm2d(nn.BatchNorm2d):
             self.running_var[s] if self.running_var is not None else None,
             weight, bias, use_batch, self.momentum if self.momentum is not None else 0.1, self.eps,
         )
+
+
+class StackedKernels(StackedConv2d):
+    """E kernels of one convolution geometry (any kernel size, stride, dilation, groups), each expert's own
+    parameters (``weights[e] [C_out, C_in / groups, kh, kw]``, ``biases[e] [C_out]``: :class:`StackedConv2d`'s
+    storage, so expert surgery, upcycling and batch-norm folding apply as they are). Inputs come padded:
+    ``forward_one`` is the valid convolution. The kernels of :class:`pce.PCEConv2d`."""
+
+    def __init__(self, num_experts: int, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
+                 stride: Tuple[int, int], dilation: Tuple[int, int], groups: int, bias: bool) -> None:
+        nn.Module.__init__(self)  # StackedConv2d's own constructor: odd square 'same' kernels only
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(shape)) for _ in range(num_experts)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(out_channels)) for _ in range(num_experts)]) \
+            if bias else None
+        fan_in = shape[1] * kernel_size[0] * kernel_size[1]
+        for e in range(num_experts):  # nn.Conv2d's initialisation
+            nn.init.kaiming_uniform_(self.weights[e], a=5 ** 0.5)
+            if self.biases is not None:
+                nn.init.uniform_(self.biases[e], -fan_in ** -0.5, fan_in ** -0.5)
+
+    def extra_repr(self) -> str:
+        return (f"E={self.num_experts}, {self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
+                f"stride={self.stride}, dilation={self.dilation}, groups={self.groups}")
+
+    def forward_one(self, x: torch.Tensor, e: int, padding: int = 0) -> torch.Tensor:
+        """Expert ``e``: ``[n, C_in, h, w]`` -> ``[n, C_out, h', w']`` (valid unless ``padding``)."""
+        b = self.biases[e] if self.biases is not None else None
+        return F.conv2d(x, self.weights[e], b, self.stride, padding, self.dilation, self.groups)
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on ``[N, C_in, h, w]`` -> ``[N, E * C_out, h', w']``."""
+        return torch.cat([self.forward_one(x, e) for e in range(self.num_experts)], 1)

@@ -8,10 +8,20 @@ kernels and biases, every stacked batch norm's affine parameters and running sta
 (cosine / Gumbel keys ``[E, D]``, the gate MLP's output rows, ``top_k``, and the capacity factor so each expert's
 capacity stays the same) and set the layer's ``num_experts``. :func:`structure` / :func:`apply_structure` record
 and replay the edits, so a checkpoint of an edited model loads into a model built from the original config.
+
+Duplicating keeps a layer's outputs exactly only where the copy cannot change the weights the other experts and
+the original get (:func:`duplicate_changes_outputs` says where not): top-1 routing with renormalised weights
+(``renormalize=True`` or ``"straight_through"``: the chosen expert's weight is 1, whichever copy wins), and soft
+routing (``top_k=None``) by a gate router, whose two copies' logits are lowered by ``log 2``. Elsewhere the
+copy's probability joins the softmax normaliser: top-1 routing without renormalisation (the demo configs' cosine
+router) keeps the choice of expert but scales every patch's weight by ``1 / (1 + p)`` (``p``: the duplicated
+expert's probability on the patch; a static logit shift cannot help: the pair's probabilities must sum to the
+original's for the other experts' weights to stay, while the winning copy alone would need all of it).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -21,7 +31,10 @@ from torch import nn
 from pce.moe.experts import ExpertBank, StackedBatchNorm2d, StackedConv2d
 from pce.moe.recorder import routing_sources, strip_wrapper_prefix
 
-__all__ = ["prune_experts", "duplicate_expert", "select_experts", "pce_layers", "structure", "apply_structure"]
+__all__ = ["prune_experts", "duplicate_expert", "duplicate_changes_outputs", "select_experts", "pce_layers",
+           "structure", "apply_structure"]
+
+logger = logging.getLogger("pce")
 
 
 def pce_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -86,8 +99,8 @@ def _select_router(router: nn.Module, index: Sequence[int], logit_shift: Mapping
     if isinstance(keys, torch.Tensor) and keys.dim() == 2 and keys.shape[0] == old:
         router.keys = nn.Parameter(keys.detach()[list(index)].clone(), requires_grad=keys.requires_grad)
     scorer = getattr(router, "scorer", None)
-    head = scorer.mlp[-1] if scorer is not None and isinstance(getattr(scorer, "mlp", None), nn.Sequential) else None
-    if isinstance(head, nn.Linear) and head.out_features == old:
+    head = _gate_head(router)
+    if head is not None and head.out_features == old:
         w = head.weight.detach()[list(index)].clone()
         b = head.bias.detach()[list(index)].clone() if head.bias is not None else None
         if b is not None:
@@ -140,21 +153,69 @@ def prune_experts(model: nn.Module, experts: Mapping[str, Sequence[int]], inplac
     return model
 
 
+def _gate_head(router: nn.Module) -> Optional[nn.Linear]:
+    """The output layer of a gate router's MLP (the logits, one row per expert), or ``None``."""
+    scorer = getattr(router, "scorer", None)
+    head = scorer.mlp[-1] if scorer is not None and isinstance(getattr(scorer, "mlp", None), nn.Sequential) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def duplicate_changes_outputs(layer: nn.Module) -> Optional[str]:
+    """Why duplicating one of ``layer``'s experts changes its outputs (evaluation mode), or ``None`` when
+    :func:`duplicate_expert` keeps them exactly (for a capacity factor: while no expert overflows its capacity).
+    Judged on the router the layer routes with now (a phase's ``router_override`` when one is set)."""
+    router = layer.current_router() if hasattr(layer, "current_router") else layer.router
+    name = type(router).__name__
+    if getattr(router, "choice_capacity_factor", None) is not None:
+        return f"{name} (expert choice): the copy picks the same patches as the original, which then run it twice"
+    if getattr(router, "parameter_free", False) and not getattr(router, "uses_keys", False):
+        return (f"{name} (parameter-free: the phase's router_override): the duplicated expert counts twice among "
+                "the E + 1 experts")
+    top_k, renorm = getattr(router, "top_k", None), getattr(router, "renormalize", False)
+    if top_k is None:
+        head = _gate_head(router)
+        if head is not None and head.bias is not None:
+            return None  # both copies' logits lowered by log 2: the same probabilities, split in two
+        return (f"{name} with soft routing (top_k=None) has no per-expert logit bias to split the duplicated "
+                "expert's probability: the copy joins the softmax normaliser, every patch's weights shrink by "
+                "1 / (1 + p) (p: the duplicated expert's probability on the patch)")
+    if int(top_k) == 1:
+        if renorm:
+            return None  # the chosen expert's weight is 1 whichever copy wins: the same output
+        return (f"{name} routes top-1 without renormalisation (renormalize=False): the kept weight is a softmax "
+                "probability, now over E + 1 experts, so every patch's weight shrinks by 1 / (1 + p) (p: the "
+                "duplicated expert's probability on the patch; the chosen expert stays the same); exact with "
+                "renormalize=True or 'straight_through'")
+    return (f"{name} routes top-{int(top_k)}: the copy ties with the original and takes another expert's place "
+            f"among the {int(top_k)} kept")
+
+
 def duplicate_expert(model: nn.Module, layer_name: str, expert: int, jitter: float = 0.0,
-                     inplace: bool = False) -> nn.Module:
+                     inplace: bool = False, exact: bool = False, warn: bool = True) -> nn.Module:
     """A model whose layer ``layer_name`` has a copy of ``expert`` appended (index ``E``): same weights, same
-    batch-norm statistics, same router key / gate row, so the model computes the same outputs under top-1
-    routing with renormalised weights (a tie goes to the lower index: the original). Under soft routing
-    (``top_k=None``) a gate router's logits of both copies are lowered by ``log 2``, so their summed probability
-    equals the original's and the load is split exactly. ``jitter > 0`` moves
-    the two copies' keys (keyed routers) apart by ``+-jitter * |k|`` along a random direction orthogonal to the
-    key, so under top-1 routing they share the expert's patches (and diverge in training); outputs stay equal
-    except for patches near a tie with another expert."""
+    batch-norm statistics, same router key / gate row. Under soft routing (``top_k=None``) a gate router's
+    logits of both copies are lowered by ``log 2``, so their summed probability equals the original's and the
+    load is split exactly. ``jitter > 0`` moves the two copies' keys (keyed routers) apart by ``+-jitter * |k|``
+    along a random direction orthogonal to the key, so under top-1 routing they share the expert's patches (and
+    diverge in training).
+
+    The outputs stay exactly the same for top-1 routing with renormalised weights (either copy gives the same
+    output with weight 1, jitter or not) and for soft gate routing; otherwise the copy changes them
+    (:func:`duplicate_changes_outputs` says how, e.g. top-1 routing without renormalisation scales every patch's
+    weight by ``1 / (1 + p)``): a warning on the ``pce`` logger (``warn``), or a ``ValueError`` with
+    ``exact=True``."""
     model = model if inplace else copy.deepcopy(model)
     layer = _layer(model, layer_name)
     E = int(layer.num_experts)
     if not 0 <= int(expert) < E:
         raise ValueError(f"{layer_name}: expert {expert} out of range [0, {E})")
+    why = duplicate_changes_outputs(layer)
+    if why is not None:
+        msg = f"{layer_name}: duplicating expert {int(expert)} changes the outputs: {why}"
+        if exact:
+            raise ValueError(msg)
+        if warn:
+            logger.warning("%s", msg)
     soft = getattr(layer.router, "top_k", None) is None  # under top-k a lowered logit would change the choice
     half = -math.log(2.0)
     select_experts(layer, list(range(E)) + [int(expert)], {int(expert): half, E: half} if soft else {})

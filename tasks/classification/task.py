@@ -99,6 +99,11 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
         """1: any image is resized to ``model.input_shape``."""
         return 1
 
+    def to_input_frame(self, output: torch.Tensor, model_input_size: Tuple[int, int],
+                       original_size: Tuple[int, int]) -> torch.Tensor:
+        """Logits ``[K]`` belong to the whole image, whatever its size: as they are."""
+        return output
+
     def summarize(self, output: torch.Tensor, class_names: Optional[Sequence[str]], score_thr: float = 0.5
                   ) -> Dict[str, Any]:
         """``{"top5": [{"class", "name", "prob"}, ...]}`` of logits ``[K]``."""

@@ -149,6 +149,34 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
         return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                 "difficult": torch.zeros(0, dtype=torch.bool)}
 
+    def prepare_image(self, cfg: Any, image: torch.Tensor, transform: Any) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """``transform(image, empty target)``, without the transform's ``size_divisibility`` padding (the model
+        pads its batch itself): the model input is exactly the resized image, so :meth:`to_input_frame` scales by
+        its size. The resized frame is read from a probe box over the whole image, which the transform scales."""
+        target = self.empty_target(image)
+        if transform is None:
+            return image, target
+        h, w = image.shape[-2:]
+        probe = {"boxes": torch.tensor([[0.0, 0.0, float(w), float(h)]]), "labels": torch.zeros(1, dtype=torch.int64),
+                 "difficult": torch.zeros(1, dtype=torch.bool)}
+        x, got = transform(image, probe)
+        boxes = torch.as_tensor(got.get("boxes", torch.zeros(0, 4))).reshape(-1, 4)
+        if len(boxes) == 1:
+            rw, rh = int(round(float(boxes[0, 2]))), int(round(float(boxes[0, 3])))
+            if 0 < rh <= x.shape[-2] and 0 < rw <= x.shape[-1]:
+                x = x[..., :rh, :rw]
+        return x.contiguous(), target
+
+    def to_input_frame(self, output: Mapping[str, torch.Tensor], model_input_size: Tuple[int, int],
+                       original_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        """Boxes ``xyxy`` scaled from ``model_input_size`` ``(H', W')`` to ``original_size`` ``(H, W)``
+        (x by ``W / W'``, y by ``H / H'``); scores and labels as they are."""
+        (mh, mw), (h, w) = model_input_size, original_size
+        scale = torch.tensor([w / mw, h / mh, w / mw, h / mh], dtype=torch.float32)
+        out = dict(output)
+        out["boxes"] = torch.as_tensor(output["boxes"]).float().reshape(-1, 4) * scale
+        return out
+
     def summarize(self, output: Mapping[str, torch.Tensor], class_names: Optional[Sequence[str]],
                   score_thr: float = 0.5) -> Dict[str, Any]:
         """The detections scoring at least ``score_thr``: ``{"boxes", "labels", "scores", "names"}``."""

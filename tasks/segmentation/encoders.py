@@ -39,9 +39,11 @@ smp constructor, or let :func:`create_smp_model` (and
 
 Capability flags (what smp's own tests and encoder tables read, on the instance): ``_is_torch_scriptable`` is
 False (PCE layers refuse ``torch.jit.script``); ``_is_torch_compilable`` / ``_is_torch_exportable`` are True
-exactly when every PCE layer's execution can be captured in a graph (all strategies but ``"context"``: under
-capture the data-dependent ones run the static ``"capacity"`` execution, equal to ``"sparse"`` when no token
-overflows; see :func:`pce.models.fuse.capture_blockers`). On the encoder they are properties, so they follow
+exactly when every PCE layer's execution can be captured in a graph: under capture the data-dependent strategies
+run the static ``"capacity"`` execution (equal to ``"sparse"`` when no token overflows) and ``"context"`` its
+static whole-map form (equal to eager context execution, E x its FLOPs); only ``"context"`` with a router that
+gives a patch several experts (refused in eager runs too) blocks them (:func:`pce.models.fuse.capture_blockers`,
+:class:`pce.moe.execution.StaticContextExecution`). On the encoder they are properties, so they follow
 the layers; :func:`create_smp_model` also sets them on the smp model it returns (``smp.create_model`` itself
 leaves the model's class defaults, True).
 

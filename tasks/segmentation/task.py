@@ -132,6 +132,16 @@ class SegmentationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, Spl
         """An all-background mask ``int64 [H, W]``."""
         return torch.zeros(image.shape[-2:], dtype=torch.int64)
 
+    def to_input_frame(self, output: torch.Tensor, model_input_size: Tuple[int, int],
+                       original_size: Tuple[int, int]) -> torch.Tensor:
+        """The label map ``[H', W']`` resized to ``original_size`` ``(H, W)`` by nearest neighbour (pixel centres
+        aligned: ``nearest-exact``); unchanged when the sizes agree."""
+        size = tuple(int(v) for v in original_size)
+        if tuple(output.shape[-2:]) == size:
+            return output
+        out = torch.nn.functional.interpolate(output[None, None].float(), size=size, mode="nearest-exact")
+        return out[0, 0].to(output.dtype)
+
     def summarize(self, output: torch.Tensor, class_names: Optional[Sequence[str]], score_thr: float = 0.5
                   ) -> Dict[str, Any]:
         """``{"class_pixels": {class: pixel count}}`` of a label map ``[H, W]``."""
