@@ -11,7 +11,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test lint benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# import-linter's layer contracts (pyproject.toml [tool.importlinter]) on a view that maps tasks/ and datasets/
+# to pce.tasks / pce.datasets as the editable install does; the test suite runs the same check
+lint: install
+	$(PY) tests/test_import_contracts.py
 
 benchmark: install
 	$(PY) tools/benchmark.py --quick

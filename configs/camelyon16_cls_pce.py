@@ -1,4 +1,4 @@
-# PCE classifier (backbone -> SPP -> FC): tumour / normal tiles of Camelyon16 (96 px of level 2, label = tumour
+# PCE classifier (backbone -> SPP -> FC): tumour / normal tiles of Camelyon16 (96 px at 1.0 um/px, label = tumour
 # in the central third, as PatchCamelyon). tools/eval.py reports top1 (accuracy), AUC (tile AUC) and the
 # confusion matrix.
 #   python tools/train.py configs/camelyon16_cls_pce.py          # expects data/camelyon16 (see the dataset base)

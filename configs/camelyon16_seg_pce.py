@@ -1,4 +1,5 @@
-# PCE encoder + smp FPN: tumour segmentation on Camelyon16 (256 px tiles of level 1).
+# PCE encoder + smp FPN: tumour segmentation on Camelyon16 (256 px tiles at 0.5 um/px; best.pth chosen on a
+# validation holdout of the training slides, the test slides left to tools/eval.py).
 #   python tools/train.py configs/camelyon16_seg_pce.py          # expects data/camelyon16 (see the dataset base)
 #   torchrun --nproc_per_node=4 tools/train.py configs/camelyon16_seg_pce.py
 #   python tools/eval.py configs/camelyon16_seg_pce.py --checkpoint work_dirs/camelyon16_seg_pce/best.pth --out m.json

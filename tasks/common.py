@@ -1,11 +1,13 @@
 """Helpers shared by the task adapters: config nodes to plain values, signature checks,
 the dataset keyword arguments of a config split (``data.root``, the built-in ``demo`` data),
+:func:`apply_model_convert` (``model.convert``: the last step of every adapter's ``build_model``),
 :class:`SplitDatasetsMixin` (``build_datasets`` / ``set_epoch`` / ``dummy_inputs`` of every adapter),
 :class:`RouterLossMixin` (``train_step``) and the shared members of the task contract
 (:class:`pce.engine.task.Task`): :class:`ToolDefaultsMixin`, :class:`TensorBatchMixin`."""
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -20,7 +22,9 @@ from pce.moe.recorder import record_routing
 
 __all__ = ["to_plain", "accepts", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin",
            "RouterLossMixin", "check_kwargs", "check_split_dataset", "ToolDefaultsMixin",
-           "TensorBatchMixin"]
+           "TensorBatchMixin", "apply_model_convert"]
+
+logger = logging.getLogger("pce")
 
 
 def accepts(fn: Any, name: str) -> bool:
@@ -126,6 +130,35 @@ def _check_demo_options(cfg: Any, split: str, root: Any, demo: Any) -> None:
         if o_demo and str(o_root) == str(root) and norm(o_demo) != norm(demo):
             raise PCEError(f"data.{split}.kwargs.demo", f"{to_plain(demo)!r} differs from data.{other}.kwargs.demo "
                            f"{to_plain(o_demo)!r} for the same root {root}", "the same demo options in every split")
+
+
+def apply_model_convert(model: nn.Module, cfg: Any, example_input: Any = None) -> nn.Module:
+    """``model.convert`` of ``cfg`` applied to the task's freshly built ``model``, entry by entry
+    (:func:`pce.convert` with the entry's options, :func:`pce.engine.validation.convert_call`), and returned; the
+    last step of every adapter's ``build_model``, so training, evaluation, inference, export, the routing tools and
+    the report all build the same converted structure and a converted run's checkpoint loads into it. Each entry's
+    report (shapes, parameters, active FLOPs per layer, measured by one eval-mode forward of ``example_input``;
+    without one they are left out) is logged. A target that selects no convolution is ``pce.convert``'s one-line
+    error under ``model.convert.<i>.target``; another error of an entry names ``model.convert.<i>``. Without
+    entries the model is returned untouched (no forward, no random numbers drawn)."""
+    entries = list(getattr(cfg.model, "convert", None) or [])
+    if not entries:
+        return model
+    from pce.engine.errors import PCEError, one_line
+    from pce.engine.validation import convert_call
+    from pce.models.convert import convert
+
+    for i, entry in enumerate(entries):
+        targets, kwargs = convert_call(entry)
+        try:
+            model, report = convert(model, targets, example_input=example_input, **kwargs)
+        except (ValueError, TypeError) as e:
+            msg = one_line(e)
+            where = f"model.convert.{i}" + (".target" if any(msg.startswith(f"{t}:") for t in targets) else "")
+            raise PCEError(where, msg) from e
+        logger.info("model.convert.%d (%s): %d convolution(s) replaced by PCEConv2d\n%s", i, ", ".join(targets),
+                    len(report.layers), report)
+    return model
 
 
 def image_batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

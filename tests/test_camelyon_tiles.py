@@ -157,7 +157,8 @@ def test_camelyon16_layout_registry_and_missing_layout(slides, tmp_path):
     root = tmp_path / "c16"
     (root / "training" / "tumor").mkdir(parents=True)
     (root / "training" / "tumor" / "tumor_001.tif").symlink_to(slides["tumour"]["slide"])
-    with pytest.raises(FileNotFoundError, match="lesion_annotations/tumor_001.xml: lesion annotations"):
+    with pytest.raises(FileNotFoundError, match=r"tumor_001\.tif: tumour slide without lesion annotations: "
+                                                 r"tumor_001\.xml not found in \S*c16/lesion_annotations"):
         build_dataset("camelyon16", root=root)
     (root / "lesion_annotations").mkdir()
     (root / "lesion_annotations" / "tumor_001.xml").symlink_to(slides["tumour"]["xml"])

@@ -28,10 +28,10 @@ def _options(root: Path, cache: Path) -> list:
     opts = [f"data.root={root}", "data.batch_size=4", "data.num_workers=0", "schedule.epochs=2",
             "runtime.kmeans_init_batches=2", "runtime.tensorboard=False", "runtime.progress_bar=False",
             "model.input_shape=[3,64,64]", "data.train.kwargs.epoch_size=16", "data.train.kwargs.generate=False",
-            "data.val.kwargs.generate=False",
+            "data.val.kwargs.generate=False", "data.test.kwargs.generate=False",
             "phases=[{'name':'shared','epochs':1,'router_override':'shared','keys_trainable':False},"
             "{'name':'route','epochs':-1,'upcycle':True}]"]
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         opts += [f"data.{split}.kwargs.{t}" for t in tiles] + [f"data.{split}.kwargs.cache_dir={cache}"]
     return opts
 
@@ -111,7 +111,7 @@ def test_infer_slide_loads_a_pruned_checkpoint_as_evaluation_does(tmp_path: Path
     slide = tmp_path / "slide_001.tif"
     make_synthetic_slide(slide, tmp_path / "slide_001.xml", size=(512, 384), tumour=True, seed=3)
     tiles = dict(level=1, tile_size=64, stride=64, min_tissue=0.5, cache_dir=str(tmp_path / "cache"))
-    opts = ["model.input_shape=[3,64,64]"] + [f"data.val.kwargs.{k}={v}" for k, v in tiles.items()]
+    opts = ["model.input_shape=[3,64,64]"] + [f"data.test.kwargs.{k}={v}" for k, v in tiles.items()]
     cfg = load_config(CONFIG, opts)
     task = get_task(cfg.task)
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_infer_slide_loads_a_pruned_checkpoint_as_evaluation_does(tmp_path: Path
     load_trained_weights(ref, cfg, ckpt)
     ref.eval()
     assert [pce_layers(ref)[n].num_experts for n in layers] == [2] * len(layers)
-    sc = cfg.data.val
+    sc = cfg.data.test
     kw = {k: v for k, v in dict(sc.transform.kwargs).items() if k != "seed"}
     ds = CamelyonTiles([slide], mode="segment", transform=build_transform(sc.transform.name, **dict(kw, train=False)),
                        **tiles)

@@ -1,5 +1,5 @@
-"""Static-shape execution for captured graphs: ``execution="capacity"`` equals the eager sparse path, and
-torch.export / jit.trace keep routing input-dependent (two inputs through the captured model match eager); what
+"""Static-shape execution for captured graphs: ``execution="capacity"`` equals the eager sparse path (``"context"``:
+tests/test_context_execution.py), and torch.export / jit.trace keep routing input-dependent (two inputs through the captured model match eager); what
 tools/export.py captures of a task's model (``task.export_target``, :mod:`pce.tasks.export_targets`)."""
 from pathlib import Path
 

@@ -1,8 +1,10 @@
 """tools/export.py end to end on a digits checkpoint trained here (a few iterations): ONNX with a dynamic batch,
-torch.export of the backbone, the refusal to overwrite, the context-execution and bad-key error lines."""
+torch.export of the backbone, the refusal to overwrite, the bad-key error lines; context execution (the segmentation
+and Camelyon configs) exported and checked against eager on inputs that route differently, and its one refusal."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,13 +73,96 @@ def test_torch_export_backbone_next_to_checkpoint(tool, checkpoint: Path, capsys
     assert "top-1 routing differs" in capsys.readouterr().out
 
 
-def test_context_execution_error_line(tool, tmp_path: Path, capsys):
-    rc = tool.main(["configs/demo_seg_pce.py", "--random-weights", "--format", "onnx", "--out",
-                    str(tmp_path / "seg.onnx")])
+# -- context execution (every segmentation and Camelyon config): exported in its static whole-map form ---------------
+SEG = "configs/demo_seg_pce.py"
+CAMELYON = "configs/demo_camelyon_seg_pce.py"
+
+
+def rerouting_seed(config: str, size) -> int:
+    """A torch seed under which the ``--random-weights`` model of ``config`` (built as tools/export.py builds it)
+    routes the tool's two held-back inputs differently in some PCE layer: an untrained router routes mostly by
+    position, so not every initialisation does."""
+    from pce.tasks.export_check import routing_changes
+
+    cfg = load_config(config)
+    task = get_task(cfg.task)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = task.build_model(cfg).eval()
+        module, make_input, _ = task.export_target(model, cfg, "model", size)
+        if routing_changes(module, [make_input(2, 1), make_input(2, 2)])[0]:
+            return seed
+    raise AssertionError(f"no seed in 0..19 routes the held-back inputs of {config} differently")
+
+
+def check_context_export(printed: str, meta_path: Path, fmt: str) -> None:
+    """The tool's report: outputs equal eager, on held-back inputs that route differently in some layer."""
+    changed = re.search(r"top-1 routing differs between two of them in (\d+) of (\d+) PCE layers", printed)
+    assert changed and int(changed.group(1)) > 0 and int(changed.group(2)) == 2, printed
+    assert f"logits: max |{fmt} - eager|" in printed
+    meta = json.loads(meta_path.read_text())
+    assert meta["max_abs_diff"]["logits"] < 1e-4 * max(1.0, meta["max_abs_eager"]["logits"])
+
+
+@pytest.fixture(scope="module")
+def camelyon_checkpoint(tmp_path_factory) -> Path:
+    """``latest.pth`` of configs/demo_camelyon_seg_pce.py after 2 x 2 iterations on small generated slides, 64 px
+    tiles, no evaluation: the shared phase, then upcycling, K-Means keys and learned routing (the phase it is
+    saved in)."""
+    from pce.datasets.camelyon import make_demo_camelyon
+
+    tmp = tmp_path_factory.mktemp("camelyon_export")
+    root = make_demo_camelyon(tmp / "demo", num_tumour=2, num_normal=2, num_test_tumour=1, num_test_normal=0,
+                              size=(512, 512), seed=5)
+    opts = [("runtime.work_dir", str(tmp / "wd")), ("data.root", str(root)), ("data.batch_size", 4),
+            ("data.val.name", ""), ("data.test.name", ""),  # training only: the checkpoint is what matters
+            ("schedule.epochs", 2), ("schedule.iters_per_epoch", 2), ("runtime.kmeans_init_batches", 1),
+            ("runtime.tensorboard", False), ("runtime.progress_bar", False), ("runtime.eval_interval", 100),
+            ("model.input_shape", [3, 64, 64]), ("data.train.kwargs.epoch_size", 8),
+            ("phases", [dict(name="shared", epochs=1, router_override="shared", keys_trainable=False),
+                        dict(name="route", epochs=-1, upcycle=True)])]
+    opts += [(f"data.train.kwargs.{k}", v) for k, v in
+             dict(level=1, tile_size=64, stride=64, generate=False, cache_dir=str(tmp / "cache")).items()]
+    cfg = load_config(str(REPO / CAMELYON), opts)
+    task = get_task(cfg.task)
+    Trainer(cfg, task, hooks=default_hooks(cfg, task)).train()
+    torch.set_num_threads(1)
+    return tmp / "wd" / "latest.pth"
+
+
+def test_camelyon_context_onnx_random_weights(tool, tmp_path: Path, capsys):
+    torch.set_num_threads(1)
+    torch.manual_seed(rerouting_seed(CAMELYON, (96, 96)))
+    out = tmp_path / "camelyon.onnx"
+    assert tool.main([CAMELYON, "--random-weights", "--format", "onnx", "--input-size", "96", "96",
+                      "--out", str(out)]) == 0
+    check_context_export(capsys.readouterr().out, tmp_path / "camelyon.onnx.json", "onnx")
+
+
+def test_camelyon_context_onnx_checkpoint(tool, camelyon_checkpoint: Path, tmp_path: Path, capsys):
+    out = tmp_path / "camelyon_trained.onnx"
+    assert tool.main([CAMELYON, "--checkpoint", str(camelyon_checkpoint), "--format", "onnx", "--input-size", "96",
+                      "96", "--out", str(out)]) == 0
+    check_context_export(capsys.readouterr().out, tmp_path / "camelyon_trained.onnx.json", "onnx")
+    assert json.loads((tmp_path / "camelyon_trained.onnx.json").read_text())["weights"] == "checkpoint"
+
+
+def test_seg_demo_context_torch_export(tool, tmp_path: Path, capsys):
+    torch.set_num_threads(1)
+    torch.manual_seed(rerouting_seed(SEG, (96, 96)))
+    out = tmp_path / "seg.pt2"
+    assert tool.main([SEG, "--random-weights", "--format", "torch_export", "--input-size", "96", "96",
+                      "--out", str(out)]) == 0
+    check_context_export(capsys.readouterr().out, tmp_path / "seg.pt2.json", "torch_export")
+
+
+def test_context_with_two_experts_per_patch_error_line(tool, tmp_path: Path, capsys):
+    """Context execution needs at most one expert per patch: top_k=2 is refused (eagerly too), with the key."""
+    rc = tool.main([SEG, "--random-weights", "--format", "onnx", "--out", str(tmp_path / "seg.onnx"),
+                    "--cfg-options", "model.backbone_overrides.top_k=2"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: model.backbone_overrides.execution: execution='context'")
-    assert "cannot be exported" in err and "capacity" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -107,7 +107,8 @@ def test_empty_validation_split_is_an_error_before_training(tmp_path):
 
 def test_flags_without_effect_and_dense_twins(tmp_path):
     """11. attention=True on a backbone without attention blocks is an error naming the phase; the stock configs
-    have none, and every *_pce config has its *_dense twin."""
+    have none, and every *_pce config has its *_dense twin; every *_patchmoe config (model.convert) is its *_dense
+    twin plus the conversion: the same model and data but for model.convert."""
     phases = [dict(name="a", epochs=1), dict(name="b", epochs=-1, attention=True)]
     trainer = Trainer(tiny_cfg(tmp_path / "wd", epochs=2, iters=1, phases=phases), get_task("classification"))
     with pytest.raises(PCEError, match=r"phases\.1\.attention: attention=True in phase 'b' has no effect"):
@@ -123,6 +124,12 @@ def test_flags_without_effect_and_dense_twins(tmp_path):
     pce_cfgs = {p.name[:-len("_pce.py")] for p in (REPO / "configs").glob("*_pce.py")}
     dense_cfgs = {p.name[:-len("_dense.py")] for p in (REPO / "configs").glob("*_dense.py")}
     assert pce_cfgs <= dense_cfgs, sorted(pce_cfgs - dense_cfgs)
+    moe_cfgs = {p.name[:-len("_patchmoe.py")] for p in (REPO / "configs").glob("*_patchmoe.py")}
+    assert moe_cfgs and moe_cfgs <= dense_cfgs, sorted(moe_cfgs - dense_cfgs)
+    for stem in sorted(moe_cfgs):
+        moe, dense = (load_config(REPO / "configs" / f"{stem}_{kind}.py") for kind in ("patchmoe", "dense"))
+        assert moe.model.convert and {**moe.model, "convert": []} == dict(dense.model), stem
+        assert moe.data == dense.data, stem
 
 
 def test_demo_data_never_deletes_user_files(tmp_path):

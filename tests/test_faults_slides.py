@@ -62,7 +62,7 @@ def env(tmp_path_factory):
     nor = make_synthetic_slide(root / "slides" / "slide_002.tif", None, size=SIZE, tumour=False, seed=4, levels=3,
                                tile=128)
     tiles = dict(level=1, tile_size=64, stride=64, min_tissue=0.5, cache_dir=str(root / "cache"))
-    opts = ["model.input_shape=[3,64,64]"] + [f"data.val.kwargs.{k}={v}" for k, v in tiles.items()]
+    opts = ["model.input_shape=[3,64,64]"] + [f"data.test.kwargs.{k}={v}" for k, v in tiles.items()]
     cfg = load_config(CONFIG, opts)
     torch.manual_seed(0)
     model = get_task(cfg.task).build_model(cfg)
@@ -197,18 +197,18 @@ def test_a_slide_without_mpp_needs_the_mpp_flag_and_the_mpp_is_recorded(env, tmp
 
 def test_a_typo_in_the_tile_options_is_named(env, tmp_path, capsys):
     rc, _, err = infer(env, capsys, env["tumour"]["slide"], "--out", tmp_path / "o",
-                       opts=["data.val.kwargs.tile_sise=32"])
+                       opts=["data.test.kwargs.tile_sise=32"])
     line = error_line(err)
-    assert rc == 1 and "data.val.kwargs.tile_sise" in line and "'tile_size'" in line, line
+    assert rc == 1 and "data.test.kwargs.tile_sise" in line and "'tile_size'" in line, line
     assert not (tmp_path / "o").exists()
     # tools/eval.py builds the split: the same check names the key (before: a TypeError naming none)
     from pce.engine import load_config
     from pce.engine.errors import PCEError
     from pce.tasks import get_task
 
-    cfg = load_config(CONFIG, env["opts"] + [f"data.root={tmp_path / 'none'}", "data.val.kwargs.tile_sise=32"])
-    with pytest.raises(PCEError, match=r"data\.val\.kwargs\.tile_sise: .*'tile_size'"):
-        get_task(cfg.task).build_datasets(cfg, splits=("val",))
+    cfg = load_config(CONFIG, env["opts"] + [f"data.root={tmp_path / 'none'}", "data.test.kwargs.tile_sise=32"])
+    with pytest.raises(PCEError, match=r"data\.test\.kwargs\.tile_sise: .*'tile_size'"):
+        get_task(cfg.task).build_datasets(cfg, splits=("test",))
 
 
 # ------------------------------------------------------------------------------------------------ item 3
@@ -303,10 +303,10 @@ def test_a_camelyon_training_resumed_after_epoch_one_equals_the_straight_run(tmp
                 ("data.num_workers", 0), ("schedule.epochs", 2), ("runtime.kmeans_init_batches", 1),
                 ("runtime.tensorboard", False), ("runtime.progress_bar", False), ("model.input_shape", [3, 32, 32]),
                 ("data.train.kwargs.epoch_size", 8), ("data.train.kwargs.generate", False),
-                ("data.val.kwargs.generate", False),
+                ("data.val.kwargs.generate", False), ("data.test.kwargs.generate", False),
                 ("phases", [{"name": "shared", "epochs": 1, "router_override": "shared", "keys_trainable": False},
                             {"name": "route", "epochs": -1}])]
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             opts += [(f"data.{split}.kwargs.{k}", v) for k, v in
                      dict(level=1, tile_size=32, stride=32, min_tissue=0.5, cache_dir=str(tmp_path / "cache")).items()]
         return load_config(CONFIG, opts)

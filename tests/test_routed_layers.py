@@ -223,3 +223,21 @@ def test_routing_maps_of_a_backbone_cover_the_image():
         assert m.feature_stride == s and m.map_size == (64 // s, 96 // s)
         assert m.pixels().shape == (1, 64, 96)
         assert torch.equal(m.pixels()[:, ::s * n, ::s * n], m.expert)
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense", "auto"])
+def test_fvcore_flop_count_traces_every_dispatch(dispatch):
+    """fvcore traces with torch.jit: the sparse windows (a Python autograd Function) cannot be traced, so a
+    trace runs the dense path; the active count is the hand formula whatever the dispatch."""
+    from pce.models.flops import active_flops, count_flops
+
+    torch.manual_seed(0)
+    conv = pce.PCEConv2d(8, 8, 3, padding=1, dispatch=dispatch, top_k=1).eval()
+    x = torch.randn(2, 8, 12, 12)
+    assert count_flops(conv, x)["total"] > 0
+    k3 = 8 * 8 * 9                                        # MACs per output pixel of one expert
+    router = active_flops(conv, x)["total"] - 2 * 12 * 12 * k3
+    assert router > 0                                     # top-1: one expert's conv plus the router
+    dense = pce.PCEConv2d(8, 8, 3, padding=1, dispatch="dense", top_k=1).eval()
+    dense.load_state_dict(conv.state_dict())
+    assert active_flops(dense, x)["total"] == active_flops(conv, x)["total"]

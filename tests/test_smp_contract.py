@@ -1,7 +1,8 @@
 """The contracts smp's own test suites check on an encoder and on the models built on it (tests/encoders/base.py,
 tests/models/base.py of segmentation_models.pytorch), checked here on the PCE encoders: input channels, depths,
 output strides, every architecture, the capability flags and what they promise (torch.compile / torch.export
-per execution mode, TorchScript refused). Complements tests/test_segmentation_model.py (wrapper, sizes, routing).
+per execution mode, context included; TorchScript refused). Complements tests/test_segmentation_model.py
+(wrapper, sizes, routing).
 """
 import inspect
 
@@ -131,27 +132,40 @@ def test_flags_true_and_captures_equal_eager(executions):
             assert (exported(x) - e).abs().max() < 1e-5
 
 
-def test_context_flags_false_and_captures_raise():
+def test_context_flags_true_and_captures_equal_eager():
+    """Context execution (the segmentation and Camelyon configs') captures in its static whole-map form: flags
+    True, and torch.compile / torch.export of the FPN give the eager logits on two inputs routed differently."""
     net = create_smp_model("FPN", "pce_tiny", {**MICRO, "execution": "context"}, classes=2,
                            decoder_pyramid_channels=16, decoder_segmentation_channels=32).eval()
-    enc = net.encoder
-    assert not enc._is_torch_compilable and not enc._is_torch_exportable
-    assert not net._is_torch_compilable and not net._is_torch_exportable
+    assert all(layer.execution == "context" for layer in net.encoder.backbone.pce_layers())
+    assert net.encoder._is_torch_compilable and net.encoder._is_torch_exportable
+    assert net._is_torch_compilable and net._is_torch_exportable
+    xs, eager = two_routings(net)
+    torch.compiler.reset()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    exported = torch.export.export(net, (torch.rand(1, 3, 64, 64),)).module()
+    with torch.no_grad():
+        for x, e in zip(xs, eager):
+            assert (compiled(x) - e).abs().max() < 1e-5
+            assert (exported(x) - e).abs().max() < 1e-5
+
+
+def test_flags_follow_the_layers():
+    """The encoder's flags are properties: one context layer whose router gives patches two experts (refused in
+    eager runs too) turns them off, and the captures they advertise do fail."""
+    enc = PCEEncoder("pce_tiny", **MICRO).eval()
+    assert enc._is_torch_exportable and enc._is_torch_compilable
+    layer = list(enc.backbone.pce_layers())[-1]
+    layer.strategy = build_execution("context", layer.options)
+    assert enc._is_torch_exportable and enc._is_torch_compilable  # top-1 context captures
+    layer.router.top_k = 2
+    assert not enc._is_torch_exportable and not enc._is_torch_compilable
     x = torch.rand(1, 3, 64, 64)
     torch.compiler.reset()
     with pytest.raises(RuntimeError):  # dynamo's Unsupported (a RuntimeError) around the layer's own error
         torch.compile(enc, fullgraph=True, backend="eager")(x)
-    with pytest.raises(RuntimeError, match="execution='context'.*cannot be captured"):
-        torch.export.export(net, (x,))
-
-
-def test_flags_follow_the_layers():
-    """The encoder's flags are properties: one layer switched to context turns them off."""
-    enc = PCEEncoder("pce_tiny", **MICRO)
-    assert enc._is_torch_exportable
-    layer = list(enc.backbone.pce_layers())[-1]
-    layer.strategy = build_execution("context", layer.options)
-    assert not enc._is_torch_exportable and not enc._is_torch_compilable
+    with pytest.raises(RuntimeError, match="execution='context' needs at most one expert per patch"):
+        torch.export.export(enc, (x,))
 
 
 def test_torchscript_raises_clear_error():

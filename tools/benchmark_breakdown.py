@@ -120,7 +120,8 @@ def layer_parts(model: nn.Module) -> List[Part]:
         if isinstance(m, (PCELayer, DenseLayer)):
             parts += [(m, "forward", "layer"), (m.proj, "forward", "  projection")]
         if isinstance(m, PCELayer):
-            parts += [(m.router, "route", "  router"), (m.strategy, "resolve", "  execution (dispatch + experts)", True)]
+            parts += [(m.router, "route", "  router"),
+                      (m.strategy, "resolve", "  execution (dispatch + experts)", True)]
         if isinstance(m, DenseLayer):
             parts += [(m.experts, "forward_one", "  expert (dense)")]
     return parts
@@ -135,7 +136,8 @@ def format_breakdown(title: str, ms: Dict[str, float], order: Sequence[str], ref
     for label in seen:
         lines.append(f"  {label:<36} {ms[label]:8.2f} ms  {100 * ms[label] / total:5.1f} %")
     top = sum(ms[k] for k in seen if not k.startswith(" "))
-    lines.append(f"  {'other (outside the parts above)':<36} {total - top:8.2f} ms  {100 * (total - top) / total:5.1f} %")
+    rest = total - top
+    lines.append(f"  {'other (outside the parts above)':<36} {rest:8.2f} ms  {100 * rest / total:5.1f} %")
     lines.append(f"  {'total':<36} {total:8.2f} ms" + "".join(f"   {k} {v:.2f} ms" for k, v in ref.items()))
     return "\n".join(lines)
 

@@ -198,8 +198,9 @@ def run_conv_level(cfg: Dict[str, Any], threads: int, log) -> List[Dict[str, Any
                                       cfg["budget_s"])
                 cell = cell_rows(shape, kind, mode, t, meta)
                 rows += cell
-                log(f"  conv {'x'.join(map(str, shape))} {kind:<5} {mode:<5} " + "  ".join(
-                    f"{r['candidate']} {r['ratio_cpu']:.2f}" for r in cell[1:]) + f"  (CPU ratio; {cell[0]['reps']} reps)")
+                log(f"  conv {'x'.join(map(str, shape))} {kind:<5} {mode:<5} "
+                    + "  ".join(f"{r['candidate']} {r['ratio_cpu']:.2f}" for r in cell[1:])
+                    + f"  (CPU ratio; {cell[0]['reps']} reps)")
     return rows
 
 

@@ -4,6 +4,10 @@
     python tools/eval.py configs/demo_cls_digits.py --checkpoint work_dirs/demo_cls_digits/best.pth --out metrics.json
 
 Classification writes top1 / top5 (fractions), per_class_acc, mean_class_acc, confusion_matrix and num_samples.
+Whole-slide configs (Camelyon): ``data.test`` is the test slides, scored on all their tissue tiles, and is used by
+this tool (and tools/infer_slide.py) only: training chooses best.pth on ``data.val``, a holdout of the training
+slides (``--split val`` scores it, on its fixed tile subset); the tile resolution (``level`` or ``mpp``) and
+``tile_size`` are reported with the metrics.
 Every split, ``--split train`` included, is scored through its evaluation transform (no augmentation); ``--out``
 is written atomically.
 Works under torchrun too (each rank evaluates a shard; rank 0 writes).
@@ -49,8 +53,8 @@ def _run(args: argparse.Namespace) -> int:
         init_distributed(device=cfg.runtime.device)
         # the routing phase the checkpoint was saved in; non-finite weights are refused
         results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)
-        tiles = cfg.data[results.get("split", args.split)].kwargs  # whole-slide tiles: at which level and size
-        results.update({k: tiles[k] for k in ("level", "tile_size") if k in tiles})
+        tiles = cfg.data[results.get("split", args.split)].kwargs  # whole-slide tiles: at which resolution and size
+        results.update({k: tiles[k] for k in ("level", "mpp", "tile_size") if tiles.get(k) is not None})
         main_process = is_main_process()  # before the process group goes away
     finally:
         cleanup_distributed()

@@ -20,8 +20,9 @@ overwritten without ``--force``. ``--random-weights`` (instead of ``--checkpoint
 untrained model, to check that a config exports before training it.
 
 Routing stays input-dependent in the file: under capture, PCE layers run the static-shape ``capacity``
-execution (equal to ``sparse`` when no token overflows). ``execution="context"`` cannot be captured and is
-refused with the config key to change. Faster R-CNN as a whole stops in torchvision (data-dependent NMS shapes):
+execution (equal to ``sparse`` when no token overflows); ``execution="context"`` runs its static form (every
+expert on the whole map, each pixel kept from its patch's expert: exact, E x the cost). A context layer whose
+router gives a patch several experts (top-k > 1) cannot run anywhere and is refused with the config key. Faster R-CNN as a whole stops in torchvision (data-dependent NMS shapes):
 ``--what model`` then exports the backbone + FPN (``model.backbone``: preprocessed batch -> FPN maps), and says so.
 TorchScript (``torch.jit.script``) is not supported.
 
@@ -102,9 +103,9 @@ def load_model(cfg: Any, task: Any, args: argparse.Namespace) -> nn.Module:
         execs = sorted({getattr(m, "execution", "?") for n, m in model.named_modules()
                         if n in {b[0] for b in blockers}})
         raise PCEError(EXECUTION_KEY, f"execution={execs[0]!r} ({len(blockers)} layers, e.g. {blockers[0][0]}) "
-                       f"has data-dependent shapes and cannot be exported",
-                       "an execution that captures: capacity, sparse, auto, dense, fused or map; a model trained "
-                       "with 'context' computes differently under them, so train it with one of those")
+                       f"cannot be exported: {blockers[0][1]}",
+                       "one expert per patch with context execution (top_k=1), or an execution that captures: "
+                       "capacity, sparse, auto, dense, fused or map")
     if args.checkpoint:
         load_trained_weights(model, cfg, args.checkpoint)  # pruned structure, EMA weights, the saved phase
     else:
@@ -137,7 +138,8 @@ def sidecar_meta(args: argparse.Namespace, out: Path, info: Dict[str, Any], resu
             "input_name": "images", "input_shape": result["input_shape"], "dynamic_batch": args.dynamic_batch,
             "output_names": result["output_names"], "max_abs_diff": result["max_abs_diff"],
             "max_abs_eager": result["max_abs_eager"], "atol": args.atol, "bn_folded": not args.no_fuse,
-            "routing_under_capture": "capacity execution (equal to sparse when no token overflows)",
+            "routing_under_capture": "capacity execution (equal to sparse when no token overflows); context layers: "
+                                 "every expert on the map, each pixel from its patch's expert (exact)",
             "versions": versions(args.format)}
 
 

@@ -35,9 +35,11 @@ message (``excluded`` in the JSON). Errors are one line (``--debug`` shows the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -50,7 +52,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pce.datasets import DATASETS, TRANSFORMS, build_transform
-from pce.datasets.camelyon import CamelyonTiles, annotation_labels, open_slide, rasterize, read_asap_xml, slide_mpp
+from pce.datasets.camelyon import (CamelyonTiles, TileBlocks, annotation_labels, open_slide, rasterize, read_asap_xml,
+                                   read_slide_labels, slide_mpp)
 from pce.datasets.camelyon.heatmap import HeatmapAccumulator, heatmap_cell, overlay_heatmap
 from pce.datasets.camelyon.index import check_inside
 from pce.datasets.camelyon.metrics import camelyon_froc, slide_auc
@@ -65,7 +68,8 @@ from pce.tasks.common import check_kwargs
 from pce.tasks.tooling import json_ready
 
 _TILE_KEYS = ("level", "tile_size", "stride", "min_tissue", "mpp", "downsample", "label_map", "tissue_level",
-              "cache_dir")
+              "cache_dir", "level0_mpp")
+_RESOLUTION_KEYS = ("level", "mpp", "downsample")
 # the keys of a finished slide's JSON (one without them is an unfinished slide's, redone by --skip-existing)
 _META_KEYS = ("slide", "settings", "shape", "downsample", "level", "tile_size", "stride", "num_tiles", "mpp",
               "mpp_source", "score")
@@ -172,32 +176,80 @@ def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> to
     return model.to(device).eval()
 
 
-@torch.no_grad()
+def _autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` ("bf16" / "fp16") on CUDA; nothing on a CPU or with ``"none"``."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def tile_dataset(slide: Path, mode: str, tile_kwargs: Dict[str, Any], transform: Any) -> CamelyonTiles:
+    """The tissue tiles of one slide (the cached index when there is one)."""
+    return CamelyonTiles([slide], mode=mode, transform=transform, **tile_kwargs)
+
+
+@torch.inference_mode()
 def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dict[str, Any], transform: Any,
-                device: torch.device, batch_size: int, workers: int) -> Dict[str, Any]:
+                device: torch.device, batch_size: int, workers: int, amp: str = "none", block: int = 8,
+                progress: bool = True) -> Dict[str, Any]:
     """Tumour-probability map of one slide: ``{"prob", "covered", "downsample" (level-0 px per map px), ...}``.
     ``mode``: the task's ``slide_tile_mode`` (``"segment"``: logits ``[B, 2, s, s]``, a probability per pixel
-    pooled to the map's cells; ``"classify"``: logits ``[B, 2]``, one probability per tile)."""
-    ds = CamelyonTiles([slide], mode=mode, transform=transform, **tile_kwargs)
+    pooled to the map's cells; ``"classify"``: logits ``[B, 2]``, one probability per tile).
+
+    Only tissue tiles are read (the slide's tile index, cached under ``cache_dir``), in blocks of ``block`` x
+    ``block`` grid positions (:class:`TileBlocks`: overlapping tiles are cut from one read of their block) by
+    ``workers`` DataLoader processes; batches of ``batch_size`` tiles go to ``device`` (pinned memory and
+    non-blocking copies on CUDA, ``amp`` autocast)."""
+    t0 = time.perf_counter()
+    ds = tile_dataset(slide, mode, tile_kwargs, transform)
+    t_index = time.perf_counter() - t0
     per_pixel = mode == "segment"
+    g = ds.geometries[0]
     cell = heatmap_cell(ds.tile_size, ds.stride, per_pixel)
     with open_slide(slide) as s:
-        level_size = s.level_dimensions[ds.level]
-    acc = HeatmapAccumulator(level_size, cell, ds.tile_size)
-    d, k = ds.downsamples[0], 0
-    if ds.tiles:
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
-        for images, _ in tqdm(loader, desc=slide.name, unit="batch", file=sys.stderr, disable=None):
-            logits = model(images.to(device)).float()
-            probs = logits.softmax(1)[:, 1]
-            probs = F.avg_pool2d(probs[:, None], cell)[:, 0] if per_pixel else probs
-            for p in probs.cpu().numpy():
-                t = ds.tiles[k]
-                acc.add(round(t["x"] / d), round(t["y"] / d), p)
-                k += 1
+        lw, lh = s.level_dimensions[g.level]
+    grid_size = (int(lw / g.scale), int(lh / g.scale))  # the level in tile pixels
+    acc = HeatmapAccumulator(grid_size, cell, ds.tile_size)
+    cols, rows = ds.tiles.columns["col"], ds.tiles.columns["row"]
+
+    def run(images: torch.Tensor, idx: torch.Tensor) -> None:
+        with _autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True)).float()
+        probs = logits.softmax(1)[:, 1]
+        probs = F.avg_pool2d(probs[:, None], cell)[:, 0] if per_pixel else probs
+        for p, i in zip(probs.cpu().numpy(), idx.tolist()):
+            acc.add(int(cols[i]) * ds.stride, int(rows[i]) * ds.stride, p)
+
+    t1 = time.perf_counter()
+    if len(ds.tiles):
+        blocks = TileBlocks(ds, block=block)
+        loader = DataLoader(blocks, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        bar = tqdm(total=len(ds.tiles), desc=slide.name, unit="tile", file=sys.stderr, disable=not progress or None,
+                   leave=False)
+        pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        held = 0
+        for images, idx in loader:
+            pending.append((images, idx))
+            held += len(idx)
+            while held >= batch_size:
+                imgs, ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+                run(imgs[:batch_size], ids[:batch_size])
+                bar.update(batch_size)
+                pending, held = ([(imgs[batch_size:], ids[batch_size:])] if held > batch_size else []), held - batch_size
+        if held:
+            run(torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]))
+            bar.update(held)
+        bar.close()
+    ds.close()
+    t_infer = time.perf_counter() - t1
     prob, covered = acc.result()
-    return {"prob": prob, "covered": covered, "downsample": d * cell, "level": ds.level, "tile_size": ds.tile_size,
-            "stride": ds.stride, "num_tiles": len(ds.tiles), "score": float(prob.max()) if prob.size else 0.0}
+    n = len(ds.tiles)
+    return {"prob": prob, "covered": covered, "downsample": g.downsample * g.scale * cell, "level": g.level,
+            "tile_size": ds.tile_size, "stride": ds.stride, "num_tiles": n, "tile_mpp": g.mpp, "scale": g.scale,
+            "read_size": ds.read_sizes[0], "score": float(prob.max()) if prob.size else 0.0,
+            "timing": {"index_s": round(t_index, 3), "infer_s": round(t_infer, 3),
+                       "tiles_per_s": round(n / t_infer, 2) if n and t_infer > 0 else None}}
 
 
 def output_paths(out: Path, slide: Path) -> List[Path]:
@@ -220,7 +272,8 @@ def write_outputs(slide: Path, res: Dict[str, Any], paths: Sequence[Path], png_s
     atomic_write_png(png, overlay_heatmap(thumb, prob, cov))
     atomic_save_npy(npy, res["prob"])
     info = {"slide": str(slide), **meta, "shape": list(res["prob"].shape), "grayscale": is_grayscale(thumb),
-            **{k: res[k] for k in ("downsample", "level", "tile_size", "stride", "num_tiles", "score")}}
+            **{k: res[k] for k in ("downsample", "level", "tile_size", "stride", "num_tiles", "tile_mpp", "scale",
+                                   "read_size", "score", "timing")}}
     atomic_write_bytes(js, json.dumps(json_ready(info), indent=1).encode())
     return info
 
@@ -253,9 +306,26 @@ def finished_outputs(paths: Sequence[Path], settings: Dict[str, Any], force: boo
     return {**meta, "prob": prob}
 
 
-def slide_metrics(slides: Sequence[Path], results: Sequence[Dict[str, Any]], annotations: Dict[Path, Optional[list]],
-                  infos: Dict[Path, Dict[str, Any]], label_map: Optional[Dict[str, int]]) -> Dict[str, Any]:
-    """Slide AUC and FROC over the slides with tissue tiles (a slide without one is ``excluded``)."""
+def read_labels(path: Path, slides: Sequence[Path]) -> Dict[Path, int]:
+    """Every slide's label (1: tumour) from a CSV of ``slide,label`` rows (Camelyon17's ``stages.csv``:
+    ``negative`` -> 0, ``itc`` / ``micro`` / ``macro`` -> 1; Camelyon16's reference: ``Normal`` / ``Tumor``); a slide
+    missing from it is an error naming it."""
+    try:
+        table = read_slide_labels(path)[0]
+    except (OSError, ValueError) as e:
+        raise PCEError(path, str(e).split(": ", 1)[-1], "a CSV of slide,label rows") from None
+    missing = [s for s in slides if s.stem.lower() not in table]
+    if missing:
+        raise PCEError(path, f"has no label for {len(missing)} slide(s) ({', '.join(m.name for m in missing[:4])}"
+                             f"{', ...' if len(missing) > 4 else ''})", "a slide,label row for every slide")
+    return {s: int(table[s.stem.lower()] not in ("negative", "normal", "0", "false")) for s in slides}
+
+
+def slide_metrics(slides: Sequence[Path], results: Sequence[Dict[str, Any]],
+                  annotations: Optional[Dict[Path, Optional[list]]], infos: Dict[Path, Dict[str, Any]],
+                  label_map: Optional[Dict[str, int]], labels: Optional[Dict[Path, int]] = None) -> Dict[str, Any]:
+    """Slide AUC (slide labels from ``labels``, else from the annotations) and, with ``annotations``, the FROC,
+    over the slides with tissue tiles (a slide without one is ``excluded``)."""
     used, excluded = [], {}
     for s, r in zip(slides, results):
         if r["num_tiles"] == 0:
@@ -265,19 +335,20 @@ def slide_metrics(slides: Sequence[Path], results: Sequence[Dict[str, Any]], ann
     if not used:
         raise PCEError(", ".join(excluded), "no slide has a tissue tile: there is nothing to score",
                        "slides with tissue (or a lower data.<split>.kwargs.min_tissue)")
-    labels, masks, ums = [], [], []
+    slide_labels, masks, ums = [], [], []
     for s, r in used:
-        anns = annotations[s]
+        anns = annotations[s] if annotations is not None else None
         h, w = r["prob"].shape
         mask = rasterize(anns, (0, 0), (w, h), r["downsample"], label_map) == 1 if anns else None
-        labels.append(slide_label(anns, label_map))
+        slide_labels.append(labels[s] if labels is not None else slide_label(anns, label_map))
         masks.append(mask)
-        ums.append(infos[s]["mpp"] * r["downsample"])
-    froc = camelyon_froc([r["prob"] for _, r in used], masks, ums)
-    return {"slide_AUC": slide_auc([r["score"] for _, r in used], labels), **froc,
+        ums.append(infos[s]["mpp"] * r["downsample"] if infos[s]["mpp"] is not None else None)
+    froc = camelyon_froc([r["prob"] for _, r in used], masks, ums) if annotations is not None else {}
+    return {"slide_AUC": slide_auc([r["score"] for _, r in used], slide_labels), **froc,
             "slides": {str(s): {"label": lab, "score": r["score"], "num_tiles": r["num_tiles"],
-                                "mpp": infos[s]["mpp"], "mpp_source": infos[s]["mpp_source"]}
-                       for (s, r), lab in zip(used, labels)},
+                                "mpp": infos[s]["mpp"], "mpp_source": infos[s]["mpp_source"],
+                                "tile_mpp": r.get("tile_mpp")}
+                       for (s, r), lab in zip(used, slide_labels)},
             "excluded": excluded}
 
 
@@ -299,14 +370,24 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="replace existing outputs (refused without it)")
     ap.add_argument("--skip-existing", action="store_true",
                     help="skip slides whose outputs are finished (resume a folder); redo unfinished ones")
-    ap.add_argument("--stride", type=int, default=None, help="tile step in level pixels (default: the config's)")
+    ap.add_argument("--stride", type=int, default=None, help="tile step in tile pixels (default: the config's)")
+    ap.add_argument("--tile-mpp", type=float, default=None,
+                    help="microns per pixel of the tiles (instead of the config's level / mpp): each slide is read "
+                         "from its closest finer-or-equal level and resampled")
     ap.add_argument("--annotations", default=None, help="folder of <slide stem>.xml: slide AUC and FROC")
+    ap.add_argument("--labels", default=None,
+                    help="CSV of slide,label rows (Camelyon17's stages.csv): the slide AUC's labels")
     ap.add_argument("--mpp", type=float, default=None,
-                    help="level-0 microns per pixel of slides whose file records none (the FROC needs it)")
+                    help="level-0 microns per pixel of slides whose file records none (the FROC and --tile-mpp / "
+                         "mpp tiles need it)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader processes reading tiles")
+    ap.add_argument("--block", type=int, default=8,
+                    help="read tiles in blocks of BLOCK x BLOCK grid positions (one read per block when its tiles "
+                         "cover most of it: overlapping tiles are read once); 0: tile by tile")
     ap.add_argument("--png-size", type=int, default=1024, help="longest side of the overlay PNG")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (the model and batches go there)")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast on CUDA")
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
@@ -320,7 +401,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    for name in ("--stride", "--mpp", "--batch-size", "--png-size"):
+    for name in ("--stride", "--mpp", "--tile-mpp", "--batch-size", "--png-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     cfg = load_config(args.config, args.cfg_options)
     task = get_task(cfg.task)
@@ -330,11 +411,18 @@ def _infer(args: argparse.Namespace) -> int:
     tile_kwargs = {k: v for k, v in to_plain(sc.kwargs).items() if k in _TILE_KEYS}
     if args.stride:
         tile_kwargs["stride"] = args.stride
+    if args.tile_mpp:
+        tile_kwargs = {k: v for k, v in tile_kwargs.items() if k not in _RESOLUTION_KEYS}
+        tile_kwargs["mpp"] = args.tile_mpp
+    if args.mpp and "level0_mpp" not in tile_kwargs:
+        tile_kwargs["level0_mpp"] = args.mpp
     label_map = tile_kwargs.get("label_map")
     slides = [Path(s) for s in args.slides]
     check_stems(slides)
     infos = slide_infos(slides, args.mpp, need_mpp=bool(args.annotations))
     annotations = load_annotations(Path(args.annotations), slides, infos, label_map) if args.annotations else None
+    labels = read_labels(Path(args.labels), slides) if args.labels else None
+    scoring = annotations is not None or labels is not None
 
     out = Path(args.out)
     ckpt = Path(args.checkpoint)
@@ -358,7 +446,7 @@ def _infer(args: argparse.Namespace) -> int:
                 raise PCEError(existing[0], "exists: the output of an earlier run",
                                "--force to replace it, --skip-existing to keep finished slides, or another --out")
     metrics_path = out / METRICS_NAME
-    if annotations is not None and metrics_path.exists() and not (args.force or args.skip_existing):
+    if scoring and metrics_path.exists() and not (args.force or args.skip_existing):
         raise PCEError(metrics_path, "exists: the output of an earlier run",
                        "--force to replace it, --skip-existing to resume, or another --out")
 
@@ -370,6 +458,8 @@ def _infer(args: argparse.Namespace) -> int:
         kw = {k: v for k, v in to_plain(sc.transform.kwargs).items() if k != "seed"}
         transform = build_transform(sc.transform.name, **dict(kw, train=False)) if sc.transform.name else None
         out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in slides if s not in done]
+    bar = tqdm(todo, desc="slides", unit="slide", file=sys.stderr, disable=None) if len(todo) > 1 else None
     for s in slides:
         if s in done:
             results.append(done[s])
@@ -378,26 +468,35 @@ def _infer(args: argparse.Namespace) -> int:
         paths = output_paths(out, s)
         if args.skip_existing and any(p.exists() for p in paths):
             print(f"note: {s}: unfinished outputs in {out}: redoing them", file=sys.stderr)
-        res = infer_slide(model, mode, s, tile_kwargs, transform, device, args.batch_size, args.workers)
+        res = infer_slide(model, mode, s, tile_kwargs, transform, device, args.batch_size, args.workers,
+                          amp=args.amp, block=args.block)
         meta = {"settings": settings, "mpp": infos[s]["mpp"], "mpp_source": infos[s]["mpp_source"]}
         info = write_outputs(s, res, paths, args.png_size, meta)
         results.append(res)
+        if bar is not None:
+            bar.update(1)
         if info["grayscale"] and res["num_tiles"]:
             print(f"warning: {s}: a grayscale scan: the model sees grey tiles, its probabilities may not hold for "
                   f"stained (colour) slides", file=sys.stderr)
         if res["num_tiles"] == 0:
             print(f"warning: {s}: no tissue tile (min_tissue={tile_kwargs.get('min_tissue', 0.5)}, level "
                   f"{res['level']}): an empty map, num_tiles 0" + (", excluded from the slide AUC and FROC"
-                                                                   if annotations is not None else ""),
+                                                                   if scoring else ""),
                   file=sys.stderr)
-        print(f"{s}: {res['num_tiles']} tiles at level {res['level']} ({res['tile_size']} px), max tumour "
-              f"probability {res['score']:.3f} -> {paths[0]}")
-    if annotations is not None:
-        metrics = slide_metrics(slides, results, annotations, infos, label_map)
+        t = res["timing"]
+        mpp = f"{res['tile_mpp']:.3f} um/px, " if res["tile_mpp"] is not None else ""
+        speed = f", {t['tiles_per_s']:.1f} tiles/s" if t["tiles_per_s"] else ""
+        print(f"{s}: {res['num_tiles']} tiles at level {res['level']} ({mpp}{res['tile_size']} px from "
+              f"{res['read_size']} px), max tumour probability {res['score']:.3f}, {t['infer_s']:.1f} s{speed} "
+              f"-> {paths[0]}")
+    if bar is not None:
+        bar.close()
+    if scoring:
+        metrics = slide_metrics(slides, results, annotations, infos, label_map, labels)
         atomic_write_bytes(metrics_path, json.dumps(json_ready(metrics), indent=1).encode())
-        print(f"slide_AUC: {metrics['slide_AUC']:.4f}\nFROC: {metrics['FROC']:.4f} "
-              f"({metrics['num_lesions']} lesions, {len(metrics['slides'])} slides"
-              + (f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else "") + f") -> {metrics_path}")
+        froc = (f"\nFROC: {metrics['FROC']:.4f} ({metrics['num_lesions']} lesions)" if "FROC" in metrics else "")
+        print(f"slide_AUC: {metrics['slide_AUC']:.4f} ({len(metrics['slides'])} slides"
+              + (f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else "") + f"){froc} -> {metrics_path}")
     return 0
 
 

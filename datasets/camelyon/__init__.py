@@ -1,20 +1,31 @@
-"""Whole-slide pathology (Camelyon16/17): ASAP annotations, tissue masks, tile datasets, generated slides.
+"""Whole-slide pathology (Camelyon16/17): ASAP annotations, tissue masks, tile datasets at a level or a resolution
+in microns per pixel, the Camelyon folder layouts with a validation split of the training slides, block reads for
+whole-slide inference, generated slides.
 
     from pce.datasets.camelyon import read_asap_xml, rasterize, tissue_mask, CamelyonTiles
 
 Slides are read with openslide-python + openslide-bin; see ``docs/CAMELYON.md``.
 """
 from .annotations import DEFAULT_LABEL_MAP, Annotation, annotation_labels, rasterize, read_asap_xml, write_asap_xml
-from .slide import choose_level, open_slide, read_rgb, slide_mpp, tissue_mask
+from .slide import (TileGeometry, choose_level, open_slide, read_level, read_rgb, read_tile_rgb, slide_mpp,
+                    tile_geometry, tissue_mask)
 from .index import box_fractions, centre_slice
-from .tiles import CamelyonTiles
-from .layout import CAMELYON16_LAYOUT, BalancedTileSampler, Camelyon16Tiles, find_camelyon16_slides
+from .tiles import CamelyonTiles, TileTable, spread_subset
+from .layout import (CAMELYON16_LAYOUT, LAYOUTS, SPLIT_FILE, BalancedTileSampler, Camelyon16Tiles, SlideEntry,
+                     camelyon17_slides, find_camelyon16_slides, holdout_split, layout_slides, read_slide_labels,
+                     write_split_records)
+from .blocks import TileBlocks
 from .transforms import TileTransform
-from .synthetic import ensure_demo_camelyon, make_demo_camelyon, make_synthetic_slide, write_pyramid_tiff
+from .synthetic import (ensure_demo_camelyon, make_demo_camelyon, make_demo_camelyon17, make_synthetic_slide,
+                        write_pyramid_tiff)
 
 __all__ = [
     "Annotation", "read_asap_xml", "write_asap_xml", "rasterize", "DEFAULT_LABEL_MAP", "annotation_labels",
-    "open_slide", "slide_mpp", "choose_level", "read_rgb", "tissue_mask", "box_fractions", "centre_slice",
-    "CamelyonTiles", "Camelyon16Tiles", "BalancedTileSampler", "find_camelyon16_slides", "CAMELYON16_LAYOUT",
-    "TileTransform", "make_synthetic_slide", "write_pyramid_tiff", "make_demo_camelyon", "ensure_demo_camelyon",
+    "open_slide", "slide_mpp", "choose_level", "read_level", "tile_geometry", "TileGeometry", "read_rgb",
+    "read_tile_rgb", "tissue_mask", "box_fractions", "centre_slice",
+    "CamelyonTiles", "TileTable", "spread_subset", "TileBlocks", "Camelyon16Tiles", "BalancedTileSampler",
+    "find_camelyon16_slides", "CAMELYON16_LAYOUT", "LAYOUTS", "SPLIT_FILE", "SlideEntry", "layout_slides",
+    "holdout_split", "read_slide_labels", "camelyon17_slides", "write_split_records",
+    "TileTransform", "make_synthetic_slide", "write_pyramid_tiff", "make_demo_camelyon", "make_demo_camelyon17",
+    "ensure_demo_camelyon",
 ]

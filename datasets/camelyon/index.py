@@ -18,7 +18,7 @@ from .slide import open_slide, tissue_mask
 
 __all__ = ["index_slide", "box_fractions", "centre_slice", "INDEX_VERSION"]
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: grid positions (col, row) and resampled tiles (scale, read)
 _SAMPLE = 64  # tumour fractions are sampled on at most 64 x 64 points per tile
 
 
@@ -73,7 +73,7 @@ def check_inside(annotations: Sequence[Annotation], dims: Sequence[int], source:
                              f"level-0 pixels)")
 
 
-_CACHE_KEYS = ("x", "y", "tissue", "tumour", "centre", "downsample")
+_CACHE_KEYS = ("x", "y", "col", "row", "tissue", "tumour", "centre", "downsample", "scale", "read")
 
 
 def _read_cache(cache: Path) -> Optional[Dict[str, np.ndarray]]:
@@ -113,43 +113,55 @@ def _tumour(annotations: Sequence[Annotation], xs: np.ndarray, ys: np.ndarray, e
 def index_slide(path: Path, annotations: Optional[Sequence[Annotation]], level: int, tile_size: int, stride: int,
                 min_tissue: float, label_map: Optional[Mapping[str, int]] = None,
                 cache_dir: Optional[Path] = None, xml: Optional[Path] = None,
-                tissue_level: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """The kept tiles of one slide: ``{"x", "y"}`` int64 ``[N]`` level-0 top-left corners, ``"tissue"``,
-    ``"tumour"`` float32 ``[N]`` fractions, ``"centre"`` bool ``[N]``, plus ``"downsample"`` of ``level``.
+                tissue_level: Optional[int] = None, scale: float = 1.0) -> Dict[str, np.ndarray]:
+    """The kept tiles of one slide: ``{"x", "y"}`` int64 ``[N]`` level-0 top-left corners, ``{"col", "row"}`` int64
+    ``[N]`` grid positions (the tile's top-left corner is at ``(col, row) * stride`` output pixels), ``"tissue"``,
+    ``"tumour"`` float32 ``[N]`` fractions, ``"centre"`` bool ``[N]``, plus ``"downsample"`` of ``level``,
+    ``"scale"`` and ``"read"`` (level pixels read per tile: ``tile_size * scale``, rounded).
 
-    Tiles tile ``level`` from (0, 0) every ``stride`` level pixels and lie fully inside it; a tile is kept when
-    its tissue fraction (area-weighted on :func:`tissue_mask`) is >= ``min_tissue``. A broken cache file is
-    rebuilt with a warning; the cache is written atomically (temp file, then ``os.replace``).
+    A tile is ``tile_size`` output pixels of ``scale`` level pixels each (1.0: the level as it is); tiles tile
+    ``level`` from (0, 0) every ``stride`` output pixels and lie fully inside it; a tile is kept when its tissue
+    fraction (area-weighted on :func:`tissue_mask`) is >= ``min_tissue``. A broken cache file is rebuilt with a
+    warning; the cache is written atomically (temp file, then ``os.replace``).
     """
     stat = path.stat()
+    scale = float(scale)
     key = {"v": INDEX_VERSION, "slide": str(path.resolve()), "bytes": stat.st_size, "mtime": stat.st_mtime_ns,
            "ann": _annotation_digest(annotations), "level": level, "tile": tile_size, "stride": stride,
-           "min_tissue": float(min_tissue), "labels": label_map, "tissue_level": tissue_level}
+           "min_tissue": float(min_tissue), "labels": label_map, "tissue_level": tissue_level, "scale": scale}
     cache = Path(cache_dir) / f"{path.stem}-{_digest(key)}.npz" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         cached = _read_cache(cache)
         if cached is not None:
             return cached
+    read = int(tile_size) if scale == 1.0 else max(int(round(tile_size * scale)), 1)
+    step = stride * scale  # level pixels between tiles
     with open_slide(path) as slide:
         if not 0 <= level < slide.level_count:
-            raise ValueError(f"{path}: level {level} out of range (the slide has levels 0..{slide.level_count - 1})")
+            raise ValueError(f"{path}: level {level} out of range (the slide has levels 0..{slide.level_count - 1}; "
+                             f"choose the resolution by mpp= instead of a level index)")
         lw, lh = slide.level_dimensions[level]
-        if tile_size > min(lw, lh):
-            raise ValueError(f"{path}: tile_size={tile_size} is larger than level {level} ({lw} x {lh} pixels)")
+        if read > min(lw, lh):
+            what = (f"tile_size={tile_size}" if scale == 1.0 else
+                    f"tile_size={tile_size} (resampled: {read} px of level {level})")
+            raise ValueError(f"{path}: {what} is larger than level {level} ({lw} x {lh} pixels)")
         if annotations:
             check_inside(annotations, slide.dimensions, str(xml or path))
         d = float(slide.level_downsamples[level])
         tmask, tds = tissue_mask(slide, level=tissue_level)
-    gx, gy = np.meshgrid(np.arange(0, lw - tile_size + 1, stride), np.arange(0, lh - tile_size + 1, stride))
-    gx, gy = gx.ravel(), gy.ravel()
-    ext = tile_size * d
-    x0, y0 = gx * d, gy * d
+    cols = np.arange(int(np.floor((lw - read) / step + 1e-9)) + 1)
+    rows = np.arange(int(np.floor((lh - read) / step + 1e-9)) + 1)
+    gc, gr = np.meshgrid(cols, rows)
+    gc, gr = gc.ravel(), gr.ravel()
+    ext = read * d
+    x0, y0 = np.round(gc * step * d), np.round(gr * step * d)
     tissue = box_fractions(tmask, np.stack([x0, y0, x0 + ext, y0 + ext], 1) / tds).astype(np.float32)
     keep = tissue >= min_tissue
-    xs, ys = np.round(x0[keep]).astype(np.int64), np.round(y0[keep]).astype(np.int64)
-    tumour, centre = _tumour(annotations or [], x0[keep], y0[keep], ext, label_map)
-    out = {"x": xs, "y": ys, "tissue": tissue[keep], "tumour": tumour, "centre": centre,
-           "downsample": np.float64(d)}
+    xs, ys = x0[keep].astype(np.int64), y0[keep].astype(np.int64)
+    tumour, centre = _tumour(annotations or [], xs.astype(np.float64), ys.astype(np.float64), ext, label_map)
+    out = {"x": xs, "y": ys, "col": gc[keep].astype(np.int64), "row": gr[keep].astype(np.int64),
+           "tissue": tissue[keep], "tumour": tumour, "centre": centre, "downsample": np.float64(d),
+           "scale": np.float64(scale), "read": np.int64(read)}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")

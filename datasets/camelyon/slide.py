@@ -6,14 +6,19 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 import openslide
 
-__all__ = ["open_slide", "slide_mpp", "choose_level", "read_rgb", "read_thumbnail", "tissue_mask", "is_grayscale",
-           "slide_name", "SlideLike"]
+__all__ = ["open_slide", "slide_mpp", "choose_level", "read_level", "tile_geometry", "TileGeometry", "read_rgb",
+           "read_tile_rgb", "resize_rgb", "read_thumbnail", "tissue_mask", "is_grayscale", "slide_name", "SlideLike",
+           "MPP_TOLERANCE"]
+
+# A level whose resolution is within 1% of the target is read as it is (no resampling): the 0.499 um/px Aperio
+# slide at mpp=0.5 reads 256 px tiles of level 0; level 1 of a Camelyon16 slide (0.486 um/px) is resampled.
+MPP_TOLERANCE = 0.01
 
 SlideLike = Union[str, os.PathLike, "openslide.OpenSlide"]
 
@@ -69,6 +74,86 @@ def choose_level(slide: openslide.OpenSlide, downsample: Optional[float] = None,
         raise ValueError(f"{source}: target downsample {downsample} must be positive")
     ds = np.asarray(slide.level_downsamples, dtype=np.float64)
     return int(np.argmin(np.abs(np.log(ds) - np.log(downsample))))
+
+
+def read_level(slide: openslide.OpenSlide, downsample: float, tolerance: float = MPP_TOLERANCE) -> Tuple[int, float]:
+    """``(level, scale)`` to read a target ``downsample`` (level-0 pixels per output pixel): the level whose
+    downsample is the largest one not above the target (the closest finer-or-equal level; level 0 when the target
+    is finer than level 0) and ``scale`` = target / that level's downsample (level pixels per output pixel), 1.0
+    when within ``tolerance`` of it (the level is read as it is)."""
+    if not (downsample > 0 and np.isfinite(downsample)):
+        raise ValueError(f"{slide_name(slide)}: target downsample {downsample} must be a positive number")
+    ds = np.asarray(slide.level_downsamples, dtype=np.float64)
+    finer = np.flatnonzero(ds <= downsample * (1.0 + tolerance))
+    level = int(finer[np.argmax(ds[finer])]) if len(finer) else int(np.argmin(ds))
+    scale = float(downsample / ds[level])
+    return level, (1.0 if abs(scale - 1.0) <= tolerance else scale)
+
+
+class TileGeometry(NamedTuple):
+    """How one slide is tiled: ``level`` read, its ``downsample``, ``scale`` (level pixels per output pixel, 1.0:
+    no resampling) and ``base_mpp`` (level-0 microns per pixel, None when unknown)."""
+
+    level: int
+    downsample: float
+    scale: float
+    base_mpp: Optional[float]
+
+    @property
+    def mpp(self) -> Optional[float]:
+        """Microns per pixel of the output tiles (None when the slide's is unknown)."""
+        return None if self.base_mpp is None else self.base_mpp * self.downsample * self.scale
+
+    @property
+    def tile_downsample(self) -> float:
+        """Level-0 pixels per output pixel (before rounding the read size)."""
+        return self.downsample * self.scale
+
+    def read_size(self, tile_size: int) -> int:
+        """Level pixels read for a ``tile_size`` output tile."""
+        return int(tile_size) if self.scale == 1.0 else max(int(round(tile_size * self.scale)), 1)
+
+
+def tile_geometry(slide: openslide.OpenSlide, level: Optional[int] = None, mpp: Optional[float] = None,
+                  downsample: Optional[float] = None, level0_mpp: Optional[float] = None,
+                  source: str = "slide") -> TileGeometry:
+    """The :class:`TileGeometry` of one of ``level`` (an index, read as it is), ``mpp`` (target microns per pixel
+    of the tiles: :func:`read_level` of ``mpp / level-0 mpp``, resampled) or ``downsample`` (target level-0
+    pixels per tile pixel, the same way); none of them: level 0. ``level0_mpp`` stands in for a slide that records
+    no microns per pixel."""
+    if sum(v is not None for v in (level, mpp, downsample)) > 1:
+        raise ValueError(f"{source}: give one of level={level}, mpp={mpp}, downsample={downsample} (the tile "
+                         f"resolution), not several")
+    base = slide_mpp(slide)
+    if base is None and level0_mpp is not None:
+        base = float(level0_mpp)
+    if mpp is not None:
+        if base is None:
+            raise ValueError(f"{source}: mpp={mpp} asked but the slide records no microns per pixel (give its "
+                             f"level-0 mpp: level0_mpp= / infer_slide --mpp, or choose the level by index)")
+        downsample = float(mpp) / base
+    if downsample is not None:
+        lvl, scale = read_level(slide, float(downsample))
+    else:
+        lvl, scale = int(level or 0), 1.0
+        if not 0 <= lvl < slide.level_count:
+            raise ValueError(f"{source}: level {lvl} out of range (the slide has levels 0..{slide.level_count - 1}; "
+                             f"choose the resolution by mpp= instead of a level index)")
+    return TileGeometry(lvl, float(slide.level_downsamples[lvl]), float(scale), base)
+
+
+def read_tile_rgb(slide: openslide.OpenSlide, location: Tuple[int, int], level: int, read: int,
+                  size: int) -> np.ndarray:
+    """``uint8 [size, size, 3]``: the ``read`` x ``read`` level pixels at level-0 ``location`` resized to ``size``
+    (area averaging when shrinking, bicubic when enlarging; no resize when ``read == size``)."""
+    rgb = read_rgb(slide, location, level, (read, read))
+    return rgb if read == size else resize_rgb(rgb, (size, size))
+
+
+def resize_rgb(rgb: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """``rgb`` resized to ``size=(w, h)`` (area averaging when shrinking, bicubic when enlarging)."""
+    shrink = size[0] * size[1] < rgb.shape[0] * rgb.shape[1]
+    return cv2.resize(rgb, (int(size[0]), int(size[1])), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
 def read_rgb(slide: openslide.OpenSlide, location: Tuple[int, int], level: int, size: Tuple[int, int]) -> np.ndarray:

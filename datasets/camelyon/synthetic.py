@@ -1,6 +1,7 @@
 """Generated whole slides for tests and the demo: pyramidal tiled TIFFs that OpenSlide opens, with tissue-like
 regions on white glass, tumour-like regions of a different texture, and the matching ASAP XML (``_0`` lesions
-with a ``_2`` exclusion inside one of them), laid out as Camelyon16 is.
+with a ``_2`` exclusion inside one of them), laid out as Camelyon16 is (the challenge's or the AWS open-data
+folders) or as Camelyon17 is (centres, patients, nodes, ``stages.csv``).
 
 Each pyramid level is a separate top-level tiled page (``subfiletype=1`` on the reduced levels), RGB, zlib;
 level 0 carries the resolution tags (``mpp``, default 2 um/px: a 2048 px slide is a 4 mm tissue fragment and its
@@ -22,7 +23,8 @@ import tifffile
 
 from .annotations import Annotation, rasterize, write_asap_xml
 
-__all__ = ["make_synthetic_slide", "write_pyramid_tiff", "make_demo_camelyon", "ensure_demo_camelyon"]
+__all__ = ["make_synthetic_slide", "write_pyramid_tiff", "make_demo_camelyon", "make_demo_camelyon17",
+           "ensure_demo_camelyon"]
 
 _GLASS = np.array([242, 240, 244], np.float32)
 _STROMA = np.array([232, 160, 200], np.float32)
@@ -112,26 +114,65 @@ def make_synthetic_slide(path: str | os.PathLike, xml_path: Optional[str | os.Pa
     return {"slide": Path(path), "xml": xml, "annotations": anns, "tissue": tissue}
 
 
+# where each kind of generated slide goes: (slide folder, annotation folder) per layout
+_DEMO_FOLDERS = {
+    "challenge": {"tumor": ("training/tumor", "lesion_annotations"), "normal": ("training/normal", None),
+                  "test": ("testing/images", "testing/lesion_annotations")},
+    "aws": {"tumor": ("CAMELYON16/images", "CAMELYON16/annotations"), "normal": ("CAMELYON16/images", None),
+            "test": ("CAMELYON16/images", "CAMELYON16/annotations")},
+}
+
+
 def make_demo_camelyon(root: str | os.PathLike, num_tumour: int = 8, num_normal: int = 4, num_test_tumour: int = 3,
-                       num_test_normal: int = 1, size: Tuple[int, int] = (2048, 1536), seed: int = 0) -> Path:
-    """Generate the demo set in the Camelyon16 layout under ``root``: ``training/{tumor,normal}/*.tif``,
-    ``lesion_annotations/tumor_*.xml``, ``testing/images/test_*.tif`` and ``testing/lesion_annotations/``."""
+                       num_test_normal: int = 1, size: Tuple[int, int] = (2048, 1536), seed: int = 0,
+                       layout: str = "challenge") -> Path:
+    """Generate the demo set under ``root`` in a Camelyon16 layout: ``"challenge"`` (``training/{tumor,normal}/``,
+    ``lesion_annotations/tumor_*.xml``, ``testing/images/test_*.tif``, ``testing/lesion_annotations/``) or
+    ``"aws"`` (``CAMELYON16/images/{tumor,normal,test}_*.tif``, ``CAMELYON16/annotations/*.xml``)."""
+    if layout not in _DEMO_FOLDERS:
+        raise ValueError(f"layout={layout!r} (expected one of {sorted(_DEMO_FOLDERS)})")
+    folders = _DEMO_FOLDERS[layout]
     root = Path(root)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    specs = ([("training/tumor", f"tumor_{i + 1:03d}", True, "lesion_annotations") for i in range(num_tumour)]
-             + [("training/normal", f"normal_{i + 1:03d}", False, None) for i in range(num_normal)]
-             + [("testing/images", f"test_{i + 1:03d}", i < num_test_tumour, "testing/lesion_annotations")
+    specs = ([(*folders["tumor"], f"tumor_{i + 1:03d}", True) for i in range(num_tumour)]
+             + [(*folders["normal"], f"normal_{i + 1:03d}", False) for i in range(num_normal)]
+             + [(*folders["test"], f"test_{i + 1:03d}", i < num_test_tumour)
                 for i in range(num_test_tumour + num_test_normal)])
-    for k, (folder, stem, tum, xml_dir) in enumerate(specs):
+    for k, (folder, xml_dir, stem, tum) in enumerate(specs):
         xml = tmp / xml_dir / f"{stem}.xml" if tum else None
         make_synthetic_slide(tmp / folder / f"{stem}.tif", xml, size=size, tumour=tum, seed=seed * 1000 + k)
     (tmp / "DEMO.json").write_text(json.dumps({"generator": "pce.datasets.camelyon.synthetic", "seed": seed,
-                                               "size": list(size), "slides": len(specs)}))
+                                               "size": list(size), "slides": len(specs), "layout": layout}))
     try:
         tmp.rename(root)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def make_demo_camelyon17(root: str | os.PathLike, patients: int = 2, nodes: int = 2, size: Tuple[int, int] = (768, 512),
+                         seed: int = 0, annotate: bool = True) -> Path:
+    """Generated slides in Camelyon17's layout: ``centre_<c>/patient_<p>_node_<n>.tif`` (patient ``p`` in centre
+    ``p % 5``), ``stages.csv`` (``patient,stage``: ``patient_<p>.zip,pN..`` and ``patient_<p>_node_<n>.tif,<label>``
+    with labels ``negative`` / ``macro``) and, with ``annotate``, ``lesion_annotations/<stem>.xml`` of the tumour
+    slides. Node 0 of every patient holds tumour; the others are negative."""
+    root = Path(root)
+    rows = ["patient,stage"]
+    k = 0
+    for p in range(patients):
+        labels = []
+        for n in range(nodes):
+            stem = f"patient_{p:03d}_node_{n}"
+            tum = n == 0
+            xml = root / "lesion_annotations" / f"{stem}.xml" if (tum and annotate) else None
+            make_synthetic_slide(root / f"centre_{p % 5}" / f"{stem}.tif", xml, size=size, tumour=tum,
+                                 seed=seed * 1000 + k, levels=3, tile=128)
+            labels.append((stem, "macro" if tum else "negative"))
+            k += 1
+        rows.append(f"patient_{p:03d}.zip,pN1")
+        rows += [f"{stem}.tif,{lab}" for stem, lab in labels]
+    (root / "stages.csv").write_text("\n".join(rows) + "\n")
     return root
 
 

@@ -1,10 +1,11 @@
 """``CamelyonTiles``: a dataset over the tissue tiles of whole slides (tumour masks or tile labels from ASAP
-annotations), ``Camelyon16Tiles``: the same over the Camelyon16 folder layout, and a balanced sampler."""
+annotations) at a level or at a resolution in microns per pixel (read from the closest finer-or-equal level and
+resampled), optionally a fixed, seeded subset of them spread over the slides; ``TileTable``: the tiles as columns."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,12 +14,13 @@ from torch.utils.data import Dataset, get_worker_info
 from ..registry import DATASETS
 from .annotations import Annotation, annotation_labels, read_asap_xml, rasterize
 from .index import index_slide
-from .slide import choose_level, open_slide, read_rgb
+from .slide import TileGeometry, open_slide, read_tile_rgb, tile_geometry
 
-__all__ = ["CamelyonTiles", "MODES"]
+__all__ = ["CamelyonTiles", "TileTable", "spread_subset", "MODES"]
 
 MODES = ("segment", "classify")
 AnnotationsArg = Union[None, Sequence[Any], Mapping[str, Any]]
+_COLUMNS = ("slide_index", "x", "y", "col", "row", "tissue", "tumour", "label")
 
 
 def _load_annotations(entry: Any) -> tuple:
@@ -51,31 +53,122 @@ def _align_annotations(slides: List[Path], annotations: AnnotationsArg) -> List[
     return annotations
 
 
+class TileTable(Sequence):
+    """The tiles of a :class:`CamelyonTiles` as numpy columns (``slide_index``, ``x``, ``y``, ``col``, ``row``,
+    ``tissue``, ``tumour``, ``label``): a few bytes per tile, shared copy-on-write with DataLoader workers, where a
+    list of dicts would take ~1 KB per tile and be copied into every worker. ``table[i]`` is the dict of one tile:
+    ``{"slide", "slide_index", "x", "y" (level-0 top-left), "col", "row" (grid position), "level", "size",
+    "mpp" (of the tile; None when unknown), "tissue", "tumour", "label"}``."""
+
+    def __init__(self, slides: Sequence[str], geometries: Sequence[TileGeometry], size: int,
+                 columns: Mapping[str, np.ndarray]) -> None:
+        self.slides, self.geometries, self.size = list(slides), list(geometries), int(size)
+        self.columns = {k: np.asarray(columns[k]) for k in _COLUMNS}
+
+    def __len__(self) -> int:
+        return len(self.columns["x"])
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:  # type: ignore[override]
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(i)
+        c = self.columns
+        k = int(c["slide_index"][i])
+        g = self.geometries[k]
+        return {"slide": self.slides[k], "slide_index": k, "x": int(c["x"][i]), "y": int(c["y"][i]),
+                "col": int(c["col"][i]), "row": int(c["row"][i]), "level": g.level, "size": self.size,
+                "mpp": g.mpp, "tissue": float(c["tissue"][i]), "tumour": float(c["tumour"][i]),
+                "label": int(c["label"][i])}
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TileTable):
+            return (self.slides == other.slides and self.size == other.size and self.geometries == other.geometries
+                    and all(np.array_equal(self.columns[k], other.columns[k]) for k in _COLUMNS))
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def select(self, index: np.ndarray) -> "TileTable":
+        """The tiles at ``index`` (in that order)."""
+        return TileTable(self.slides, self.geometries, self.size, {k: v[index] for k, v in self.columns.items()})
+
+
+def spread_subset(slide_index: np.ndarray, positive: np.ndarray, max_tiles: int, tumour_fraction: Optional[float],
+                  seed: int) -> np.ndarray:
+    """Sorted indices of at most ``max_tiles`` tiles, a fixed function of ``seed``: a fraction ``tumour_fraction``
+    of them ``positive`` (tumour) tiles when there are enough (None: the tiles' own ratio), the rest normal ones,
+    each kind spread evenly over the slides (round robin: one tile of every slide that has one left per round, in
+    a seeded order), tiles drawn at random within a slide."""
+    slide_index, positive = np.asarray(slide_index), np.asarray(positive, bool)
+    total, n = len(slide_index), int(max_tiles)
+    if n >= total:
+        return np.arange(total)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    want = n * len(pos) / max(total, 1) if tumour_fraction is None else n * float(tumour_fraction)
+    n_pos = min(int(np.floor(want + 0.5)), len(pos))
+    n_neg = min(n - n_pos, len(neg))
+    n_pos = min(len(pos), n - n_neg)  # too few normal tiles: more tumour ones
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    return np.sort(np.concatenate([_round_robin(pos, slide_index, n_pos, rng),
+                                   _round_robin(neg, slide_index, n_neg, rng)]))
+
+
+def _round_robin(idx: np.ndarray, slide_index: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if n <= 0 or not len(idx):
+        return np.zeros(0, np.int64)
+    perm = idx[rng.permutation(len(idx))]
+    s = slide_index[perm]
+    order = np.argsort(s, kind="stable")
+    sizes = np.bincount(s, minlength=int(slide_index.max()) + 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = np.empty(len(perm), np.int64)
+    rank[order] = np.arange(len(perm)) - starts[s[order]]    # position of each tile within its slide's draw
+    slide_order = rng.permutation(len(sizes))[s]            # which slide comes first in every round
+    return perm[np.lexsort((slide_order, rank))[:n]]
+
+
 @DATASETS.register("camelyon_tiles")
 class CamelyonTiles(Dataset):
-    """Tiles of whole slides at ``level`` (grid origin (0, 0), step ``stride`` level pixels, default
-    ``tile_size``) whose tissue fraction is >= ``min_tissue``.
+    """Tiles of whole slides whose tissue fraction is >= ``min_tissue``, on a grid from (0, 0) with step ``stride``
+    output pixels (default ``tile_size``).
 
-    ``ds.tiles[i]``: ``{"slide", "slide_index", "x", "y" (level-0 top-left), "level", "size", "tissue",
-    "tumour" (fractions), "label" (tumour in the central third)}``. ``ds[i]`` -> ``(image float32 [3, s, s] RGB
-    in [0, 1] or through ``transform``, target)``: ``int64 [s, s]`` mask (``mode="segment"``) or the tile label
-    (``mode="classify"``). ``annotations``: None, one entry per slide (None / XML path / list of
-    :class:`Annotation`) or a dict keyed by slide path or stem. ``mpp`` / ``downsample`` choose each slide's
-    level instead of ``level``. ``balance=p`` makes an epoch of ``epoch_size`` (default: all tiles) draws, a
-    fraction ``p`` of them tumour tiles: after :meth:`set_epoch` draw ``i`` is a function of ``(seed, epoch, i)``
-    alone (the same tiles with any number of DataLoader workers, and after a resume); before it, of the torch RNG
-    of the process that loads the sample (which a trainer seeds and restores on resume, and DataLoader seeds per
-    worker and epoch). Slides are opened lazily, once per process (DataLoader worker); the index is cached under
-    ``cache_dir``. A tile that does not decode is an ``OSError`` naming the slide and the tile.
+    Resolution, one of: ``mpp`` (microns per pixel of the tiles: each slide is read from its level whose mpp is
+    the closest finer-or-equal one and resampled, i.e. a proportionally larger region is read and resized; a level
+    within 1% of the target is read as it is), ``downsample`` (the same with a target in level-0 pixels per tile
+    pixel) or ``level`` (an index, read as it is; none of them: level 0). ``level0_mpp`` stands in for slides that
+    record no microns per pixel.
+
+    ``ds.tiles`` (:class:`TileTable`): ``ds.tiles[i]`` = ``{"slide", "slide_index", "x", "y" (level-0 top-left),
+    "col", "row", "level", "size", "mpp", "tissue", "tumour" (fractions), "label" (tumour in the central third)}``.
+    ``ds[i]`` -> ``(image float32 [3, s, s] RGB in [0, 1] or through ``transform``, target)``: ``int64 [s, s]``
+    mask (``mode="segment"``) or the tile label (``mode="classify"``). ``annotations``: None, one entry per slide
+    (None / XML path / list of :class:`Annotation`) or a dict keyed by slide path or stem.
+
+    ``max_tiles=n`` keeps a fixed subset of at most ``n`` tiles (:func:`spread_subset`: a function of ``seed``,
+    spread evenly over the slides, a fraction ``max_tiles_tumour`` of tumour tiles when there are enough; None: the
+    slides' own ratio), e.g. to validate during training without reading every tissue tile.
+    ``balance=p`` makes an epoch of ``epoch_size`` (default: all tiles) draws, a fraction ``p`` of them tumour
+    tiles: after :meth:`set_epoch` draw ``i`` is a function of ``(seed, epoch, i)`` alone (the same tiles with any
+    number of DataLoader workers, and after a resume); before it, of the torch RNG of the process that loads the
+    sample (which a trainer seeds and restores on resume, and DataLoader seeds per worker and epoch). Slides are
+    opened lazily, once per process (DataLoader worker); the index is cached under ``cache_dir``. A tile that does
+    not decode is an ``OSError`` naming the slide and the tile.
     """
 
     def __init__(self, slides: Sequence[Union[str, os.PathLike]], annotations: AnnotationsArg = None,
-                 level: int = 0, tile_size: int = 256, stride: Optional[int] = None, min_tissue: float = 0.5,
-                 mode: str = "segment", label_map: Optional[Mapping[str, int]] = None,
+                 level: Optional[int] = None, tile_size: int = 256, stride: Optional[int] = None,
+                 min_tissue: float = 0.5, mode: str = "segment", label_map: Optional[Mapping[str, int]] = None,
                  transform: Optional[Callable] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
                  mpp: Optional[float] = None, downsample: Optional[float] = None, balance: Optional[float] = None,
                  epoch_size: Optional[int] = None, tissue_level: Optional[int] = None,
-                 transforms: Optional[Callable] = None, seed: int = 0) -> None:
+                 transforms: Optional[Callable] = None, seed: int = 0, max_tiles: Optional[int] = None,
+                 max_tiles_tumour: Optional[float] = 0.5, level0_mpp: Optional[float] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} (expected one of {MODES})")
         if int(tile_size) < 1 or (stride is not None and int(stride) < 1):
@@ -84,6 +177,16 @@ class CamelyonTiles(Dataset):
             raise ValueError(f"seed={seed} (expected a non-negative integer)")
         if balance is not None and not 0.0 <= float(balance) <= 1.0:
             raise ValueError(f"balance={balance} (expected a tumour fraction in [0, 1] or None)")
+        if max_tiles is not None and int(max_tiles) < 1:
+            raise ValueError(f"max_tiles={max_tiles} (expected a positive number of tiles or None)")
+        if max_tiles_tumour is not None and not 0.0 <= float(max_tiles_tumour) <= 1.0:
+            raise ValueError(f"max_tiles_tumour={max_tiles_tumour} (expected a tumour fraction in [0, 1] or None)")
+        for name, v in (("mpp", mpp), ("downsample", downsample), ("level0_mpp", level0_mpp)):
+            if v is not None and not (np.isfinite(float(v)) and float(v) > 0):
+                raise ValueError(f"{name}={v} (expected a positive number or None)")
+        if sum(v is not None for v in (level, mpp, downsample)) > 1:
+            raise ValueError(f"give one of level={level}, mpp={mpp}, downsample={downsample} (the tile resolution), "
+                             f"not several")
         self.slides = [Path(s) for s in slides]
         if not self.slides:
             raise ValueError("CamelyonTiles: empty slide list")
@@ -96,42 +199,79 @@ class CamelyonTiles(Dataset):
         self.annotations: List[Optional[List[Annotation]]] = [a for a, _ in loaded]
         for path, (anns, xml) in zip(self.slides, loaded):  # an unknown group fails here, naming its XML
             annotation_labels(anns or [], self.label_map, source=str(xml or path))
-        self.levels: List[int] = []
-        self.downsamples: List[float] = []
-        self.tiles: List[Dict[str, Any]] = []
         cache = Path(cache_dir) if cache_dir is not None else None
         for path in self.slides:  # fail before scanning any slide
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: slide not found (expected a whole-slide image file: .tif, .svs, ...)")
+        self.geometries: List[TileGeometry] = []
+        cols: Dict[str, List[np.ndarray]] = {k: [] for k in _COLUMNS}
         for k, (path, (anns, xml)) in enumerate(zip(self.slides, loaded)):
-            lvl = self._level(path, level, mpp, downsample)
-            idx = index_slide(path, anns, lvl, self.tile_size, self.stride, float(min_tissue), self.label_map,
-                              cache, xml, tissue_level)
-            self.levels.append(lvl)
-            self.downsamples.append(float(idx["downsample"]))
-            for x, y, t, u, c in zip(idx["x"], idx["y"], idx["tissue"], idx["tumour"], idx["centre"]):
-                self.tiles.append({"slide": str(path), "slide_index": k, "x": int(x), "y": int(y), "level": lvl,
-                                   "size": self.tile_size, "tissue": float(t), "tumour": float(u),
-                                   "label": int(c)})
-        self.level = self.levels[0]
-        self.balance = None if balance is None else float(balance)
+            with open_slide(path) as s:
+                geo = tile_geometry(s, level, mpp, downsample, level0_mpp, source=str(path))
+            idx = index_slide(path, anns, geo.level, self.tile_size, self.stride, float(min_tissue), self.label_map,
+                              cache, xml, tissue_level, geo.scale)
+            self.geometries.append(geo)
+            n = len(idx["x"])
+            for name, v in (("slide_index", np.full(n, k, np.int32)), ("x", idx["x"]), ("y", idx["y"]),
+                            ("col", idx["col"]), ("row", idx["row"]), ("tissue", idx["tissue"]),
+                            ("tumour", idx["tumour"]), ("label", idx["centre"].astype(np.int8))):
+                cols[name].append(np.asarray(v))
+        self.read_sizes = [g.read_size(self.tile_size) for g in self.geometries]
+        table = TileTable([str(p) for p in self.slides], self.geometries, self.tile_size,
+                          {k: np.concatenate(v) for k, v in cols.items()})
+        self.num_index_tiles = len(table)
+        self.num_index_tumour_tiles = int((table.columns["tumour"] > 0).sum())
+        self.max_tiles = None if max_tiles is None else int(max_tiles)
+        self.max_tiles_tumour = None if max_tiles_tumour is None else float(max_tiles_tumour)
         self.seed, self.epoch = int(seed), None
+        if self.max_tiles is not None:
+            table = table.select(spread_subset(table.columns["slide_index"], self._positive_column(table),
+                                               self.max_tiles, self.max_tiles_tumour, self.seed))
+        self.tiles = table
+        self.balance = None if balance is None else float(balance)
         self.epoch_size = int(epoch_size) if epoch_size else len(self.tiles)
-        pos = np.array([self._positive(t) for t in self.tiles], bool)
+        pos = self._positive_column(self.tiles)
         self._pools = (np.flatnonzero(pos), np.flatnonzero(~pos))
         self._handles: Dict[int, Any] = {}
         self._owner: Any = None
 
+    # --------------------------------------------------------------------------------------- resolution
+    @property
+    def levels(self) -> List[int]:
+        """The level read of every slide."""
+        return [g.level for g in self.geometries]
+
+    @property
+    def level(self) -> int:
+        """The level read of the first slide."""
+        return self.geometries[0].level
+
+    @property
+    def downsamples(self) -> List[float]:
+        """The downsample of every slide's level read."""
+        return [g.downsample for g in self.geometries]
+
+    @property
+    def tile_downsamples(self) -> List[float]:
+        """Level-0 pixels per tile pixel of every slide (its level's downsample x the resampling scale)."""
+        return [g.downsample * r / self.tile_size for g, r in zip(self.geometries, self.read_sizes)]
+
+    @property
+    def mpps(self) -> List[Optional[float]]:
+        """Microns per pixel of every slide's tiles (None where the slide records none)."""
+        return [g.mpp for g in self.geometries]
+
     # --------------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _level(path: Path, level: int, mpp: Optional[float], downsample: Optional[float]) -> int:
-        if mpp is None and downsample is None:
-            return int(level)
-        with open_slide(path) as s:
-            return choose_level(s, downsample=downsample, mpp=mpp, source=str(path))
+    def _positive_column(self, table: TileTable) -> np.ndarray:
+        c = table.columns
+        return c["label"].astype(bool) if self.mode == "classify" else c["tumour"] > 0
 
     def _positive(self, t: Mapping[str, Any]) -> bool:
         return bool(t["label"]) if self.mode == "classify" else t["tumour"] > 0
+
+    def positive_tiles(self) -> np.ndarray:
+        """bool ``[len(tiles)]``: tumour tiles (``tumour > 0``; in classify mode the tile label)."""
+        return self._positive_column(self.tiles)
 
     @property
     def transforms(self) -> Optional[Callable]:
@@ -189,27 +329,33 @@ class CamelyonTiles(Dataset):
         return int(pool[np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(pool))])
 
     def read_tile(self, i: int) -> np.ndarray:
-        """``uint8 [s, s, 3]`` RGB of tile ``i`` (index into ``tiles``)."""
-        t = self.tiles[i]
-        return read_rgb(self._handle(t["slide_index"]), (t["x"], t["y"]), t["level"], (t["size"], t["size"]))
+        """``uint8 [s, s, 3]`` RGB of tile ``i`` (index into ``tiles``): ``tile_size * scale`` level pixels,
+        resized to ``tile_size`` when the slide is resampled."""
+        c = self.tiles.columns
+        k = int(c["slide_index"][i])
+        return read_tile_rgb(self._handle(k), (int(c["x"][i]), int(c["y"][i])), self.geometries[k].level,
+                             self.read_sizes[k], self.tile_size)
 
     def tile_mask(self, i: int) -> np.ndarray:
-        """``uint8 [s, s]`` label mask of tile ``i`` at its level."""
-        t = self.tiles[i]
-        anns = self.annotations[t["slide_index"]]
+        """``uint8 [s, s]`` label mask of tile ``i`` at the tile's resolution."""
+        c = self.tiles.columns
+        k = int(c["slide_index"][i])
+        anns = self.annotations[k]
         if not anns:
-            return np.zeros((t["size"], t["size"]), np.uint8)
-        return rasterize(anns, (t["x"], t["y"]), (t["size"], t["size"]), self.downsamples[t["slide_index"]],
-                         self.label_map)
+            return np.zeros((self.tile_size, self.tile_size), np.uint8)
+        return rasterize(anns, (int(c["x"][i]), int(c["y"][i])), (self.tile_size, self.tile_size),
+                         self.tile_downsamples[k], self.label_map)
 
     def __getitem__(self, i: int):
         if self.balance is not None:
             if not 0 <= i < self.epoch_size:
                 raise IndexError(i)
             i = self._balanced(i)
+        elif not 0 <= i < len(self.tiles):
+            raise IndexError(i)
         image = torch.from_numpy(self.read_tile(i)).permute(2, 0, 1).float().div_(255.0)
         if self.mode == "segment":
             target = torch.from_numpy(self.tile_mask(i).astype(np.int64))
             return self.transform(image, target) if self.transform is not None else (image, target)
-        target = int(self.tiles[i]["label"])
+        target = int(self.tiles.columns["label"][i])
         return (self.transform(image) if self.transform is not None else image), target

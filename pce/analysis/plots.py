@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -32,10 +33,23 @@ def short(layer: str) -> str:
 
 
 def _save(fig, path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temp file ``.<stem>.<pid>.tmp<suffix>`` beside it, then
+    ``os.replace``): a failed write leaves the previous file or none, never half a figure, removes the temp file
+    and raises ``OSError`` naming ``path``. The figure is closed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or "png")
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - any writer error becomes one naming the file
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - the folder itself is gone or unreadable
+            pass
+        raise OSError(f"{path}: the figure could not be written ({type(e).__name__}: {e})") from e
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -55,10 +69,29 @@ def _expert_rgba(expert: np.ndarray, colors: np.ndarray) -> np.ndarray:
     return rgba
 
 
+def _cells_on_image(m: Any, index: int, H: int, W: int
+                    ) -> Tuple[np.ndarray, np.ndarray, List[float], List[float]]:
+    """``(expert [h, w], entropy [h, w], row lines, column lines)`` of image ``index`` of layer map ``m`` for an
+    ``H x W`` picture. With cell borders on the image (:meth:`~pce.analysis.maps.LayerMap.image_borders`) each
+    cell covers its own pixels (:meth:`~pce.analysis.maps.LayerMap.pixels`) and the lines are its borders, so
+    uneven cells (a :class:`pce.PCEConv2d` grid, a padded or shrunk patch grid) are drawn where they are;
+    without (overlapping patches, no known scale) the grid is spread evenly."""
+    borders = m.image_borders()
+    if borders is None:
+        gh, gw = m.grid
+        return (m.expert[index].numpy(), m.entropy[index].numpy(), [r * H / gh for r in range(1, gh)],
+                [c * W / gw for c in range(1, gw)])
+    rows, cols = borders
+    sy, sx = H / rows[-1], W / cols[-1]  # the picture's pixels per pixel of the maps' image (1 when the same)
+    return (m.pixels()[index].numpy(), m.pixels(m.entropy)[index].numpy(), [r * sy for r in rows[1:-1]],
+            [c * sx for c in cols[1:-1]])
+
+
 def routing_figure(image: torch.Tensor, maps: Mapping[str, Any], index: int, path, title: str = "",
                    alpha: float = 0.55) -> Path:
     """One image (``[C, H, W]`` in [0, 1]) with every layer's routing side by side: top row the expert of each
-    patch over the image, bottom row the routing entropy; a legend of the expert colours."""
+    patch over the image, bottom row the routing entropy; a legend of the expert colours. Cells are drawn on
+    the image pixels they cover, with their borders (:func:`_cells_on_image`)."""
     names = list(maps)
     n = max(len(names), 1)
     E = max((m.num_experts for m in maps.values()), default=1)
@@ -68,16 +101,15 @@ def routing_figure(image: torch.Tensor, maps: Mapping[str, Any], index: int, pat
     fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.0), squeeze=False)
     for j, name in enumerate(names):
         m = maps[name]
-        ex = m.expert[index].numpy()
-        ent = m.entropy[index].numpy()
+        ex, ent, row_lines, col_lines = _cells_on_image(m, index, H, W)
         ax = axes[0, j]
         ax.imshow(img, extent=(0, W, H, 0))
         ax.imshow(_expert_rgba(ex, colors), extent=(0, W, H, 0), alpha=alpha, interpolation="nearest")
         gh, gw = m.grid
-        for r in range(1, gh):
-            ax.axhline(r * H / gh, color="white", lw=0.5)
-        for c in range(1, gw):
-            ax.axvline(c * W / gw, color="white", lw=0.5)
+        for y in row_lines:
+            ax.axhline(y, color="white", lw=0.5)
+        for x in col_lines:
+            ax.axvline(x, color="white", lw=0.5)
         ax.set_title(f"{short(name)}\n{gh}x{gw} patches", fontsize=7)
         ax.axis("off")
         ax = axes[1, j]

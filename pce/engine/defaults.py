@@ -9,7 +9,7 @@ head options) go there and are checked by the code that receives them.
 Sections::
 
     task        a registered task name (pce.tasks.list_tasks(): classification, detection, segmentation, ...)
-    model       backbone preset, num_classes, backbone_overrides{}, head{}, router_loss_weights, ...
+    model       backbone preset, num_classes, backbone_overrides{}, head{}, router_loss_weights, convert[], ...
     data        train / val / test: {name, kwargs{}, transform: {name, kwargs{}}}, batch sizes, workers
     optimizer   type (sgd | adamw | adam), lr, weight_decay, momentum, betas, grad_clip, ...
     schedule    epochs, lr_scheduler (fvcore param scheduler: warmup + cosine | multistep | constant)
@@ -39,9 +39,15 @@ _C.model.router_loss_weights.entropy = 0.0
 _C.model.router_loss_weights.balance = 0.01
 _C.model.router_loss_weights.z = 0.001
 _C.model.router_loss_weights.collapse = 0.0
+_C.model.router_loss_weights.batch_entropy = 0.0
 _C.model.label_smoothing = 0.0
 _C.model.input_shape = [3, 224, 224]      # [C, H, W] of one input, for tools/analyze_model.py
 _C.model.pretrained = ""                  # optional checkpoint whose model weights are loaded before training
+# pce.convert on top of the task's model (any backbone, PCE or dense twin): each entry
+# {target, num_experts, top_k, grid | patch_size, router, router_kwargs{}, balance, execution, noise, ...} puts an
+# upcycled pce.PCEConv2d in place of the nn.Conv2d modules `target` selects (a module path of the built model, a
+# glob, or a list of them); the other options are PCEConv2d's (pce.engine.validation.convert_options() lists them).
+_C.model.convert = []
 
 # ----------------------------------------------------------------------------------------------- data
 _C.data = CN()

@@ -3,8 +3,9 @@
 
 A PCE run is a list of phases (config ``phases``), each a number of epochs with its own settings:
 
-* ``router_override``: ``"uniform"`` / ``"positional"`` route every PCE layer with a parameter-free router
-  (stabilisation: the experts learn before the routers decide anything); ``None`` uses the learned routers.
+* ``router_override``: ``"uniform"`` / ``"positional"`` route every routed layer (a PCE backbone's layers, a
+  :class:`pce.PCEConv2d` put into any model by ``model.convert``) with a parameter-free router (stabilisation:
+  the experts learn before the routers decide anything); ``None`` uses the learned routers.
 * ``keys_trainable``: keyed routers' keys (``Router.uses_keys``) outside the graph (EMA-updated) or trained
   by the optimizer.
 * ``attention``: deformable attention blocks on or off.
@@ -15,7 +16,12 @@ A PCE run is a list of phases (config ``phases``), each a number of epochs with 
   initialisation, and not again when a run resumes inside the phase.
 
 ``None`` for ``keys_trainable`` / ``attention`` leaves the setting as it is. The K-Means initialisation of the
-router keys (``backbone.init_keys``) runs once, right before the first phase that uses the learned routers.
+router keys (:func:`pce.models.backbone.init_router_keys`) runs once, right before the first phase that uses the
+learned routers.
+
+Every setting reaches the model through the walkers of :mod:`pce.models.routed` (``routed_layers``,
+``key_routers``, ``set_router_override``, ...), so a model with routed layers and no :class:`PCEBackbone` (a
+converted smp / timm model, a dense twin with ``model.convert``) is driven exactly like a PCE backbone.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ import torch
 from torch import nn
 
 from pce.engine.phase import Phase
-from pce.models.backbone import PCEBackbone, iter_backbones
+from pce.models.backbone import PCEBackbone, init_router_keys, iter_backbones
+from pce.models.routed import (key_routers, routed_layers, set_attention_enabled, set_keys_trainable,
+                               set_router_override, upcycle_experts)
 
 __all__ = ["PhaseController", "find_backbones"]
 
@@ -77,7 +85,7 @@ class PhaseController:
         return self.phases[self.phase_index(epoch)]
 
     def apply(self, phase: Phase, models: Iterable[nn.Module]) -> bool:
-        """Set router override, key trainability and attention on every backbone of ``models``.
+        """Set router override, key trainability and attention on every routed layer of ``models``.
         Returns True when the set of parameters of the first model requiring gradients changed (DDP must be
         rebuilt)."""
         changed = False
@@ -85,27 +93,25 @@ class PhaseController:
             if model is None:
                 continue
             before = [p.requires_grad for p in model.parameters()] if i == 0 else []
-            for bb in find_backbones(model):
-                bb.set_router_override(phase.router_override)
-                if phase.keys_trainable is not None:
-                    bb.set_keys_trainable(phase.keys_trainable)
-                if phase.attention is not None:
-                    bb.set_attention_enabled(phase.attention)
+            set_router_override(model, phase.router_override)
+            if phase.keys_trainable is not None:
+                set_keys_trainable(model, phase.keys_trainable)
+            if phase.attention is not None:
+                set_attention_enabled(model, phase.attention)
             if i == 0:
                 changed = before != [p.requires_grad for p in model.parameters()]
         return changed
 
     def check_effects(self, model: nn.Module) -> None:
         """A phase setting the model cannot honour is an error naming it (``attention=True`` without deformable
-        attention blocks); one that changes nothing on this model (key or router settings without PCE layers) is
-        a warning. Called once, before the first epoch."""
+        attention blocks); one that changes nothing on this model (key or router settings without routed
+        layers) is a warning. Called once, before the first epoch."""
         from pce.engine.errors import PCEError
         from pce.layers.attention import DeformableAttention
 
-        backbones = find_backbones(model)
         has_attention = any(isinstance(m, DeformableAttention) for m in model.modules())
-        has_keys = any(True for bb in backbones for _ in bb.key_routers())
-        has_pce = any(True for bb in backbones for _ in bb.pce_layers())
+        has_keys = any(True for _ in key_routers(model))
+        has_pce = any(True for _ in routed_layers(model))
         for i, p in enumerate(self.phases):
             if p.attention and not has_attention:
                 raise PCEError(f"phases.{i}.attention", f"attention=True in phase '{p.name}' has no effect: the "
@@ -117,25 +123,20 @@ class PhaseController:
             if unused:
                 logger.warning("phases.%d ('%s'): %s has no effect on this model (no %s)", i, p.name,
                                ", ".join(f"{k}={getattr(p, k)!r}" for k in unused),
-                               "PCE layers" if not has_pce else "key-based routers")
+                               "routed layers" if not has_pce else "key-based routers")
 
     def needs_kmeans(self, phase: Phase, model: nn.Module) -> bool:
         return (phase.uses_learned_routers and not self.keys_initialized and self.kmeans_init_batches > 0
-                and any(True for bb in find_backbones(model) for _ in bb.key_routers()))
+                and any(True for _ in key_routers(model)))
 
     def init_keys(self, model: nn.Module, batches: Iterable[torch.Tensor], others: Sequence[nn.Module] = ()) -> int:
         """K-Means initialisation of every key router of ``model``; the keys are copied into ``others``
         (e.g. the EMA model). Returns the number of routers initialised."""
-        batches = list(batches)
-        count = 0
-        for bb in find_backbones(model):
-            count += bb.init_keys(batches, seed=self.seed)
-        src = [r for bb in find_backbones(model) for r in bb.key_routers()]
+        count = init_router_keys(model, list(batches), seed=self.seed)
         for other in others:
             if other is None:
                 continue
-            dst = [r for bb in find_backbones(other) for r in bb.key_routers()]
-            for a, b in zip(src, dst):
+            for a, b in zip(key_routers(model), key_routers(other)):
                 b.keys.data.copy_(a.keys.data)
         self.keys_initialized = True
         return count
@@ -156,14 +157,13 @@ class PhaseController:
             self._effects_checked = True
         if started and phase.upcycle:
             # every model (the trained one and its EMA copy) copies its own expert 0; report the first's count
-            upcycled = [sum(bb.upcycle_experts(0, optimizer if i == 0 else None) for bb in find_backbones(m))
-                        for i, m in enumerate(models)][0]
-            logger.info("upcycled the experts of %d PCE layer(s) from expert 0 before phase '%s'", upcycled, phase.name)
+            upcycled = [upcycle_experts(m, 0, optimizer if i == 0 else None) for i, m in enumerate(models)][0]
+            logger.info("upcycled the experts of %d routed layer(s) from expert 0 before phase '%s'", upcycled,
+                        phase.name)
         if self.needs_kmeans(phase, models[0]) and kmeans_batches is not None:
             # the learned routers take over: initialise their keys on real patches first
             for m in models:
-                for bb in find_backbones(m):
-                    bb.set_router_override(phase.router_override)
+                set_router_override(m, phase.router_override)
             kmeans = self.init_keys(models[0], kmeans_batches(), models[1:])
             logger.info("K-Means initialised the keys of %d router(s) before phase '%s'", kmeans, phase.name)
         changed = self.apply(phase, models)

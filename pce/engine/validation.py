@@ -1,17 +1,20 @@
 """Validation of a merged config against the schema (:mod:`pce.engine.defaults`) with yacs' type rules:
-unknown keys, wrong types, allowed choices, value ranges and the phases (:class:`pce.engine.phase.Phase`).
+unknown keys, wrong types, allowed choices, value ranges, the phases (:class:`pce.engine.phase.Phase`) and the
+``model.convert`` entries (:func:`convert_options`, :func:`convert_call`).
 Every error is a :class:`ConfigError` naming the key and the file (or ``--cfg-options``) that set it."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+import difflib
+import inspect
+from typing import Any, Dict, List, Mapping, Tuple
 
 from fvcore.common.config import CfgNode
 from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
 
 from pce.engine.defaults import CHOICES, get_default_config
 
-__all__ = ["ConfigError", "build_config", "key_origin"]
+__all__ = ["ConfigError", "build_config", "key_origin", "convert_options", "convert_call"]
 
 
 class ConfigError(ValueError):
@@ -141,6 +144,112 @@ def _check_values(cfg: CfgNode, origins: Mapping[str, str]) -> None:
                           f"got {cfg.runtime.ema}")
 
 
+# ------------------------------------------------------------------------------------- model.convert
+def _convert_signatures() -> Tuple[List[str], List[str]]:
+    """``(options of PCEConv2d.from_conv, the other keyword options of PCEConv2d)``, read from the signatures."""
+    from pce.models.pce_conv import PCEConv2d
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    upcycle = [n for n, p in inspect.signature(PCEConv2d.from_conv).parameters.items()
+               if p.kind in kinds and n not in ("conv", "layer_options")]
+    layer = [n for n, p in inspect.signature(PCEConv2d.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in upcycle and n not in ("device", "dtype")]
+    return upcycle, layer
+
+
+def convert_options() -> Tuple[str, ...]:
+    """The keys of one ``model.convert`` entry: ``target`` (a module path of the built model, a glob, or a list of
+    them: :func:`pce.convert`'s targets) and the options of :class:`pce.PCEConv2d` as
+    :meth:`~pce.PCEConv2d.from_conv` takes them (``num_experts``, ``top_k``, ``grid``, ``router``, ``noise``,
+    ``execution``, ``patch_size``, ``router_kwargs``, ``balance``, ``dispatch``, ...), read from its signatures, so
+    an option PCEConv2d gains is valid here at once."""
+    upcycle, layer = _convert_signatures()
+    return ("target",) + tuple(upcycle) + tuple(layer)
+
+
+def convert_call(entry: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
+    """``(targets, keyword arguments of pce.convert)`` of one validated ``model.convert`` entry: ``router_kwargs``
+    spread as the router's keyword arguments, the constructor-only options (``balance``, ``dispatch``, ...) in
+    ``layer_options``, lists (``grid``) as tuples."""
+    upcycle, _ = _convert_signatures()
+    target = entry["target"]
+    targets = [target] if isinstance(target, str) else list(target)
+    kwargs: Dict[str, Any] = {}
+    layer: Dict[str, Any] = {}
+    for k, v in entry.items():
+        v = tuple(v) if isinstance(v, list) else copy.deepcopy(v)
+        if k == "target":
+            continue
+        if k == "router_kwargs":
+            kwargs.update(v or {})
+        elif k in upcycle:
+            kwargs[k] = v
+        else:
+            layer[k] = v
+    if layer:
+        kwargs["layer_options"] = layer
+    return targets, kwargs
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _check_convert_entry(entry: Any, key: str, src: str) -> Dict[str, Any]:
+    """One ``model.convert`` entry as a plain dict; :class:`ConfigError` naming ``model.convert.<i>.<option>``."""
+    import torch
+    from torch import nn
+
+    from pce.engine.errors import one_line
+    from pce.models.pce_conv import PCEConv2d
+
+    valid = convert_options()
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"config key '{key}' (set in {src}) must be a dict with keys {list(valid)}, got "
+                          f"{type(entry).__name__} {entry!r}")
+    entry = _plain(entry)
+    for k in entry:
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            raise ConfigError(f"unknown config key '{key}.{k}' (set in {src}); "
+                              + (f"did you mean '{close[0]}'? " if close else "")
+                              + f"valid keys in {key}: {', '.join(valid)}")
+    target = entry.get("target")
+    names = [target] if isinstance(target, str) else target
+    if not isinstance(names, list) or not names or not all(isinstance(t, str) and t for t in names):
+        raise ConfigError(f"config key '{key}.target' (set in {src}) must be a module path or glob of the built "
+                          f"model (e.g. 'net.segmentation_head.0', 'backbone.stages.2.*') or a list of them, got "
+                          f"{target!r}")
+    rkw = entry.get("router_kwargs", {})
+    if not isinstance(rkw, dict):
+        raise ConfigError(f"config key '{key}.router_kwargs' (set in {src}) expects a dict of the router's keyword "
+                          f"arguments, got {type(rkw).__name__} {rkw!r}")
+    for k in rkw:
+        if k in valid:
+            raise ConfigError(f"config key '{key}.router_kwargs.{k}' (set in {src}): {k} is an option of the entry; "
+                              f"set '{key}.{k}' instead")
+    _, kwargs = convert_call(entry)
+    try:  # the values, checked by the one definition: a PCEConv2d built from a small convolution (RNG untouched)
+        with torch.random.fork_rng(devices=[]):
+            PCEConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), **kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        msg = one_line(e)
+        culprit = next((k for k in list(entry) + [f"router_kwargs.{r}" for r in rkw]
+                        if k != "target" and k.rpartition(".")[2] in msg), None)
+        raise ConfigError(f"config key '{key}{'.' + culprit if culprit else ''}' (set in {src}): {msg}") from None
+    return entry
+
+
+def _check_convert(cfg: CfgNode, origins: Mapping[str, str]) -> None:
+    """Each ``model.convert`` entry checked (:func:`_check_convert_entry`) and stored as plain data."""
+    cfg.model.convert = [_check_convert_entry(e, f"model.convert.{i}", key_origin(origins, f"model.convert.{i}"))
+                         for i, e in enumerate(cfg.model.convert)]
+
+
 def build_config(merged: Mapping[str, Any], origins: Mapping[str, str]) -> CfgNode:
     """Validate a merged dict against the schema; returns a new (unfrozen) CfgNode."""
     cfg = get_default_config()
@@ -148,4 +257,5 @@ def build_config(merged: Mapping[str, Any], origins: Mapping[str, str]) -> CfgNo
     _check_choices(cfg, origins)
     _check_values(cfg, origins)
     _check_phases(cfg, origins)
+    _check_convert(cfg, origins)
     return cfg

@@ -48,7 +48,9 @@ class PositionalEncoding(nn.Module):
 
     ``kind="coord"``: the 4 coordinate channels. ``kind="fourier"``: the coordinates plus
     ``8 * num_frequencies`` sine/cosine channels. ``kind="none"``: no channels.
-    Output ``[1, num_channels, grid_h * patch_h, grid_w * patch_w]`` (cached per size and device).
+    Output ``[1, num_channels, grid_h * patch_h, grid_w * patch_w]`` (cached per size and device in eager runs;
+    computed afresh, the cache neither read nor filled, under ``torch.jit.trace``, so that every trace of a model
+    records the same graph whatever ran before it: ``check_trace`` traces twice and compares).
     """
 
     KINDS = ("coord", "fourier", "none")
@@ -71,8 +73,9 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, grid_h: int, grid_w: int, patch_h: int, patch_w: int,
                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        tracing = torch.jit.is_tracing()
         key = (grid_h, grid_w, patch_h, patch_w, str(device), dtype)
-        cached = self._cache.get(key)
+        cached = None if tracing else self._cache.get(key)
         if cached is not None:
             return cached
         coords = patch_coordinates(grid_h, grid_w, patch_h, patch_w, device, dtype)
@@ -85,6 +88,8 @@ class PositionalEncoding(nn.Module):
         out = coords.unsqueeze(0)
         if self.kind == "none":
             out = out[:, :0]
+        if tracing:
+            return out
         if len(self._cache) > 32:
             self._cache.clear()
         self._cache[key] = out

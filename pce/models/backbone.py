@@ -26,6 +26,7 @@ from pce.models.layer import PCELayer  # noqa: F401  registers the "pce" and "de
 from pce.models.routed import (RoutedLayerMixin, init_keys, key_routers, routed_layers, set_attention_enabled,
                                set_keys_trainable, set_router_override, upcycle_experts)
 from pce.models.specs import BackboneSpec, StageLike
+from pce.moe.experts import torchscript_refusal
 from pce.moe.recorder import record_routing
 from pce.moe.routing import Router
 from pce.registry import LAYERS
@@ -150,6 +151,10 @@ class PCEBackbone(nn.Module):
     def from_spec(cls, spec: BackboneSpec) -> "PCEBackbone":
         """The backbone ``spec`` describes."""
         return cls(spec)
+
+    def __prepare_scriptable__(self) -> "PCEBackbone":
+        """``torch.jit.script`` refuses every backbone, PCE or dense twin, with PCE's clear ``RuntimeError``."""
+        raise torchscript_refusal("PCE backbones (and their dense twins)")
 
     @property
     def size_divisibility(self) -> int:

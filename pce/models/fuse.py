@@ -14,9 +14,10 @@
 The result is for inference only: calling ``train()`` on a fused model raises.
 
 ``capture_blockers(model)`` lists the layers whose execution cannot run in a captured graph (torch.export, ONNX,
-torch.compile, jit.trace): ``execution="context"`` (data-dependent shapes). Every other strategy is static or
-becomes the static ``capacity`` execution under capture (:mod:`pce.moe.execution`); :class:`pce.PCEConv2d` runs
-its dense implementation there.
+torch.compile, jit.trace): ``execution="context"`` layers whose router gives a patch several experts (context
+computes one expert per patch). Every other strategy is static or becomes a static one under capture (context:
+every expert on the whole map, each pixel kept from its patch's expert; the rest: ``capacity``; see
+:mod:`pce.moe.execution`); :class:`pce.PCEConv2d` runs its dense implementation there.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from pce.layers.positional import PositionalEncoding
 from pce.models.routed import RoutedLayerMixin
 from pce.models.specs import LayerSpec, layer_spec
 from pce.moe.execution import Execution, build_execution
-from pce.moe.experts import build_expert_bank
+from pce.moe.experts import build_expert_bank, torchscript_refusal
 from pce.moe.routers import build_router
 from pce.moe.routing import Router
 from pce.registry import EXECUTIONS, LAYERS
@@ -104,9 +104,7 @@ class PCELayer(RoutedLayerMixin, nn.Module):
         return self.channels + self.pos.num_channels
 
     def __prepare_scriptable__(self) -> "PCELayer":
-        raise RuntimeError("PCE layers cannot be compiled with torch.jit.script (routing, registries and "
-                           "dataclasses are plain Python); export with torch.export / ONNX (tools/export.py) "
-                           "or torch.jit.trace, which keep routing input-dependent")
+        raise torchscript_refusal("PCE layers")
 
     # -- forward -----------------------------------------------------------------------------------
     @fx_leaf
@@ -156,6 +154,9 @@ class DenseLayer(nn.Module):
     def from_spec(cls, channels: int, spec: LayerSpec) -> "DenseLayer":
         """One expert of ``spec.expert`` on ``[B, channels, H, W]`` maps."""
         return cls(channels, expert=spec.expert, expert_kwargs=spec.expert_kwargs)
+
+    def __prepare_scriptable__(self) -> "DenseLayer":
+        raise torchscript_refusal("Dense layers (the dense twins of PCE layers)")
 
     @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -250,8 +250,8 @@ class PCEConv2d(RoutedLayerMixin, nn.Module):
         """The implementation to run and the experts the dense context path needs (``None``: all). Under graph
         capture: dense over all experts (static shapes). ``auto``: sparse when its windows hold fewer output
         pixels than the dense maps of the experts in use (one host synchronisation)."""
-        if is_capturing():
-            return "dense", None
+        if is_capturing() or torch.jit.is_tracing():  # also fvcore's FLOP-counting trace: no Python autograd
+            return "dense", None                      # Function (the sparse windows) can be traced by torch.jit
         if self.dispatch == "sparse" or (self.dispatch == "dense" and self.execution == "isolated"):
             return self.dispatch, None
         if self.dispatch == "auto" and not router.is_sparse:

@@ -24,7 +24,18 @@ from pce.moe.stacked import StackedBatchNorm2d, StackedConv2d, StackedKernels
 from pce.registry import EXPERTS
 
 __all__ = ["StackedConv2d", "StackedBatchNorm2d", "StackedKernels", "AllExperts", "OneExpert", "ExpertBank",
-           "ConvExperts", "build_expert_bank"]
+           "ConvExperts", "build_expert_bank", "torchscript_refusal"]
+
+
+def torchscript_refusal(what: str) -> RuntimeError:
+    """The error PCE modules raise from ``__prepare_scriptable__``, which ``torch.jit.script`` calls on every module
+    of a model before compiling any: ``what`` (e.g. ``"PCE layers"``) cannot be scripted, and the capture paths that
+    work instead. One message for PCE layers, their dense twins, expert banks and backbones, so a model refuses
+    the same way whichever of them ``torch.jit.script`` meets first (a ``RuntimeError``, as smp's
+    ``_is_torch_scriptable = False`` promises; TorchScript's own ``NotSupportedError`` is not one)."""
+    return RuntimeError(f"{what} cannot be compiled with torch.jit.script (routing, expert banks, registries and "
+                        "dataclasses are plain Python); export with torch.export / ONNX (tools/export.py) or "
+                        "torch.jit.trace, which keep routing input-dependent")
 
 
 class AllExperts:
@@ -78,6 +89,9 @@ class ExpertBank(nn.Module):
 
     def run(self, x: torch.Tensor, sel) -> torch.Tensor:
         raise NotImplementedError
+
+    def __prepare_scriptable__(self) -> "ExpertBank":
+        raise torchscript_refusal("PCE expert banks")
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """All experts on ``[N, C_in, h, w]`` -> ``[N, E, C_out, h, w]``."""

@@ -74,16 +74,33 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, torch.ones_like(idx, dtype=torch.bool))
 
 
+def expert_capacity(n: int, capacity_factor: float, k: int, num_experts: int) -> int:
+    """Tokens one expert accepts of ``n``: ``min(n, ceil(capacity_factor * n * k / num_experts))``.
+
+    Written for graph capture too: with a symbolic ``n`` (a dynamic batch) it stays a symbolic integer with no
+    branch on ``n`` (``torch.sym_min``), so ``torch.export`` needs no guard on it; with plain integers it is the
+    plain ``min``."""
+    return torch.sym_min(n, math.ceil(capacity_factor * n * k / num_experts))
+
+
 def capacity_mask(assigned: torch.Tensor, priority: torch.Tensor, capacity: int) -> torch.Tensor:
     """Keep at most ``capacity`` assignments per expert, highest ``priority`` first.
 
     ``assigned``: bool ``[N, E]``; ``priority``: ``[N, E]``. Returns bool ``[N, E]``. Vectorised: no loop.
+    Equal priorities keep the lower token index first (the order of a stable descending sort), computed with
+    unstable sorts only, so that every capture path has it (ONNX has no stable sort): the sorted priorities give
+    each token its dense rank (0 = highest; ties share it), and ``dense_rank * N + token`` is a unique integer key
+    whose ascending order is the stable order, whatever the sort does with ties.
     """
+    n = assigned.shape[0]
     score = torch.where(assigned, priority, torch.full_like(priority, -math.inf))
-    order = score.argsort(dim=0, descending=True, stable=True)  # per expert, tokens by priority
-    rank = torch.empty_like(order)
-    ar = torch.arange(order.shape[0], device=order.device).unsqueeze(1).expand_as(order)
-    rank.scatter_(0, order, ar)
+    values, perm = score.sort(dim=0, descending=True)  # values are deterministic; perm is not, among ties
+    ar = torch.arange(n, device=perm.device).unsqueeze(1).expand_as(perm)
+    previous = values.gather(0, (ar - 1).clamp_min(0))  # the value one place up (no slice: no size n - 1)
+    new = (values != previous) | (ar == 0)  # a sorted position that starts a group of equal priorities
+    dense = torch.empty_like(perm).scatter_(0, perm, new.long().cumsum(0) - 1)  # [N, E]: tied tokens share it
+    order = (dense * n + ar).argsort(dim=0)  # unique keys: stable order without a stable sort
+    rank = torch.empty_like(order).scatter_(0, order, ar)
     return assigned & (rank < capacity)
 
 
@@ -168,6 +185,8 @@ class Router(nn.Module):
         if self.capacity_factor is not None:
             flat_keep = (keep if keep is not None else weights.detach() > 0).reshape(B * P, E)
             k = self.top_k or E
+            # no min(N, .) needed (a capacity >= N keeps every token) and no branch on N: a dynamic batch needs no
+            # guard here; the float order is the one eager results have always used
             capacity = math.ceil(self.capacity_factor * B * P * k / E)
             flat_keep = capacity_mask(flat_keep, probs.detach().reshape(B * P, E), capacity)
             keep = flat_keep.reshape(B, P, E)

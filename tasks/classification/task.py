@@ -11,8 +11,8 @@ from pce.models.classifier import PCEClassifier, build_classifier
 
 from pce.analysis.labels import class_patch_labels
 
-from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, head_options,
-                      image_batch_to, to_plain)
+from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, apply_model_convert,
+                      head_options, image_batch_to, to_plain)
 from ..registry import register_task
 from .metrics import ClassificationEvaluator
 
@@ -49,10 +49,11 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
         self.label_smoothing = float(cfg.model.label_smoothing)
         self.configure_router_loss(cfg)
         try:
-            return build_classifier(cfg.model.backbone, cfg.model.num_classes, **head, **overrides)
+            model = build_classifier(cfg.model.backbone, cfg.model.num_classes, **head, **overrides)
         except (KeyError, TypeError) as e:
             raise ValueError(f"model.backbone={cfg.model.backbone!r} / model.backbone_overrides: "
                              f"{e.args[0] if e.args else e}") from e
+        return apply_model_convert(model, cfg, self.dummy_inputs(cfg)[0])
 
     # -------------------------------------------------------------------------------------- data
     def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:

@@ -5,6 +5,7 @@ Config (see :mod:`pce.engine.defaults`)::
     task = "detection"
     model = dict(backbone="pce_tiny", num_classes=5,               # classes + background
                  backbone_overrides=dict(...),
+                 convert=[dict(target="roi_heads.box_head.*", ...)],   # optional: pce.PCEConv2d anywhere
                  head=dict(fpn_channels=128, min_size=256, max_size=256, representation_size=256,
                            box_score_thresh=0.01, ...))            # any build_detector option
     data = dict(train=dict(name="voc_detection",
@@ -37,7 +38,7 @@ from pce.engine.task import ExportTarget
 
 from pce.analysis.labels import box_patch_labels
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, ToolDefaultsMixin, accepts, to_plain
+from ..common import RouterLossMixin, SplitDatasetsMixin, ToolDefaultsMixin, accepts, apply_model_convert, to_plain
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector
@@ -78,7 +79,7 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
             raise ValueError(f"model (backbone={cfg.model.backbone!r}, backbone_overrides, head): "
                              f"{e.args[0] if e.args else e}") from e
         self._transform = copy.deepcopy(model.transform).eval()
-        return model
+        return apply_model_convert(model, cfg, list(self.dummy_inputs(cfg)[0]))
 
     # -------------------------------------------------------------------------------------- data
     def _build_transform(self, split: str, split_cfg: Any, extra: Optional[Dict[str, Any]] = None) -> Any:

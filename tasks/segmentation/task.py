@@ -5,6 +5,8 @@ Config (``task = "segmentation"``):
 * ``model.backbone``: a PCE preset usable as an smp encoder (``pce_tiny``, ``dense_small``, ...);
   ``model.backbone_overrides``: its backbone options; ``model.num_classes`` (VOC: 21, background included);
   ``model.router_loss_weights`` and ``model.label_smoothing`` as for classification.
+* ``model.convert``: :class:`pce.PCEConv2d` in place of chosen convolutions of the built model (module paths
+  such as ``net.segmentation_head.0``; :func:`~pce.tasks.common.apply_model_convert`).
 * ``model.head`` (all optional): ``arch`` (smp architecture, default ``"FPN"``), ``decoder`` (dict of
   ``smp.create_model`` keyword arguments: ``encoder_depth``, ``decoder_channels``, ``encoder_output_stride``,
   ...), ``ce_weight`` / ``dice_weight`` / ``lovasz_weight``, ``class_weights``, ``ignore_index`` (255),
@@ -30,8 +32,8 @@ from pce.datasets import SegmentationCollate
 from pce.analysis.labels import mask_patch_labels
 from pce.moe.recorder import unwrap_model
 
-from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, head_options,
-                      image_batch_to, to_plain)
+from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, apply_model_convert,
+                      head_options, image_batch_to, to_plain)
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
@@ -83,13 +85,14 @@ class SegmentationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, Spl
         self.collate_fn = SegmentationCollate(size_divisibility=None, ignore_index=self.ignore_index)
         self.channels_last = bool(cfg.runtime.channels_last)
         try:
-            return build_segmentation_model(
+            model = build_segmentation_model(
                 arch, cfg.model.backbone, int(cfg.model.num_classes),
                 encoder_overrides=to_plain(cfg.model.backbone_overrides),
                 label_smoothing=float(cfg.model.label_smoothing), **head, **decoder)
         except (KeyError, TypeError) as e:
             raise ValueError(f"model.backbone={cfg.model.backbone!r} / model.backbone_overrides / model.head "
                              f"(arch={arch!r}): {e.args[0] if e.args else e}") from e
+        return apply_model_convert(model, cfg, self.dummy_inputs(cfg)[0])
 
     # -------------------------------------------------------------------------------------- data
     def _check_classes(self, cfg: Any, split: str, name: str, dataset: Any) -> None:

@@ -1,14 +1,13 @@
 """MLP gate with top-k routing, expert capacity, z-loss and load balancing (seed 002), and expert choice."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from pce.registry import ROUTERS
-from pce.moe.routing import Router, RoutingResult
+from pce.moe.routing import Router, RoutingResult, capacity_mask, expert_capacity
 from pce.layers.spp import SpatialPyramidPooling
 
 
@@ -56,7 +55,8 @@ class GateRouter(Router):
 @ROUTERS.register("expert_choice")
 class ExpertChoiceRouter(Router):
     """Expert choice (Zhou et al. 2022): every expert takes its ``c = ceil(cf * N / E)`` highest-scoring
-    patches of the batch, so load is balanced by construction; a patch may get 0..E experts.
+    patches of the batch (equal scores: the lower patch index first), so load is balanced by construction; a patch
+    may get 0..E experts.
     On average a patch gets ``capacity_factor`` experts, so ``top_k=k`` is accepted as ``capacity_factor=k``
     (the same compute as top-k routing) when no capacity factor is given."""
 
@@ -85,9 +85,10 @@ class ExpertChoiceRouter(Router):
         probs = logits.softmax(-1)
         B, P, E = probs.shape
         N = B * P
-        c = min(N, math.ceil(self.choice_capacity_factor * N / E))
+        c = expert_capacity(N, self.choice_capacity_factor, 1, E)
         flat = probs.reshape(N, E)
-        idx = flat.detach().topk(c, dim=0).indices  # [c, E]
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, torch.ones_like(idx, dtype=torch.bool))
+        # each expert's c highest-scoring patches (ties: the lower index) as a mask: no tensor of c rows, so that a
+        # dynamic batch (c symbolic) is captured without guards on c
+        keep = capacity_mask(torch.ones_like(flat, dtype=torch.bool), flat.detach(), c)
         weights = (flat * keep).reshape(B, P, E)
         return Router.finalize(self, weights, probs, logits)  # applies ``renormalize``
