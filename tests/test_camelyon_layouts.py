@@ -171,12 +171,19 @@ def test_the_shipped_config_leaves_the_test_slides_to_tools_eval(demo, tmp_path,
 
     if "final_test" not in get_default_config().runtime:
         pytest.skip("the engine has no runtime.final_test yet: its Trainer builds data.test at setup")
+    from pce.tasks.hooks import default_hooks
+
     cfg = load_config(CONFIG, _train_options(demo, tmp_path))
     assert cfg.data.test.name == "camelyon16" and cfg.data.test.kwargs.split == "test"
     spy = OpenSpy(monkeypatch)
-    Trainer(cfg, get_task(cfg.task)).train()
+    task = get_task(cfg.task)
+    hooks = default_hooks(cfg, task)
+    Trainer(cfg, task, hooks=hooks).train()
     tests = {p.resolve() for p in (demo["challenge"] / "testing" / "images").glob("*.tif")}
     assert spy.paths and not set(spy.paths) & tests
+    if any("split" in type(h).__name__.lower() for h in hooks):  # the hook that writes the split record
+        rec = json.loads((tmp_path / "wd" / "camelyon_split.json").read_text())
+        assert set(rec) == {"train", "val"} and not set(rec["train"]["slides"]) & set(rec["val"]["slides"])
 
 
 # --------------------------------------------------------------------------------------------- 2. layouts
@@ -360,3 +367,20 @@ def test_real_aperio_slide_by_mpp_and_infer_slide_at_mpp_1(tmp_path, capsys):
     prob = np.load(tmp_path / "o" / "CMU-1-Small-Region_prob.npy")
     assert prob.shape == tuple(meta["shape"]) and meta["downsample"] == pytest.approx(1.0 / 0.499 * 2, rel=1e-3)
     assert "1.000 um/px" in out
+
+
+def test_infer_slide_block_reads_give_the_tile_by_tile_map(slide, tmp_path, capsys):
+    """Overlapping tiles (stride 8, tile 32) cut from block reads: the heat-map equals the tile-by-tile one."""
+    ckpt = _random_checkpoint(tmp_path)
+    maps = []
+    for block in ("8", "0"):
+        out = tmp_path / f"block{block}"
+        rc = load_tool("infer_slide").main([CONFIG, "--checkpoint", str(ckpt), str(slide["slide"]), "--out", str(out),
+                                            "--stride", "8", "--block", block, "--batch-size", "7", "--png-size",
+                                            "64", "--cfg-options", *_infer_options()])
+        assert rc == 0, capsys.readouterr().err
+        maps.append(np.load(out / "tumor_001_prob.npy"))
+        meta = json.loads((out / "tumor_001_heatmap.json").read_text())
+        assert meta["stride"] == 8 and meta["tile_mpp"] == 4.0 and meta["timing"]["tiles_per_s"] > 0
+    np.testing.assert_allclose(maps[0], maps[1], atol=1e-6)
+    assert maps[0].shape == (192 // 2, 256 // 2)  # level 1 in cells of 2 px (gcd of 32, 8 and 32 / 16)

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 from torch.utils.data import DataLoader
@@ -93,7 +93,7 @@ def _model_pass(model: torch.nn.Module, x: torch.Tensor, amp: str) -> float:
 def _read_pass(ds: CamelyonTiles, block: int, workers: int) -> float:
     t = time.perf_counter()
     n = 0
-    for images, idx in DataLoader(TileBlocks(ds, block=block), batch_size=None, num_workers=workers):
+    for _, idx in DataLoader(TileBlocks(ds, block=block), batch_size=None, num_workers=workers):
         n += len(idx)
     assert n == len(ds.tiles)
     return time.perf_counter() - t

@@ -149,6 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "classifier (PCE and dense twin, eager and compiled; tools/benchmark_compile.py; minutes)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile "
                     "(default inductor; 'aot_eager' or 'eager' check the code paths quickly)")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_mem-input", dest="mem_input", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_mem-batch", dest="mem_batch", type=int, help=argparse.SUPPRESS)
@@ -295,4 +296,6 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from pce.engine.errors import run_cli  # the one error handler of every tool: one line, --debug
+
+    sys.exit(run_cli(lambda: main(sys.argv[1:]) and 0, debug="--debug" in sys.argv[1:]))

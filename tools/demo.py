@@ -14,13 +14,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pce.engine.errors import add_debug_flag, run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo_det_pce.py"
 
 
+class StepFailed(RuntimeError):
+    """A step of the demo exited non-zero (it printed its own one-line error)."""
+
+
 def run(cmd: list) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run([sys.executable] + cmd, cwd=ROOT, check=True)
+    rc = subprocess.run([sys.executable] + cmd, cwd=ROOT).returncode
+    if rc:
+        raise StepFailed(f"{cmd[0]}: exited with status {rc} (its error is printed above)")
 
 
 def main(argv=None) -> int:
@@ -28,7 +36,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6, help="training epochs (the full config trains 24)")
     ap.add_argument("--work-dir", default="work_dirs/demo")
     ap.add_argument("--iters-per-epoch", type=int, default=0, help="cap iterations per epoch (0: full epochs)")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    return run_cli(lambda: _demo(ap, args), debug=args.debug)
+
+
+def _demo(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.epochs < 3:
         ap.error("--epochs must be >= 3 (one stabilisation, one routing and one fine-tuning epoch)")
     work = Path(args.work_dir)

@@ -6,17 +6,23 @@
     python tools/infer_slide.py CONFIG --checkpoint CKPT data/camelyon16/testing/images/*.tif --out out/ \\
         --annotations data/camelyon16/testing/lesion_annotations       # + slide AUC and FROC
     python tools/infer_slide.py CONFIG --checkpoint CKPT slides/*.tif --out out/ --skip-existing   # resume a folder
+    python tools/infer_slide.py CONFIG --checkpoint CKPT slide.svs --out out/ --tile-mpp 1.0 --device cuda --workers 8
 
-The tiles (level, tile size, minimum tissue) are those of the config's evaluation split (data.test, else data.val;
-its ``kwargs`` are checked against the dataset's arguments as tools/eval.py checks them, so a typo is named);
-``--stride`` overlaps them (the map averages overlapping tiles). Segmentation models give a per-pixel tumour
-probability (pooled to the map's cells), classification models one probability per tile (the task's
-``slide_tile_mode``: "segment" or "classify"; a task without one, such as detection, cannot run on slides); the
-checkpoint is loaded as tools/eval.py loads it (a pruned checkpoint's experts, EMA weights, its saved phase). For
-each SLIDE:
-``OUT/<stem>_heatmap.png`` (the map over the thumbnail), ``OUT/<stem>_prob.npy`` (float32 [h, w]; 0 where no tissue
-tile) and ``OUT/<stem>_heatmap.json`` (level-0 pixels per map pixel, level, tile size, the number of tissue tiles,
-the slide score = max, the level-0 microns per pixel and where they came from, the checkpoint and tile settings).
+The tiles (resolution: ``mpp`` or ``level``, tile size, minimum tissue) are those of the config's evaluation split
+(data.test, else data.val; its ``kwargs`` are checked against the dataset's arguments as tools/eval.py checks them,
+so a typo is named); ``--tile-mpp`` sets their microns per pixel instead (each slide is read from its closest
+finer-or-equal level and resampled: the same tiles as training and tools/eval.py read at that mpp), ``--stride``
+overlaps them (the map averages overlapping tiles). Only tissue tiles are read (the slide's tile index, cached under
+the split's ``cache_dir``), in blocks of ``--block`` x ``--block`` grid positions, so that overlapping tiles are cut
+from one read instead of being read again, by ``--workers`` DataLoader processes; ``--device cuda`` runs the model
+and the batches on the GPU (pinned memory, non-blocking copies; ``--amp bf16`` / ``fp16`` autocast). Segmentation
+models give a per-pixel tumour probability (pooled to the map's cells), classification models one probability per
+tile (the task's ``slide_tile_mode``: "segment" or "classify"; a task without one, such as detection, cannot run on
+slides); the checkpoint is loaded as tools/eval.py loads it (a pruned checkpoint's experts, EMA weights, its saved
+phase). For each SLIDE: ``OUT/<stem>_heatmap.png`` (the map over the thumbnail), ``OUT/<stem>_prob.npy`` (float32
+[h, w]; 0 where no tissue tile) and ``OUT/<stem>_heatmap.json`` (level-0 pixels per map pixel, level, tile size,
+read size, the microns per pixel of the tiles, the number of tissue tiles, the time taken and tiles per second, the
+slide score = max, the level-0 microns per pixel and where they came from, the checkpoint and tile settings).
 Slides must have distinct file stems (their outputs and ``<stem>.xml`` are named by it): two slides with one stem
 are an error listing both.
 
@@ -28,7 +34,9 @@ redoes unfinished ones, so an interrupted run over a folder of slides resumes wh
 With ``--annotations DIR`` (``DIR/<stem>.xml``; a slide without one is normal; DIR must hold the XML of at least one
 slide, and every annotation must lie inside its slide), ``OUT/slide_metrics.json`` holds the slide-level AUC (max
 probability per slide) and the Camelyon16 FROC (MONAI), with each slide's label, score and microns per pixel. The
-FROC measures lesions in microns: a slide whose file records no resolution needs ``--mpp``. A slide without any
+FROC measures lesions in microns: a slide whose file records no resolution needs ``--mpp``. With ``--labels CSV``
+(``slide,label`` rows, e.g. Camelyon17's ``stages.csv``: ``negative`` is normal, ``itc`` / ``micro`` / ``macro``
+tumour) the slide AUC uses those labels (without ``--annotations``: the slide AUC only). A slide without any
 tissue tile (a blank or unreadable scan) gets an empty map and ``num_tiles: 0`` and is left out of the metrics, with a
 message (``excluded`` in the JSON). Errors are one line (``--debug`` shows the traceback).
 """
@@ -236,7 +244,8 @@ def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dic
                 imgs, ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
                 run(imgs[:batch_size], ids[:batch_size])
                 bar.update(batch_size)
-                pending, held = ([(imgs[batch_size:], ids[batch_size:])] if held > batch_size else []), held - batch_size
+                held -= batch_size
+                pending = [(imgs[batch_size:], ids[batch_size:])] if held else []
         if held:
             run(torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]))
             bar.update(held)
@@ -495,8 +504,9 @@ def _infer(args: argparse.Namespace) -> int:
         metrics = slide_metrics(slides, results, annotations, infos, label_map, labels)
         atomic_write_bytes(metrics_path, json.dumps(json_ready(metrics), indent=1).encode())
         froc = (f"\nFROC: {metrics['FROC']:.4f} ({metrics['num_lesions']} lesions)" if "FROC" in metrics else "")
-        print(f"slide_AUC: {metrics['slide_AUC']:.4f} ({len(metrics['slides'])} slides"
-              + (f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else "") + f"){froc} -> {metrics_path}")
+        excluded = f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else ""
+        print(f"slide_AUC: {metrics['slide_AUC']:.4f} ({len(metrics['slides'])} slides{excluded}){froc} "
+              f"-> {metrics_path}")
     return 0
 
 

@@ -45,8 +45,7 @@ def _second_stain(rgb: np.ndarray) -> Tuple[float, float]:
     """``(stained fraction, second / first eigenvalue of the stained pixels' optical density covariance)``: the
     ratio is ~0 when they hold a single colour direction (a flat colour, one stain alone), where Macenko's two
     vectors are arbitrary: 4e-5 for a tile of one stain at varying density, >= 0.0037 on the tiles of the
-    generated demo slides (H and E vectors ~20 degrees apart, little variation across them), >= 0.05 on the
-    H&E tiles of CMU-1."""
+    generated demo slides, >= 0.05 on the H&E tiles of CMU-1."""
     od = _optical_density(rgb)
     stained = od[np.all(od >= _BETA, axis=1)]
     if len(stained) < 3:
@@ -152,7 +151,8 @@ class StainNormalizer:
         """The reference in use, in the form ``stain_ref`` takes."""
         if self.method == "macenko":
             return {"he": np.asarray(self._norm.HERef).tolist(), "max_conc": np.asarray(self._norm.maxCRef).tolist()}
-        return {"mean": np.asarray(self._norm.target_means).tolist(), "std": np.asarray(self._norm.target_stds).tolist()}
+        return {"mean": np.asarray(self._norm.target_means).tolist(),
+                "std": np.asarray(self._norm.target_stds).tolist()}
 
     def __call__(self, rgb: np.ndarray) -> Tuple[Optional[np.ndarray], str]:
         """``(normalised uint8 [h, w, 3], "")``, or ``(None, why)`` for a tile without a usable estimate."""
@@ -160,7 +160,7 @@ class StainNormalizer:
             frac, second = _second_stain(rgb)
         else:
             frac, second = stained_fraction(rgb), 1.0
-        if False:
+        if frac < self.min_stained:
             return None, f"{frac:.1%} stained pixels (< {self.min_stained:.0%}: glass)"
         if second < self.min_second_stain:
             return None, f"a single colour direction (eigenvalue ratio {second:.2g} < {self.min_second_stain:g})"
@@ -190,7 +190,7 @@ class TileTransform:
       of all steps (:class:`StainNormalizer`; the tile is quantised to uint8 as read from the slide).
       ``stain_ref``: the reference (``None``: the documented default; a dict; or a reference tile's path).
       A tile with too few stained pixels or a degenerate estimate is kept as it is, and counted
-      (``stain_fallbacks``, per process) with a warning at the 1st, 10th, 100th ... such tile.
+      (``stain_fallbacks``, per transform and process) with a warning at the 1st, 10th, 100th ... such tile.
     * ``stain_aug=s`` (train only): HED augmentation (Tellez et al. 2018): scikit-image's ``rgb2hed`` (Ruifrok
       and Johnston's H, E and DAB vectors), each concentration ``c -> a * c + b`` with ``a ~ U(1 - s, 1 + s)`` and
       ``b ~ U(-s, s)`` optical density (natural log) per channel and tile, then ``hed2rgb``. Drawn from the

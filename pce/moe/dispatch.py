@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from pce.moe.experts import ExpertBank
+from pce.moe.routing import capacity_mask
 
 
 def _check(tokens: torch.Tensor, weights: torch.Tensor, bank: ExpertBank) -> None:
@@ -91,6 +92,10 @@ def dispatch_capacity(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Ten
     weights are dropped (those tokens take the layer's skip path for that expert)."""
     _check(tokens, weights, bank)
     n = tokens.shape[0]
+    if not isinstance(n, int):  # symbolic n (a dynamic batch): buffers of a symbolic size would need guards on it
+        # (size 1 or not, <= n) that export cannot prove; the same drop as a mask, every expert on every token
+        keep = capacity_mask(torch.ones_like(weights, dtype=torch.bool), weights.detach(), capacity)
+        return dispatch_dense(bank, tokens, weights * keep)
     if capacity >= n:  # masked dense: every expert on every token, zero weights mask the unassigned ones
         return dispatch_dense(bank, tokens, weights)
     top = weights.detach().topk(capacity, dim=0).indices  # [capacity, E]: each expert's buffer

@@ -28,7 +28,6 @@ A new strategy: subclass :class:`Execution`, implement ``__call__``, add ``@EXEC
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Optional, Tuple
@@ -39,7 +38,7 @@ from pce.layers.patched_map import PatchedMap
 from pce.moe.dispatch import (dispatch_capacity, dispatch_context, dispatch_dense, dispatch_fused, dispatch_reference,
                               dispatch_sparse)
 from pce.moe.experts import ExpertBank, StackedBatchNorm2d
-from pce.moe.routing import Router
+from pce.moe.routing import Router, expert_capacity
 from pce.registry import EXECUTIONS
 
 __all__ = ["ExecutionOptions", "Execution", "build_execution", "is_capturing", "eager_routing", "CapacityExecution",
@@ -201,8 +200,7 @@ class CapacityExecution(IsolatedPatches):
         cf = getattr(router, "capacity_factor", None)
         if cf is None:
             return n
-        k = getattr(router, "top_k", None) or num_experts
-        return min(n, math.ceil(cf * n * k / num_experts))
+        return expert_capacity(n, cf, getattr(router, "top_k", None) or num_experts, num_experts)
 
     def run_experts(self, bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cap = self.capacity(tokens.shape[0], bank.num_experts, self.router)

@@ -38,7 +38,8 @@ smp constructor, or let :func:`create_smp_model` (and
     create_smp_model("FPN", "pce_tiny", encoder_overrides={"router": "gate", "num_experts": 8}, classes=21)
 
 Capability flags (what smp's own tests and encoder tables read, on the instance): ``_is_torch_scriptable`` is
-False (PCE layers refuse ``torch.jit.script``); ``_is_torch_compilable`` / ``_is_torch_exportable`` are True
+False (PCE backbones, PCE and dense layers and expert banks refuse ``torch.jit.script`` with a
+``RuntimeError``); ``_is_torch_compilable`` / ``_is_torch_exportable`` are True
 exactly when every PCE layer's execution can be captured in a graph: under capture the data-dependent strategies
 run the static ``"capacity"`` execution (equal to ``"sparse"`` when no token overflows) and ``"context"`` its
 static whole-map form (equal to eager context execution, E x its FLOPs); only ``"context"`` with a router that
@@ -144,7 +145,7 @@ class PCEEncoder(EncoderMixin, nn.Module):
     ``forward(x)`` -> list of ``depth + 1`` maps.
     """
 
-    _is_torch_scriptable = False  # PCE layers refuse torch.jit.script (routing, registries, dataclasses)
+    _is_torch_scriptable = False  # PCE and dense layers refuse torch.jit.script with a RuntimeError
 
     @property
     def _is_torch_compilable(self) -> bool:  # type: ignore[override]
