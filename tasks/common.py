@@ -56,6 +56,8 @@ def dataset_kwargs(cfg: Any, split: str) -> Dict[str, Any]:
     kwargs = to_plain(sc.kwargs)
     if cfg.data.root and accepts(DATASETS.get(sc.name), "root"):
         kwargs["root"] = cfg.data.root
+    if getattr(DATASETS.get(sc.name), "uses_runtime_seed", False) and "seed" not in kwargs:
+        kwargs["seed"] = int(cfg.runtime.seed)  # e.g. the Camelyon validation holdout, drawn with the run's seed
     demo = kwargs.pop("demo", None)
     if demo:
         _check_demo_options(cfg, split, kwargs.get("root"), demo)

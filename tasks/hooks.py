@@ -21,7 +21,7 @@ from pce.engine.hooks import HookBase
 from pce.moe.recorder import RoutingRecorder
 from pce.moe.routing import RoutingResult
 
-__all__ = ["RoutingStatsHook", "routing_log_stats", "default_hooks"]
+__all__ = ["RoutingStatsHook", "SplitRecordHook", "routing_log_stats", "default_hooks"]
 
 
 def routing_log_stats(result: RoutingResult, class_labels: Optional[torch.Tensor] = None) -> Dict[str, Any]:
@@ -97,6 +97,20 @@ class RoutingStatsHook(HookBase):
         self.after_step()
 
 
+class SplitRecordHook(HookBase):
+    """Before the first epoch (rank 0): the split records of the run's datasets (a dataset's ``split_record``,
+    e.g. the Camelyon training slides held out for validation) written to the work dir
+    (``camelyon_split.json``), so a run says which slides it trained and selected on."""
+
+    def before_train(self) -> None:
+        from pce.datasets.camelyon import write_split_records
+
+        trainer = self.trainer
+        if getattr(trainer, "is_main", True):
+            write_split_records(trainer.work_dir, trainer.datasets)
+
+
 def default_hooks(cfg: Any, task: Any) -> List[HookBase]:
-    """The hooks of a training run of ``cfg`` / ``task`` from the tools: :class:`RoutingStatsHook`."""
-    return [RoutingStatsHook()]
+    """The hooks of a training run of ``cfg`` / ``task`` from the tools: :class:`RoutingStatsHook` and
+    :class:`SplitRecordHook`."""
+    return [RoutingStatsHook(), SplitRecordHook()]

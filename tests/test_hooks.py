@@ -16,7 +16,7 @@ from pce.engine import HookBase, Trainer
 from pce.moe.recorder import RoutingSource
 from pce.moe.routing import RoutingResult
 from pce.tasks import get_task
-from pce.tasks.hooks import RoutingStatsHook, default_hooks, routing_log_stats
+from pce.tasks.hooks import RoutingStatsHook, SplitRecordHook, default_hooks, routing_log_stats
 
 from _faults_util import tiny_cfg
 
@@ -193,7 +193,7 @@ def test_default_hooks_log_routing_in_training(tmp_path: Path):
     cfg = tiny_cfg(tmp_path, ("runtime.eval_interval", 0), epochs=1, iters=2)
     task = get_task("classification")
     hooks = default_hooks(cfg, task)
-    assert [type(h) for h in hooks] == [RoutingStatsHook]
+    assert [type(h) for h in hooks] == [RoutingStatsHook, SplitRecordHook]
     Trainer(cfg, task, hooks=hooks).train()
     train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]

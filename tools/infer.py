@@ -24,6 +24,9 @@ with pixel values outside its format's range (a float image outside [0, 1], NaN 
 ``data.max_input_size`` (longest side) or smaller than the model's largest stride, is reported on stderr and
 skipped; the exit status is 1 when no image could be used. Classification images are resized to
 ``model.input_shape``. 16-bit images are scaled by 65535.
+
+A thin user of the Python API, :class:`pce.tasks.Predictor` (loading, the transform, ``predict``, the input
+frame, the summary and the picture are all its); this file adds the files, the outputs and the skipping.
 """
 from __future__ import annotations
 
@@ -32,13 +35,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-from torch.utils.data import default_collate
-
 from pce.engine.errors import PCEError, one_line, run_cli
-from pce.tasks.tooling import (add_force_flag, add_run_args, check_fraction, check_outputs, check_size,
-                               eval_transform, list_images, load_image, load_run, output_names, write_json)
-from pce.tasks.visualize import class_names_from_config, save_png
+from pce.tasks import Predictor
+from pce.tasks.tooling import (add_force_flag, add_run_args, check_fraction, check_outputs, list_images,
+                               load_image, output_names, write_json)
+from pce.tasks.visualize import save_png
+
+__all__ = ["main", "load_image"]  # load_image: the image reader infer uses, for callers of this module
 
 
 def main(argv=None) -> int:
@@ -59,36 +62,21 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     pictures = [out_dir / f"{name}.png" for name in output_names(paths)]
     check_outputs(pictures + [out_dir / "predictions.json", out_dir / "skipped.json"], args.force)
-    cfg, task, model, _, device = load_run(args)
-    transform = eval_transform(cfg)
-    names = class_names_from_config(cfg)
-    collate = getattr(task, "collate_fn", None) or default_collate
-    channels = int(cfg.model.input_shape[0])
-    lo, hi = task.min_input_side(cfg, model), int(cfg.data.max_input_size or 0)
+    predictor = Predictor.from_checkpoint(args.config, args.checkpoint, device=args.device,
+                                          cfg_options=args.cfg_options, score_thr=score_thr)
     results: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
     for path, picture_path in zip(paths, pictures):
         try:
-            image = load_image(path, channels, max_side=hi)
-            check_size(path, image, lo, hi)
-            img_t, tgt = task.prepare_image(cfg, image, transform)
-            with torch.no_grad():
-                pred = task.predict(model, collate([(img_t, tgt)]), device)[0][0]
+            res = predictor(path)
         except (PCEError, ValueError, OSError, RuntimeError) as e:
             msg = one_line(e)
             skipped[str(path)] = msg
             print(f"error: {msg if str(path) in msg else f'{path}: {msg}'} (skipped)", file=sys.stderr)
             continue
-        if isinstance(pred, dict):
-            pred = {k: v.detach().cpu() for k, v in pred.items()}
-        else:
-            pred = pred.detach().cpu()
-        image_size, model_size = tuple(image.shape[-2:]), tuple(img_t.shape[-2:])
-        pred = task.to_input_frame(pred, model_size, image_size)
-        picture = task.render(image, pred, names, score_thr=score_thr, alpha=alpha)
-        dst = save_png(picture, picture_path)
-        results[str(path)] = {"output": str(dst), "image_size": list(image_size), "model_input_size": list(model_size),
-                              **task.summarize(pred, names, score_thr)}
+        dst = save_png(res.render(alpha=alpha), picture_path)
+        results[str(path)] = {"output": str(dst), "image_size": list(res.image_size),
+                              "model_input_size": list(res.model_input_size), **res.summary}
         print(f"{path} -> {dst}")
     write_json(skipped, out_dir / "skipped.json")
     write_json(results, out_dir / "predictions.json")

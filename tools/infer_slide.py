@@ -39,326 +39,39 @@ FROC measures lesions in microns: a slide whose file records no resolution needs
 tumour) the slide AUC uses those labels (without ``--annotations``: the slide AUC only). A slide without any
 tissue tile (a blank or unreadable scan) gets an empty map and ``num_tiles: 0`` and is left out of the metrics, with a
 message (``excluded`` in the JSON). Errors are one line (``--debug`` shows the traceback).
+
+This file is the command line (arguments, the run over the slides); the heat-map of a slide lives in
+``tasks/slide_inference.py``, the checks of the inputs in ``tasks/slide_inputs.py``, the outputs and the slide
+metrics in ``tasks/slide_outputs.py`` (``pce.tasks.slide_*``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
-import cv2
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pce.datasets import DATASETS, TRANSFORMS, build_transform
-from pce.datasets.camelyon import (CamelyonTiles, TileBlocks, annotation_labels, open_slide, rasterize, read_asap_xml,
-                                   read_slide_labels, slide_mpp)
-from pce.datasets.camelyon.heatmap import HeatmapAccumulator, heatmap_cell, overlay_heatmap
-from pce.datasets.camelyon.index import check_inside
-from pce.datasets.camelyon.metrics import camelyon_froc, slide_auc
-from pce.datasets.camelyon.slide import is_grayscale, read_thumbnail
+from pce.datasets import build_transform
 from pce.engine import load_config
 from pce.engine.config import to_plain
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
-from pce.engine.evaluation import load_trained_weights
 from pce.tasks import get_task
-from pce.tasks.atomic_io import atomic_save_npy, atomic_write_bytes, atomic_write_png, remove_stale_temps
-from pce.tasks.common import check_kwargs
+from pce.tasks.atomic_io import atomic_write_bytes
+# the reusable parts, importable from here too (tests and tools/bench_slide.py use these names)
+from pce.tasks.slide_inference import (RESOLUTION_KEYS as _RESOLUTION_KEYS, TILE_KEYS as _TILE_KEYS,  # noqa: F401
+                                       autocast as _autocast, check_split_options, eval_split, infer_slide,
+                                       load_model, slide_tile_mode, tile_dataset)
+from pce.tasks.slide_inputs import (check_stems, load_annotations, read_labels, slide_infos,  # noqa: F401
+                                    slide_label)
+from pce.tasks.slide_outputs import (META_KEYS as _META_KEYS, METRICS_NAME, finished_outputs,  # noqa: F401
+                                     output_paths, slide_metrics, write_outputs)
 from pce.tasks.tooling import json_ready
-
-_TILE_KEYS = ("level", "tile_size", "stride", "min_tissue", "mpp", "downsample", "label_map", "tissue_level",
-              "cache_dir", "level0_mpp")
-_RESOLUTION_KEYS = ("level", "mpp", "downsample")
-# the keys of a finished slide's JSON (one without them is an unfinished slide's, redone by --skip-existing)
-_META_KEYS = ("slide", "settings", "shape", "downsample", "level", "tile_size", "stride", "num_tiles", "mpp",
-              "mpp_source", "score")
-METRICS_NAME = "slide_metrics.json"
-
-
-def eval_split(cfg: Any) -> Tuple[str, Any]:
-    """``(name, config)`` of the evaluation split: data.test, else data.val."""
-    for split in ("test", "val"):
-        if cfg.data[split].name:
-            return split, cfg.data[split]
-    raise PCEError("data.val", "the config defines no evaluation split", "data.test or data.val tiles")
-
-
-def check_split_options(split: str, sc: Any) -> None:
-    """The split's dataset and transform options are arguments of the dataset / transform (what tools/eval.py
-    checks when it builds the split): a typo such as ``data.val.kwargs.tile_sise`` is named, not ignored."""
-    check_kwargs(DATASETS.get(sc.name), to_plain(sc.kwargs), f"data.{split}.kwargs", f"dataset {sc.name!r}")
-    if sc.transform.name:
-        check_kwargs(TRANSFORMS.get(sc.transform.name), to_plain(sc.transform.kwargs),
-                     f"data.{split}.transform.kwargs", f"transform {sc.transform.name!r}")
-
-
-def slide_tile_mode(task: Any) -> str:
-    """How ``task`` tiles a slide (``"classify"`` or ``"segment"``); ``PCEError`` for a task that cannot."""
-    mode = task.slide_tile_mode
-    if mode not in ("classify", "segment"):
-        raise PCEError("task", f"{task.name} cannot run on slides",
-                       'a task whose slide_tile_mode is "classify" or "segment"')
-    return mode
-
-
-def check_stems(slides: Sequence[Path]) -> None:
-    """``PCEError`` listing the slides that share a file stem (their outputs and ``<stem>.xml`` would be one)."""
-    seen: Dict[str, List[Path]] = {}
-    for s in slides:
-        seen.setdefault(s.stem.casefold(), []).append(s)
-    for same in seen.values():
-        if len(same) > 1:
-            raise PCEError(", ".join(map(str, same)),
-                           f"{len(same)} slides share the file stem {same[0].stem!r}: their outputs "
-                           f"({same[0].stem}_heatmap.png, ...) and annotations ({same[0].stem}.xml) would be the "
-                           f"same files", "slides with distinct file stems: rename one, or run each into its own --out")
-
-
-def slide_infos(slides: Sequence[Path], mpp_flag: Optional[float], need_mpp: bool) -> Dict[Path, Dict[str, Any]]:
-    """Level-0 size and microns per pixel of every slide (opened here, so an unreadable one fails before the model
-    is loaded): the slide's own mpp tags, else ``--mpp``; none while the FROC needs it is an error naming the slide."""
-    out = {}
-    for s in slides:
-        with open_slide(s) as sl:
-            dims, own = tuple(sl.dimensions), slide_mpp(sl)
-        if own is None and mpp_flag is None and need_mpp:
-            raise PCEError(s, "the slide records no microns per pixel (openslide.mpp-x / mpp-y), which the FROC "
-                              "needs to measure lesions", "--mpp X: the level-0 microns per pixel of its scanner, "
-                                                          "e.g. --mpp 0.243 for Camelyon16's")
-        if own is not None and mpp_flag is not None and abs(own - mpp_flag) > 0.01 * own:
-            print(f"note: {s}: the slide records {own:g} um/px; --mpp {mpp_flag:g} applies only to slides that record "
-                  f"none", file=sys.stderr)
-        out[s] = {"dims": dims, "mpp": own if own is not None else mpp_flag,
-                  "mpp_source": "slide" if own is not None else ("--mpp" if mpp_flag is not None else None)}
-    return out
-
-
-def load_annotations(xml_dir: Path, slides: Sequence[Path], infos: Dict[Path, Dict[str, Any]],
-                     label_map: Optional[Dict[str, int]]) -> Dict[Path, Optional[list]]:
-    """Every slide's annotations (``xml_dir/<stem>.xml``, None for a slide without one), read and checked before
-    any slide is processed: the folder must hold the XML of at least one slide, every group must be in the label
-    map and every coordinate inside its slide (errors name the XML)."""
-    if not xml_dir.is_dir():
-        raise PCEError(xml_dir, "annotation folder not found", "a folder of ASAP XML files named <slide stem>.xml")
-    xmls = {s: xml_dir / f"{s.stem}.xml" for s in slides}
-    if not any(x.is_file() for x in xmls.values()):
-        names = [x.name for x in xmls.values()]
-        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-        raise PCEError(xml_dir, f"holds the annotations of none of the slides (looked for {shown})",
-                       "the ASAP XML of each tumour slide, named <slide stem>.xml; a slide without one is normal")
-    out: Dict[Path, Optional[list]] = {}
-    for s, xml in xmls.items():
-        if not xml.is_file():
-            out[s] = None
-            continue
-        anns = read_asap_xml(xml)
-        annotation_labels(anns, label_map, source=str(xml))
-        check_inside(anns, infos[s]["dims"], str(xml))
-        out[s] = anns
-    return out
-
-
-def slide_label(anns: Optional[list], label_map: Optional[Dict[str, int]]) -> int:
-    """1 when the slide's annotations hold a tumour polygon (however small), else 0."""
-    if not anns:
-        return 0
-    return int(any(lab > 0 and a.kind == "polygon" for a, lab in zip(anns, annotation_labels(anns, label_map))))
-
-
-def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> torch.nn.Module:
-    """The task's model of ``cfg`` made the trained one of ``checkpoint`` through the one loading path of eval /
-    infer / export (pruned expert structure replayed, EMA weights, the phase it was saved in), eval mode."""
-    if not Path(checkpoint).is_file():  # fail before building the model
-        raise PCEError(checkpoint, "checkpoint not found", "a .pth written by tools/train.py")
-    model = task.build_model(cfg)
-    load_trained_weights(model, cfg, checkpoint)
-    return model.to(device).eval()
-
-
-def _autocast(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` ("bf16" / "fp16") on CUDA; nothing on a CPU or with ``"none"``."""
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def tile_dataset(slide: Path, mode: str, tile_kwargs: Dict[str, Any], transform: Any) -> CamelyonTiles:
-    """The tissue tiles of one slide (the cached index when there is one)."""
-    return CamelyonTiles([slide], mode=mode, transform=transform, **tile_kwargs)
-
-
-@torch.inference_mode()
-def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dict[str, Any], transform: Any,
-                device: torch.device, batch_size: int, workers: int, amp: str = "none", block: int = 8,
-                progress: bool = True) -> Dict[str, Any]:
-    """Tumour-probability map of one slide: ``{"prob", "covered", "downsample" (level-0 px per map px), ...}``.
-    ``mode``: the task's ``slide_tile_mode`` (``"segment"``: logits ``[B, 2, s, s]``, a probability per pixel
-    pooled to the map's cells; ``"classify"``: logits ``[B, 2]``, one probability per tile).
-
-    Only tissue tiles are read (the slide's tile index, cached under ``cache_dir``), in blocks of ``block`` x
-    ``block`` grid positions (:class:`TileBlocks`: overlapping tiles are cut from one read of their block) by
-    ``workers`` DataLoader processes; batches of ``batch_size`` tiles go to ``device`` (pinned memory and
-    non-blocking copies on CUDA, ``amp`` autocast)."""
-    t0 = time.perf_counter()
-    ds = tile_dataset(slide, mode, tile_kwargs, transform)
-    t_index = time.perf_counter() - t0
-    per_pixel = mode == "segment"
-    g = ds.geometries[0]
-    cell = heatmap_cell(ds.tile_size, ds.stride, per_pixel)
-    with open_slide(slide) as s:
-        lw, lh = s.level_dimensions[g.level]
-    grid_size = (int(lw / g.scale), int(lh / g.scale))  # the level in tile pixels
-    acc = HeatmapAccumulator(grid_size, cell, ds.tile_size)
-    cols, rows = ds.tiles.columns["col"], ds.tiles.columns["row"]
-
-    def run(images: torch.Tensor, idx: torch.Tensor) -> None:
-        with _autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True)).float()
-        probs = logits.softmax(1)[:, 1]
-        probs = F.avg_pool2d(probs[:, None], cell)[:, 0] if per_pixel else probs
-        for p, i in zip(probs.cpu().numpy(), idx.tolist()):
-            acc.add(int(cols[i]) * ds.stride, int(rows[i]) * ds.stride, p)
-
-    t1 = time.perf_counter()
-    if len(ds.tiles):
-        blocks = TileBlocks(ds, block=block)
-        loader = DataLoader(blocks, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        bar = tqdm(total=len(ds.tiles), desc=slide.name, unit="tile", file=sys.stderr, disable=not progress or None,
-                   leave=False)
-        pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        held = 0
-        for images, idx in loader:
-            pending.append((images, idx))
-            held += len(idx)
-            while held >= batch_size:
-                imgs, ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-                run(imgs[:batch_size], ids[:batch_size])
-                bar.update(batch_size)
-                held -= batch_size
-                pending = [(imgs[batch_size:], ids[batch_size:])] if held else []
-        if held:
-            run(torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]))
-            bar.update(held)
-        bar.close()
-    ds.close()
-    t_infer = time.perf_counter() - t1
-    prob, covered = acc.result()
-    n = len(ds.tiles)
-    return {"prob": prob, "covered": covered, "downsample": g.downsample * g.scale * cell, "level": g.level,
-            "tile_size": ds.tile_size, "stride": ds.stride, "num_tiles": n, "tile_mpp": g.mpp, "scale": g.scale,
-            "read_size": ds.read_sizes[0], "score": float(prob.max()) if prob.size else 0.0,
-            "timing": {"index_s": round(t_index, 3), "infer_s": round(t_infer, 3),
-                       "tiles_per_s": round(n / t_infer, 2) if n and t_infer > 0 else None}}
-
-
-def output_paths(out: Path, slide: Path) -> List[Path]:
-    """``[heat-map PNG, probability .npy, JSON]`` of ``slide`` in ``out`` (the JSON, written last, marks it done)."""
-    return [out / f"{slide.stem}_heatmap.png", out / f"{slide.stem}_prob.npy", out / f"{slide.stem}_heatmap.json"]
-
-
-def write_outputs(slide: Path, res: Dict[str, Any], paths: Sequence[Path], png_size: int,
-                  meta: Dict[str, Any]) -> Dict[str, Any]:
-    """Write the PNG, the .npy and the JSON of one slide, each atomically, the JSON last; returns the JSON."""
-    png, npy, js = paths
-    with open_slide(slide) as s:
-        w0, h0 = s.dimensions
-        scale = png_size / max(w0, h0)
-        thumb = read_thumbnail(s, (max(int(w0 * scale), 1), max(int(h0 * scale), 1)))
-    prob = cv2.resize(res["prob"], (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_LINEAR)
-    cov = cv2.resize(res["covered"].astype(np.uint8), (thumb.shape[1], thumb.shape[0]),
-                     interpolation=cv2.INTER_NEAREST) > 0
-    remove_stale_temps(paths)
-    atomic_write_png(png, overlay_heatmap(thumb, prob, cov))
-    atomic_save_npy(npy, res["prob"])
-    info = {"slide": str(slide), **meta, "shape": list(res["prob"].shape), "grayscale": is_grayscale(thumb),
-            **{k: res[k] for k in ("downsample", "level", "tile_size", "stride", "num_tiles", "tile_mpp", "scale",
-                                   "read_size", "score", "timing")}}
-    atomic_write_bytes(js, json.dumps(json_ready(info), indent=1).encode())
-    return info
-
-
-def finished_outputs(paths: Sequence[Path], settings: Dict[str, Any], force: bool) -> Optional[Dict[str, Any]]:
-    """The result of a finished slide (its three files present, the JSON complete and made with ``settings``),
-    else ``None``. A finished slide of other settings (checkpoint, tiles) is an error unless ``force``."""
-    png, npy, js = paths
-    if not all(p.is_file() for p in paths):
-        return None
-    try:
-        meta = json.loads(js.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
-        return None
-    if meta["settings"] != settings:
-        if force:
-            return None
-        old = meta["settings"] if isinstance(meta["settings"], dict) else {}
-        key = next((k for k in settings if old.get(k) != settings[k]), "settings")
-        raise PCEError(js, f"the finished output of another run ({key}: {old.get(key)!r} there, {settings[key]!r} "
-                           f"now)", "--force to replace it, or another --out folder")
-    try:
-        prob = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if list(prob.shape) != list(meta["shape"]):
-        return None
-    return {**meta, "prob": prob}
-
-
-def read_labels(path: Path, slides: Sequence[Path]) -> Dict[Path, int]:
-    """Every slide's label (1: tumour) from a CSV of ``slide,label`` rows (Camelyon17's ``stages.csv``:
-    ``negative`` -> 0, ``itc`` / ``micro`` / ``macro`` -> 1; Camelyon16's reference: ``Normal`` / ``Tumor``); a slide
-    missing from it is an error naming it."""
-    try:
-        table = read_slide_labels(path)[0]
-    except (OSError, ValueError) as e:
-        raise PCEError(path, str(e).split(": ", 1)[-1], "a CSV of slide,label rows") from None
-    missing = [s for s in slides if s.stem.lower() not in table]
-    if missing:
-        raise PCEError(path, f"has no label for {len(missing)} slide(s) ({', '.join(m.name for m in missing[:4])}"
-                             f"{', ...' if len(missing) > 4 else ''})", "a slide,label row for every slide")
-    return {s: int(table[s.stem.lower()] not in ("negative", "normal", "0", "false")) for s in slides}
-
-
-def slide_metrics(slides: Sequence[Path], results: Sequence[Dict[str, Any]],
-                  annotations: Optional[Dict[Path, Optional[list]]], infos: Dict[Path, Dict[str, Any]],
-                  label_map: Optional[Dict[str, int]], labels: Optional[Dict[Path, int]] = None) -> Dict[str, Any]:
-    """Slide AUC (slide labels from ``labels``, else from the annotations) and, with ``annotations``, the FROC,
-    over the slides with tissue tiles (a slide without one is ``excluded``)."""
-    used, excluded = [], {}
-    for s, r in zip(slides, results):
-        if r["num_tiles"] == 0:
-            excluded[str(s)] = "no tissue tile: an empty map"
-        else:
-            used.append((s, r))
-    if not used:
-        raise PCEError(", ".join(excluded), "no slide has a tissue tile: there is nothing to score",
-                       "slides with tissue (or a lower data.<split>.kwargs.min_tissue)")
-    slide_labels, masks, ums = [], [], []
-    for s, r in used:
-        anns = annotations[s] if annotations is not None else None
-        h, w = r["prob"].shape
-        mask = rasterize(anns, (0, 0), (w, h), r["downsample"], label_map) == 1 if anns else None
-        slide_labels.append(labels[s] if labels is not None else slide_label(anns, label_map))
-        masks.append(mask)
-        ums.append(infos[s]["mpp"] * r["downsample"] if infos[s]["mpp"] is not None else None)
-    froc = camelyon_froc([r["prob"] for _, r in used], masks, ums) if annotations is not None else {}
-    return {"slide_AUC": slide_auc([r["score"] for _, r in used], slide_labels), **froc,
-            "slides": {str(s): {"label": lab, "score": r["score"], "num_tiles": r["num_tiles"],
-                                "mpp": infos[s]["mpp"], "mpp_source": infos[s]["mpp_source"],
-                                "tile_mpp": r.get("tile_mpp")}
-                       for (s, r), lab in zip(used, slide_labels)},
-            "excluded": excluded}
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -409,14 +122,8 @@ def _run(args: argparse.Namespace) -> int:
         return _infer(args)
 
 
-def _infer(args: argparse.Namespace) -> int:
-    for name in ("--stride", "--mpp", "--tile-mpp", "--batch-size", "--png-size"):
-        _positive(name, getattr(args, name[2:].replace("-", "_")))
-    cfg = load_config(args.config, args.cfg_options)
-    task = get_task(cfg.task)
-    mode = slide_tile_mode(task)
-    split, sc = eval_split(cfg)
-    check_split_options(split, sc)
+def _tile_kwargs(args: argparse.Namespace, sc: Any) -> Dict[str, Any]:
+    """The evaluation split's tile options, with ``--stride``, ``--tile-mpp`` and ``--mpp`` applied."""
     tile_kwargs = {k: v for k, v in to_plain(sc.kwargs).items() if k in _TILE_KEYS}
     if args.stride:
         tile_kwargs["stride"] = args.stride
@@ -425,24 +132,25 @@ def _infer(args: argparse.Namespace) -> int:
         tile_kwargs["mpp"] = args.tile_mpp
     if args.mpp and "level0_mpp" not in tile_kwargs:
         tile_kwargs["level0_mpp"] = args.mpp
-    label_map = tile_kwargs.get("label_map")
-    slides = [Path(s) for s in args.slides]
-    check_stems(slides)
-    infos = slide_infos(slides, args.mpp, need_mpp=bool(args.annotations))
-    annotations = load_annotations(Path(args.annotations), slides, infos, label_map) if args.annotations else None
-    labels = read_labels(Path(args.labels), slides) if args.labels else None
-    scoring = annotations is not None or labels is not None
+    return tile_kwargs
 
-    out = Path(args.out)
-    ckpt = Path(args.checkpoint)
+
+def _settings(ckpt: Path, mode: str, tile_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes a slide's outputs (the checkpoint file and the tiles), recorded in its JSON."""
     if not ckpt.is_file():
         raise PCEError(ckpt, "checkpoint not found", "a .pth written by tools/train.py")
     st = ckpt.stat()
-    settings = json_ready({"checkpoint": str(ckpt.resolve()), "checkpoint_bytes": st.st_size,
-                           "checkpoint_mtime_ns": st.st_mtime_ns, "mode": mode,
-                           "tiles": {k: v for k, v in tile_kwargs.items() if k != "cache_dir"}})
+    return json_ready({"checkpoint": str(ckpt.resolve()), "checkpoint_bytes": st.st_size,
+                       "checkpoint_mtime_ns": st.st_mtime_ns, "mode": mode,
+                       "tiles": {k: v for k, v in tile_kwargs.items() if k != "cache_dir"}})
+
+
+def _finished_slides(args: argparse.Namespace, slides: List[Path], out: Path, settings: Dict[str, Any],
+                     scoring: bool) -> Dict[Path, Dict[str, Any]]:
+    """Every slide's fate, decided before anything is written: the finished ones (``--skip-existing``) by slide;
+    an existing output without ``--force`` / ``--skip-existing`` is an error."""
     done: Dict[Path, Dict[str, Any]] = {}
-    for s in slides:  # decide every slide's fate before writing anything
+    for s in slides:
         paths = output_paths(out, s)
         if args.skip_existing:
             finished = finished_outputs(paths, settings, args.force)
@@ -458,6 +166,58 @@ def _infer(args: argparse.Namespace) -> int:
     if scoring and metrics_path.exists() and not (args.force or args.skip_existing):
         raise PCEError(metrics_path, "exists: the output of an earlier run",
                        "--force to replace it, --skip-existing to resume, or another --out")
+    return done
+
+
+def _report_slide(s: Path, res: Dict[str, Any], info: Dict[str, Any], paths: List[Path],
+                  tile_kwargs: Dict[str, Any], scoring: bool) -> None:
+    """The warnings (grayscale, no tissue) and the summary line of one processed slide."""
+    if info["grayscale"] and res["num_tiles"]:
+        print(f"warning: {s}: a grayscale scan: the model sees grey tiles, its probabilities may not hold for "
+              f"stained (colour) slides", file=sys.stderr)
+    if res["num_tiles"] == 0:
+        print(f"warning: {s}: no tissue tile (min_tissue={tile_kwargs.get('min_tissue', 0.5)}, level "
+              f"{res['level']}): an empty map, num_tiles 0" + (", excluded from the slide AUC and FROC"
+                                                               if scoring else ""),
+              file=sys.stderr)
+    t = res["timing"]
+    mpp = f"{res['tile_mpp']:.3f} um/px, " if res["tile_mpp"] is not None else ""
+    speed = f", {t['tiles_per_s']:.1f} tiles/s" if t["tiles_per_s"] else ""
+    print(f"{s}: {res['num_tiles']} tiles at level {res['level']} ({mpp}{res['tile_size']} px from "
+          f"{res['read_size']} px), max tumour probability {res['score']:.3f}, {t['infer_s']:.1f} s{speed} "
+          f"-> {paths[0]}")
+
+
+def _write_metrics(slides: List[Path], results: List[Dict[str, Any]], annotations: Any, infos: Dict[Path, Any],
+                   label_map: Any, labels: Any, metrics_path: Path) -> None:
+    metrics = slide_metrics(slides, results, annotations, infos, label_map, labels)
+    atomic_write_bytes(metrics_path, json.dumps(json_ready(metrics), indent=1).encode())
+    froc = (f"\nFROC: {metrics['FROC']:.4f} ({metrics['num_lesions']} lesions)" if "FROC" in metrics else "")
+    excluded = f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else ""
+    print(f"slide_AUC: {metrics['slide_AUC']:.4f} ({len(metrics['slides'])} slides{excluded}){froc} "
+          f"-> {metrics_path}")
+
+
+def _infer(args: argparse.Namespace) -> int:
+    for name in ("--stride", "--mpp", "--tile-mpp", "--batch-size", "--png-size"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    cfg = load_config(args.config, args.cfg_options)
+    task = get_task(cfg.task)
+    mode = slide_tile_mode(task)
+    split, sc = eval_split(cfg)
+    check_split_options(split, sc)
+    tile_kwargs = _tile_kwargs(args, sc)
+    label_map = tile_kwargs.get("label_map")
+    slides = [Path(s) for s in args.slides]
+    check_stems(slides)
+    infos = slide_infos(slides, args.mpp, need_mpp=bool(args.annotations))
+    annotations = load_annotations(Path(args.annotations), slides, infos, label_map) if args.annotations else None
+    labels = read_labels(Path(args.labels), slides) if args.labels else None
+    scoring = annotations is not None or labels is not None
+
+    out = Path(args.out)
+    settings = _settings(Path(args.checkpoint), mode, tile_kwargs)
+    done = _finished_slides(args, slides, out, settings, scoring)
 
     results: List[Dict[str, Any]] = []
     model = device = transform = None
@@ -484,29 +244,11 @@ def _infer(args: argparse.Namespace) -> int:
         results.append(res)
         if bar is not None:
             bar.update(1)
-        if info["grayscale"] and res["num_tiles"]:
-            print(f"warning: {s}: a grayscale scan: the model sees grey tiles, its probabilities may not hold for "
-                  f"stained (colour) slides", file=sys.stderr)
-        if res["num_tiles"] == 0:
-            print(f"warning: {s}: no tissue tile (min_tissue={tile_kwargs.get('min_tissue', 0.5)}, level "
-                  f"{res['level']}): an empty map, num_tiles 0" + (", excluded from the slide AUC and FROC"
-                                                                   if scoring else ""),
-                  file=sys.stderr)
-        t = res["timing"]
-        mpp = f"{res['tile_mpp']:.3f} um/px, " if res["tile_mpp"] is not None else ""
-        speed = f", {t['tiles_per_s']:.1f} tiles/s" if t["tiles_per_s"] else ""
-        print(f"{s}: {res['num_tiles']} tiles at level {res['level']} ({mpp}{res['tile_size']} px from "
-              f"{res['read_size']} px), max tumour probability {res['score']:.3f}, {t['infer_s']:.1f} s{speed} "
-              f"-> {paths[0]}")
+        _report_slide(s, res, info, paths, tile_kwargs, scoring)
     if bar is not None:
         bar.close()
     if scoring:
-        metrics = slide_metrics(slides, results, annotations, infos, label_map, labels)
-        atomic_write_bytes(metrics_path, json.dumps(json_ready(metrics), indent=1).encode())
-        froc = (f"\nFROC: {metrics['FROC']:.4f} ({metrics['num_lesions']} lesions)" if "FROC" in metrics else "")
-        excluded = f", {len(metrics['excluded'])} excluded" if metrics["excluded"] else ""
-        print(f"slide_AUC: {metrics['slide_AUC']:.4f} ({len(metrics['slides'])} slides{excluded}){froc} "
-              f"-> {metrics_path}")
+        _write_metrics(slides, results, annotations, infos, label_map, labels, out / METRICS_NAME)
     return 0
 
 

@@ -11,9 +11,13 @@ from .slide import (TileGeometry, choose_level, open_slide, read_level, read_rgb
                     tile_geometry, tissue_mask)
 from .index import box_fractions, centre_slice
 from .tiles import CamelyonTiles, TileTable, spread_subset
-from .layout import (CAMELYON16_LAYOUT, LAYOUTS, SPLIT_FILE, BalancedTileSampler, Camelyon16Tiles, SlideEntry,
-                     camelyon17_slides, find_camelyon16_slides, holdout_split, layout_slides, read_slide_labels,
-                     write_split_records)
+from .layout_table import CAMELYON16_LAYOUT, LAYOUTS, SlideEntry
+from .slide_labels import read_slide_labels
+from .camelyon17 import camelyon17_slides
+from .layout import find_camelyon16_slides, layout_slides
+from .splits import SPLIT_FILE, holdout_split, write_split_records
+from .camelyon16 import Camelyon16Tiles
+from .sampler import BalancedTileSampler
 from .blocks import TileBlocks
 from .transforms import TileTransform
 from .synthetic import (ensure_demo_camelyon, make_demo_camelyon, make_demo_camelyon17, make_synthetic_slide,

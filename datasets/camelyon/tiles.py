@@ -1,11 +1,12 @@
 """``CamelyonTiles``: a dataset over the tissue tiles of whole slides (tumour masks or tile labels from ASAP
 annotations) at a level or at a resolution in microns per pixel (read from the closest finer-or-equal level and
-resampled), optionally a fixed, seeded subset of them spread over the slides; ``TileTable``: the tiles as columns."""
+resampled), optionally a fixed, seeded subset of them spread over the slides. The tile columns (``TileTable``) and
+the subset selection (``spread_subset``) live in :mod:`.tile_table` (re-exported here)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,12 +16,12 @@ from ..registry import DATASETS
 from .annotations import Annotation, annotation_labels, read_asap_xml, rasterize
 from .index import index_slide
 from .slide import TileGeometry, open_slide, read_tile_rgb, tile_geometry
+from .tile_table import COLUMNS as _COLUMNS, TileTable, spread_subset
 
 __all__ = ["CamelyonTiles", "TileTable", "spread_subset", "MODES"]
 
 MODES = ("segment", "classify")
 AnnotationsArg = Union[None, Sequence[Any], Mapping[str, Any]]
-_COLUMNS = ("slide_index", "x", "y", "col", "row", "tissue", "tumour", "label")
 
 
 def _load_annotations(entry: Any) -> tuple:
@@ -53,84 +54,29 @@ def _align_annotations(slides: List[Path], annotations: AnnotationsArg) -> List[
     return annotations
 
 
-class TileTable(Sequence):
-    """The tiles of a :class:`CamelyonTiles` as numpy columns (``slide_index``, ``x``, ``y``, ``col``, ``row``,
-    ``tissue``, ``tumour``, ``label``): a few bytes per tile, shared copy-on-write with DataLoader workers, where a
-    list of dicts would take ~1 KB per tile and be copied into every worker. ``table[i]`` is the dict of one tile:
-    ``{"slide", "slide_index", "x", "y" (level-0 top-left), "col", "row" (grid position), "level", "size",
-    "mpp" (of the tile; None when unknown), "tissue", "tumour", "label"}``."""
 
-    def __init__(self, slides: Sequence[str], geometries: Sequence[TileGeometry], size: int,
-                 columns: Mapping[str, np.ndarray]) -> None:
-        self.slides, self.geometries, self.size = list(slides), list(geometries), int(size)
-        self.columns = {k: np.asarray(columns[k]) for k in _COLUMNS}
-
-    def __len__(self) -> int:
-        return len(self.columns["x"])
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:  # type: ignore[override]
-        n = len(self)
-        i = int(i)
-        if not -n <= i < n:
-            raise IndexError(i)
-        c = self.columns
-        k = int(c["slide_index"][i])
-        g = self.geometries[k]
-        return {"slide": self.slides[k], "slide_index": k, "x": int(c["x"][i]), "y": int(c["y"][i]),
-                "col": int(c["col"][i]), "row": int(c["row"][i]), "level": g.level, "size": self.size,
-                "mpp": g.mpp, "tissue": float(c["tissue"][i]), "tumour": float(c["tumour"][i]),
-                "label": int(c["label"][i])}
-
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
-        return (self[i] for i in range(len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, TileTable):
-            return (self.slides == other.slides and self.size == other.size and self.geometries == other.geometries
-                    and all(np.array_equal(self.columns[k], other.columns[k]) for k in _COLUMNS))
-        if isinstance(other, Sequence):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def select(self, index: np.ndarray) -> "TileTable":
-        """The tiles at ``index`` (in that order)."""
-        return TileTable(self.slides, self.geometries, self.size, {k: v[index] for k, v in self.columns.items()})
-
-
-def spread_subset(slide_index: np.ndarray, positive: np.ndarray, max_tiles: int, tumour_fraction: Optional[float],
-                  seed: int) -> np.ndarray:
-    """Sorted indices of at most ``max_tiles`` tiles, a fixed function of ``seed``: a fraction ``tumour_fraction``
-    of them ``positive`` (tumour) tiles when there are enough (None: the tiles' own ratio), the rest normal ones,
-    each kind spread evenly over the slides (round robin: one tile of every slide that has one left per round, in
-    a seeded order), tiles drawn at random within a slide."""
-    slide_index, positive = np.asarray(slide_index), np.asarray(positive, bool)
-    total, n = len(slide_index), int(max_tiles)
-    if n >= total:
-        return np.arange(total)
-    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
-    want = n * len(pos) / max(total, 1) if tumour_fraction is None else n * float(tumour_fraction)
-    n_pos = min(int(np.floor(want + 0.5)), len(pos))
-    n_neg = min(n - n_pos, len(neg))
-    n_pos = min(len(pos), n - n_neg)  # too few normal tiles: more tumour ones
-    rng = np.random.default_rng([int(seed), 0x5EED])
-    return np.sort(np.concatenate([_round_robin(pos, slide_index, n_pos, rng),
-                                   _round_robin(neg, slide_index, n_neg, rng)]))
-
-
-def _round_robin(idx: np.ndarray, slide_index: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n <= 0 or not len(idx):
-        return np.zeros(0, np.int64)
-    perm = idx[rng.permutation(len(idx))]
-    s = slide_index[perm]
-    order = np.argsort(s, kind="stable")
-    sizes = np.bincount(s, minlength=int(slide_index.max()) + 1)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    rank = np.empty(len(perm), np.int64)
-    rank[order] = np.arange(len(perm)) - starts[s[order]]    # position of each tile within its slide's draw
-    slide_order = rng.permutation(len(sizes))[s]            # which slide comes first in every round
-    return perm[np.lexsort((slide_order, rank))[:n]]
+def _check_options(mode: str, tile_size: int, stride: Optional[int], seed: int, balance: Optional[float],
+                   max_tiles: Optional[int], max_tiles_tumour: Optional[float], level: Optional[int],
+                   mpp: Optional[float], downsample: Optional[float], level0_mpp: Optional[float]) -> None:
+    """``ValueError`` naming the first :class:`CamelyonTiles` option out of range (before any slide is read)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} (expected one of {MODES})")
+    if int(tile_size) < 1 or (stride is not None and int(stride) < 1):
+        raise ValueError(f"tile_size={tile_size} and stride={stride} must be positive")
+    if int(seed) < 0:
+        raise ValueError(f"seed={seed} (expected a non-negative integer)")
+    if balance is not None and not 0.0 <= float(balance) <= 1.0:
+        raise ValueError(f"balance={balance} (expected a tumour fraction in [0, 1] or None)")
+    if max_tiles is not None and int(max_tiles) < 1:
+        raise ValueError(f"max_tiles={max_tiles} (expected a positive number of tiles or None)")
+    if max_tiles_tumour is not None and not 0.0 <= float(max_tiles_tumour) <= 1.0:
+        raise ValueError(f"max_tiles_tumour={max_tiles_tumour} (expected a tumour fraction in [0, 1] or None)")
+    for name, v in (("mpp", mpp), ("downsample", downsample), ("level0_mpp", level0_mpp)):
+        if v is not None and not (np.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name}={v} (expected a positive number or None)")
+    if sum(v is not None for v in (level, mpp, downsample)) > 1:
+        raise ValueError(f"give one of level={level}, mpp={mpp}, downsample={downsample} (the tile resolution), "
+                         f"not several")
 
 
 @DATASETS.register("camelyon_tiles")
@@ -169,24 +115,8 @@ class CamelyonTiles(Dataset):
                  epoch_size: Optional[int] = None, tissue_level: Optional[int] = None,
                  transforms: Optional[Callable] = None, seed: int = 0, max_tiles: Optional[int] = None,
                  max_tiles_tumour: Optional[float] = 0.5, level0_mpp: Optional[float] = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} (expected one of {MODES})")
-        if int(tile_size) < 1 or (stride is not None and int(stride) < 1):
-            raise ValueError(f"tile_size={tile_size} and stride={stride} must be positive")
-        if int(seed) < 0:
-            raise ValueError(f"seed={seed} (expected a non-negative integer)")
-        if balance is not None and not 0.0 <= float(balance) <= 1.0:
-            raise ValueError(f"balance={balance} (expected a tumour fraction in [0, 1] or None)")
-        if max_tiles is not None and int(max_tiles) < 1:
-            raise ValueError(f"max_tiles={max_tiles} (expected a positive number of tiles or None)")
-        if max_tiles_tumour is not None and not 0.0 <= float(max_tiles_tumour) <= 1.0:
-            raise ValueError(f"max_tiles_tumour={max_tiles_tumour} (expected a tumour fraction in [0, 1] or None)")
-        for name, v in (("mpp", mpp), ("downsample", downsample), ("level0_mpp", level0_mpp)):
-            if v is not None and not (np.isfinite(float(v)) and float(v) > 0):
-                raise ValueError(f"{name}={v} (expected a positive number or None)")
-        if sum(v is not None for v in (level, mpp, downsample)) > 1:
-            raise ValueError(f"give one of level={level}, mpp={mpp}, downsample={downsample} (the tile resolution), "
-                             f"not several")
+        _check_options(mode, tile_size, stride, seed, balance, max_tiles, max_tiles_tumour, level, mpp, downsample,
+                       level0_mpp)
         self.slides = [Path(s) for s in slides]
         if not self.slides:
             raise ValueError("CamelyonTiles: empty slide list")

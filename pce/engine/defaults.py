@@ -121,6 +121,8 @@ _C.runtime.log_interval = 20              # iterations between log lines / Tenso
 _C.runtime.eval_interval = 1              # epochs between evaluations (0: only at the end)
 _C.runtime.checkpoint_interval = 1        # epochs between latest.pth writes (the last epoch always writes)
 _C.runtime.kmeans_init_batches = 8        # training batches for the K-Means key initialisation (0: skip)
+_C.runtime.final_test = True              # build data.test and score it after the last epoch (False: leave the
+                                          # test split to tools/eval.py: training never reads it, e.g. Camelyon)
 _C.runtime.tensorboard = True
 _C.runtime.progress_bar = True            # tqdm bar (rank 0, interactive terminals)
 _C.runtime.find_unused_parameters = True  # DDP: router overrides / top-k leave parameters unused

@@ -35,7 +35,8 @@ class TrainerSetup:
     def _build_data(self, cfg: Any, task: Any, resume_path: Optional[Path], force: bool) -> None:
         """Datasets and the training loader (first: a missing dataset fails before anything is written), then
         the work dir (rank 0)."""
-        self.datasets = task.build_datasets(cfg, splits=("train", "val", "test"))
+        splits = ("train", "val", "test") if cfg.runtime.final_test else ("train", "val")
+        self.datasets = task.build_datasets(cfg, splits=splits)
         if "train" not in self.datasets:
             raise ValueError("the config defines no data.train dataset")
         if self.is_main:

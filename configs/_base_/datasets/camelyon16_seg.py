@@ -15,11 +15,15 @@
 _norm = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 _tiles = dict(mpp=0.5, tile_size=256, min_tissue=0.5, mode="segment", cache_dir="data/camelyon_tile_cache")
 _split = dict(layout="challenge", holdout=0.2)
-_eval_transform = dict(name="camelyon_tile", kwargs=dict(train=False, **_norm))
+# Stain: Macenko normalisation onto torchstain's reference for every tile (train, val, test, infer_slide) and light
+# HED augmentation in training (docs/CAMELYON.md, "Stain").
+_stain = dict(stain_norm="macenko")
+_eval_transform = dict(name="camelyon_tile", kwargs=dict(train=False, **_stain, **_norm))
 data = dict(
     root="data/camelyon16",
     train=dict(name="camelyon16", kwargs=dict(split="train", balance=0.5, epoch_size=20000, **_split, **_tiles),
-               transform=dict(name="camelyon_tile", kwargs=dict(train=True, jitter=(0.1, 0.1), **_norm))),
+               transform=dict(name="camelyon_tile", kwargs=dict(train=True, jitter=(0.1, 0.1), stain_aug=0.05, **_stain,
+                                                                **_norm))),
     val=dict(name="camelyon16", kwargs=dict(split="val", max_tiles=2000, max_tiles_tumour=0.5, **_split, **_tiles),
              transform=_eval_transform),
     test=dict(name="camelyon16", kwargs=dict(split="test", layout="challenge", **_tiles), transform=_eval_transform),
@@ -35,3 +39,5 @@ data = dict(
         "data.test.kwargs.layout=aws), or keep it elsewhere and pass --cfg-options data.root=FOLDER. To try the "
         "pipeline on generated slides in the challenge layout: configs/demo_camelyon_seg_pce.py"),
 )
+# The test slides are for tools/eval.py and tools/infer_slide.py: training never reads them (no final test score).
+runtime = dict(final_test=False)

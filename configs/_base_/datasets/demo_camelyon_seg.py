@@ -21,3 +21,5 @@ data = dict(
     batch_size=8,
     num_workers=0,  # reading a 128 px tile takes ~0.5 ms: worker processes would cost more than they save here
 )
+# The test slides are for tools/eval.py and tools/infer_slide.py: training never reads them (no final test score).
+runtime = dict(final_test=False)
