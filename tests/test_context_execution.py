@@ -17,7 +17,8 @@ from pce.models.layer import PCELayer
 from pce.layers.patches import PatchExtractor
 from routing_helpers import run_routed
 from pce.layers.patched_map import PatchedMap
-from pce.moe.execution import ContextExecution, StaticContextExecution
+from pce.moe.execution import ContextExecution
+from pce.moe.execution_static import StaticContextExecution
 
 
 class MaskedMap:

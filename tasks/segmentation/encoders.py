@@ -44,7 +44,7 @@ exactly when every PCE layer's execution can be captured in a graph: under captu
 run the static ``"capacity"`` execution (equal to ``"sparse"`` when no token overflows) and ``"context"`` its
 static whole-map form (equal to eager context execution, E x its FLOPs); only ``"context"`` with a router that
 gives a patch several experts (refused in eager runs too) blocks them (:func:`pce.models.fuse.capture_blockers`,
-:class:`pce.moe.execution.StaticContextExecution`). On the encoder they are properties, so they follow
+:class:`pce.moe.execution_static.StaticContextExecution`). On the encoder they are properties, so they follow
 the layers; :func:`create_smp_model` also sets them on the smp model it returns (``smp.create_model`` itself
 leaves the model's class defaults, True).
 
