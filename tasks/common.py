@@ -2,13 +2,13 @@
 the dataset keyword arguments of a config split (``data.root``, the built-in ``demo`` data),
 :func:`apply_model_convert` (``model.convert``: the last step of every adapter's ``build_model``),
 :class:`SplitDatasetsMixin` (``build_datasets`` / ``set_epoch`` / ``dummy_inputs`` of every adapter),
-:class:`RouterLossMixin` (``train_step``) and the shared members of the task contract
-(:class:`pce.engine.task.Task`): :class:`ToolDefaultsMixin`, :class:`TensorBatchMixin`."""
+:class:`RouterLossMixin` (``train_step``). The default members of the rest of the task contract are in
+:mod:`pce.tasks.contract_defaults`."""
 from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -16,13 +16,11 @@ from torch import nn
 from pce.datasets import DATASETS, TRANSFORMS, build_dataset, build_transform
 from pce.datasets.demo_voc import DEMO_CLASSES, ensure_demo_voc
 from pce.engine.config import to_plain
-from pce.engine.phases import find_backbones
 from pce.moe.losses import RouterLossWeights, router_loss
 from pce.moe.recorder import record_routing
 
 __all__ = ["to_plain", "accepts", "head_options", "dataset_kwargs", "image_batch_to", "SplitDatasetsMixin",
-           "RouterLossMixin", "check_kwargs", "check_split_dataset", "ToolDefaultsMixin",
-           "TensorBatchMixin", "apply_model_convert"]
+           "RouterLossMixin", "check_kwargs", "check_split_dataset", "apply_model_convert"]
 
 logger = logging.getLogger("pce")
 
@@ -274,44 +272,3 @@ class RouterLossMixin:
             losses = self.task_losses(model, batch, device)
         losses["loss_router"] = router_loss(rec.results, self.router_loss_weights, device=device).float()
         return losses
-
-
-# ------------------------------------------------------------------------------- the task contract's shared parts
-class ToolDefaultsMixin:
-    """Task-contract members most tasks share: no slide tiling, no image-level labels, the deepest backbone
-    stride as the smallest input side, user images through ``transform(image, target)``."""
-
-    slide_tile_mode: Optional[str] = None
-
-    def empty_target(self, image: torch.Tensor) -> Any:
-        raise NotImplementedError
-
-    def image_labels(self, batch: Any) -> Optional[torch.Tensor]:
-        return None
-
-    def min_input_side(self, cfg: Any, model: nn.Module) -> int:
-        """The model's deepest feature stride (at least 2 pixels)."""
-        strides = [int(i.get("stride", 1)) for bb in find_backbones(model) for i in bb.feature_info]
-        return max(strides + [2])
-
-    def prepare_image(self, cfg: Any, image: torch.Tensor, transform: Any) -> Tuple[torch.Tensor, Any]:
-        """``transform(image, empty target)`` (the paired transforms of dense targets)."""
-        target = self.empty_target(image)
-        return (image, target) if transform is None else transform(image, target)
-
-
-class TensorBatchMixin:
-    """Batches ``(images [B, C, H, W], targets)`` of a model that takes normalised ``[B, C, H, W]`` images."""
-
-    def batch_images(self, batch: Any) -> torch.Tensor:
-        return batch[0]
-
-    def batch_size(self, batch: Any) -> int:
-        return int(batch[0].shape[0])
-
-    def export_target(self, model: nn.Module, cfg: Any, what: str, size: Tuple[int, int]
-                      ) -> Tuple[nn.Module, Callable[[int, int], Any], Dict[str, Any]]:
-        """The whole model (``what="model"``) or its backbone on normalised ``[B, C, *size]`` images."""
-        from .export_targets import image_export_target
-
-        return image_export_target(model, cfg, what, size)

@@ -297,5 +297,4 @@ def main(argv=None) -> Dict[str, Any]:
 
 if __name__ == "__main__":
     from pce.engine.errors import run_cli  # the one error handler of every tool: one line, --debug
-
     sys.exit(run_cli(lambda: main(sys.argv[1:]) and 0, debug="--debug" in sys.argv[1:]))

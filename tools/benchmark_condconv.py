@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from benchmark_memory import collect_workers, start_memory_for
-from benchmark_model import NUM_CLASSES, build_model, make_infer, make_train_step
-from benchmark_timing import bench_interleaved, median
+from benchmark_model import NUM_CLASSES, build_model, time_models
+from benchmark_timing import median
 
 CONDCONV, DENSE_CC = "efficientnet_cc_b0_4e", "efficientnet_b0"
 #: (candidate, its dense twin)
@@ -64,11 +64,7 @@ def run_condconv(cfg: Dict[str, Any], threads: Sequence[int], log,
         for th in threads:
             torch.set_num_threads(th)
             for mode in ("infer", "train"):
-                fns = {}
-                for n, m in models.items():
-                    m.train(mode == "train")
-                    fns[n] = make_train_step(m, x, y) if mode == "train" else make_infer(m, x)
-                t = bench_interleaved(fns, cfg["warmup"], cfg["reps"], cfg["min_reps"], cfg["budget_s"])
+                t = time_models(models, x, y, mode, cfg)
                 row = point_row(size, batch, th, mode, t, pairs)
                 rows.append(row)
                 log(f"  vs condconv {size}px b={batch:<3} t={th} {mode:<5} " + "  ".join(

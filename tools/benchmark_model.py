@@ -60,6 +60,16 @@ def model_names(preset: str) -> Tuple[str, str, str]:
     return f"pce_{preset}", f"dense_{preset}", "resnet18"
 
 
+def time_models(models: Dict[str, Any], x: torch.Tensor, y: torch.Tensor, mode: str, cfg: Dict[str, Any]
+                ) -> Dict[str, Any]:
+    """Interleaved timings (:func:`bench_interleaved`) of every model's inference or training step on ``x``."""
+    fns = {}
+    for n, m in models.items():
+        m.train(mode == "train")
+        fns[n] = make_train_step(m, x, y) if mode == "train" else make_infer(m, x)
+    return bench_interleaved(fns, cfg["warmup"], cfg["reps"], cfg["min_reps"], cfg["budget_s"])
+
+
 def run_model_level(cfg: Dict[str, Any], preset: str, threads: Sequence[int], log) -> List[Dict[str, Any]]:
     names = model_names(preset)
     models = {n: build_model(n) for n in names}
@@ -72,11 +82,7 @@ def run_model_level(cfg: Dict[str, Any], preset: str, threads: Sequence[int], lo
             for th in threads:
                 torch.set_num_threads(th)
                 for mode in ("infer", "train"):
-                    fns = {}
-                    for n, m in models.items():
-                        m.train(mode == "train")
-                        fns[n] = make_train_step(m, x, y) if mode == "train" else make_infer(m, x)
-                    t = bench_interleaved(fns, cfg["warmup"], cfg["reps"], cfg["min_reps"], cfg["budget_s"])
+                    t = time_models(models, x, y, mode, cfg)
                     ms = {n: median(v["wall"]) for n, v in t.items()}
                     cpu = {n: median(v["cpu"]) for n, v in t.items()}
                     for n in names:

@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from pce.models.flops_trace import TraceableOutputs, TraceableScatter
 from pce.moe.execution import eager_routing
 from pce.moe.recorder import strip_wrapper_prefix
 
@@ -200,37 +200,8 @@ def active_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Te
     return {"total": total, "gflops": total / 1e9, "executed": traced["total"], "layers": layers}
 
 
-class _TraceableScatter(TorchFunctionMode):
-    """``t.scatter_(dim, index, True)`` with a *bool* scalar (the routers' top-k masks, e.g.
-    ``pce.moe.routing.top_k_mask``) has no TorchScript schema, so ``torch.jit`` tracing fails on it with an
-    internal assert. While tracing, bool scalars are passed as a tensor source instead (same result)."""
-
-    _FUNCS = (torch.Tensor.scatter_, torch.Tensor.scatter, torch.scatter)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._FUNCS and len(args) >= 4 and isinstance(args[3], bool) and isinstance(args[2], torch.Tensor):
-            make = torch.ones_like if args[3] else torch.zeros_like
-            args = (args[0], args[1], args[2], make(args[2], dtype=args[0].dtype)) + tuple(args[4:])
-        return func(*args, **kwargs)
-
-
 def _as_tuple(inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-
-
-class _Traceable(nn.Module):
-    """Wraps models whose output is a mapping (backbones) so that ``torch.jit`` can trace them."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: torch.Tensor):
-        out = self.model(*args)
-        if isinstance(out, dict):
-            return tuple(out.values())
-        return out
 
 
 def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
@@ -251,7 +222,7 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
 
     args = _as_tuple(inputs)
     wrapped = isinstance(model, nn.Module) and not _returns_tensor(model)
-    target = _Traceable(model) if wrapped else model
+    target = TraceableOutputs(model) if wrapped else model
     analysis = FlopCountAnalysis(target, args)
     handles: Dict[str, Optional[Handle]] = {}
     fvcore_ops = set(analysis._op_handles)  # noqa: SLF001 - fvcore keeps its defaults here
@@ -269,7 +240,7 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
     level = fv_logger.level
     fv_logger.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _TraceableScatter(), eager_routing():
+        with torch.no_grad(), warnings.catch_warnings(), TraceableScatter(), eager_routing():
             warnings.simplefilter("ignore")
             total = int(analysis.total())
             by_module_raw = analysis.by_module()

@@ -11,8 +11,8 @@ from pce.models.classifier import PCEClassifier, build_classifier
 
 from pce.analysis.labels import class_patch_labels
 
-from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, apply_model_convert,
-                      head_options, image_batch_to, to_plain)
+from ..common import RouterLossMixin, SplitDatasetsMixin, apply_model_convert, head_options, image_batch_to, to_plain
+from ..contract_defaults import TensorBatchMixin, ToolDefaultsMixin
 from ..registry import register_task
 from .metrics import ClassificationEvaluator
 

@@ -38,7 +38,8 @@ from pce.engine.task import ExportTarget
 
 from pce.analysis.labels import box_patch_labels
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, ToolDefaultsMixin, accepts, apply_model_convert, to_plain
+from ..common import RouterLossMixin, SplitDatasetsMixin, accepts, apply_model_convert, to_plain
+from ..contract_defaults import ToolDefaultsMixin
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
 from .model import PCEFasterRCNN, build_detector

@@ -32,8 +32,8 @@ from pce.datasets import SegmentationCollate
 from pce.analysis.labels import mask_patch_labels
 from pce.moe.recorder import unwrap_model
 
-from ..common import (RouterLossMixin, SplitDatasetsMixin, TensorBatchMixin, ToolDefaultsMixin, apply_model_convert,
-                      head_options, image_batch_to, to_plain)
+from ..common import RouterLossMixin, SplitDatasetsMixin, apply_model_convert, head_options, image_batch_to, to_plain
+from ..contract_defaults import TensorBatchMixin, ToolDefaultsMixin
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
 from .model import SegmentationModel, build_segmentation_model
