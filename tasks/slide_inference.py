@@ -7,7 +7,6 @@ per slide and the slide metrics: :mod:`pce.tasks.slide_outputs`.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pce.datasets.camelyon.heatmap import HeatmapAccumulator, heatmap_cell
 from pce.engine.config import to_plain
 from pce.engine.errors import PCEError
 from pce.engine.evaluation import load_trained_weights
+from pce.engine.runtime import autocast_context, resolve_amp_dtype
 from pce.tasks.common import check_kwargs
 
 __all__ = ["TILE_KEYS", "RESOLUTION_KEYS", "eval_split", "check_split_options", "slide_tile_mode", "load_model",
@@ -72,9 +72,7 @@ def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> to
 
 def autocast(device: torch.device, amp: str):
     """``torch.autocast`` for ``amp`` ("bf16" / "fp16") on CUDA; nothing on a CPU or with ``"none"``."""
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return autocast_context(resolve_amp_dtype(amp, device))
 
 
 def tile_dataset(slide: Path, mode: str, tile_kwargs: Dict[str, Any], transform: Any) -> CamelyonTiles:

@@ -15,24 +15,12 @@ Works under torchrun too (each rank evaluates a shard; rank 0 writes).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 
 from pce.engine import cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process, load_config
-from pce.engine.checkpoint import atomic_write_text
 from pce.engine.errors import add_debug_flag, run_cli
 from pce.tasks import get_task
-
-
-def _json_ready(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
-    return x
+from pce.tasks.tooling import write_json
 
 
 def main(argv=None) -> int:
@@ -64,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.out:
-        out = atomic_write_text(json.dumps(_json_ready(results), indent=2), args.out)
+        out = write_json(results, args.out)  # atomic; non-finite numbers as null
         print(f"metrics written to {out}")
     return 0
 

@@ -23,7 +23,7 @@ import torch
 
 from pce.engine.errors import NonFiniteStateError, PCEError
 
-__all__ = ["atomic_save", "atomic_copy", "atomic_write_text", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+__all__ = ["atomic_save", "atomic_copy", "load_checkpoint", "capture_rng_state", "restore_rng_state",
            "CheckpointManager", "nonfinite_tensors", "check_finite", "checkpoint_is_finite", "remove_stale_temps",
            "is_training_state", "TRAINING_STATE_KEYS"]
 
@@ -94,11 +94,6 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
 
     return _atomic_write(Path(path), write)
-
-
-def atomic_write_text(text: str, path: PathLike) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_copy(src: PathLike, dst: PathLike) -> Path:

@@ -15,21 +15,18 @@ so the one router-loss site of training honours every layer's choice.
 >>> with pce.record_routing(model) as rec:
 ...     out = model(x)
 >>> loss = task_loss + pce.router_loss(rec.results, {"balance": 0.01})   # each layer's own term
->>> loss = task_loss + 0.01 * layer_balance_loss(rec.records, model)     # the same, on its own
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
-from torch import nn
 
 from pce.moe.metrics import entropy
-from pce.moe.recorder import routing_sources, strip_wrapper_prefix
 from pce.moe.routing import RoutingResult
 
-__all__ = ["switch_balance", "batch_entropy_balance", "balance_loss", "layer_balance_loss", "BALANCE_LOSSES",
+__all__ = ["switch_balance", "batch_entropy_balance", "balance_loss", "BALANCE_LOSSES",
            "DEFAULT_BALANCE"]
 
 #: the balancing term of results that do not name one
@@ -72,16 +69,3 @@ def balance_loss(result: RoutingResult, kind: Optional[str] = None) -> torch.Ten
     if kind not in BALANCE_LOSSES:
         raise ValueError(f"balance must be one of {sorted(BALANCE_LOSSES)}, got {kind!r}")
     return BALANCE_LOSSES[kind](result).float()
-
-
-def layer_balance_loss(records: Iterable[Tuple[str, RoutingResult]], model: Optional[nn.Module] = None,
-                       default: str = DEFAULT_BALANCE) -> torch.Tensor:
-    """Mean over the recorded layers (``RoutingRecorder.records``: ``(layer name, result)``) of each layer's own
-    balancing term: the one its result names, else the ``balance`` attribute of the layer of that name in
-    ``model``, else ``default``. Zero (float32 scalar) when nothing was recorded."""
-    kinds = {} if model is None else {strip_wrapper_prefix(n): getattr(m, "balance", None)
-                                      for n, m in routing_sources(model)}
-    terms = [balance_loss(r, r.balance or kinds.get(name) or default) for name, r in records]
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).mean()
