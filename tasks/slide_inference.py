@@ -22,7 +22,7 @@ from pce.datasets.camelyon import CamelyonTiles, TileBlocks, open_slide
 from pce.datasets.camelyon.heatmap import HeatmapAccumulator, heatmap_cell
 from pce.engine.config import to_plain
 from pce.engine.errors import PCEError
-from pce.engine.evaluation import load_trained_weights
+from pce.engine.evaluation import load_trained_model
 from pce.engine.runtime import autocast_context, resolve_amp_dtype
 from pce.tasks.common import check_kwargs
 
@@ -63,11 +63,7 @@ def slide_tile_mode(task: Any) -> str:
 def load_model(cfg: Any, task: Any, checkpoint: str, device: torch.device) -> torch.nn.Module:
     """The task's model of ``cfg`` made the trained one of ``checkpoint`` through the one loading path of eval /
     infer / export (pruned expert structure replayed, EMA weights, the phase it was saved in), eval mode."""
-    if not Path(checkpoint).is_file():  # fail before building the model
-        raise PCEError(checkpoint, "checkpoint not found", "a .pth written by tools/train.py")
-    model = task.build_model(cfg)
-    load_trained_weights(model, cfg, checkpoint)
-    return model.to(device).eval()
+    return load_trained_model(cfg, task, checkpoint, device)[0]
 
 
 def autocast(device: torch.device, amp: str):

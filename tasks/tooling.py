@@ -160,20 +160,18 @@ def load_run(args: argparse.Namespace) -> Tuple[Any, Any, nn.Module, dict, torch
     model is loaded by :func:`pce.engine.evaluation.load_trained_weights` (pruned expert structure, EMA weights,
     the routing of the phase the checkpoint was saved in)."""
     from pce.engine import load_config
-    from pce.engine.evaluation import load_trained_weights
+    from pce.engine.evaluation import check_checkpoint_file, load_trained_model
     from pce.engine.runtime import resolve_device
 
     from .registry import get_task
 
     cfg = load_config(args.config, args.cfg_options)
-    if not Path(args.checkpoint).is_file():  # fail before building the model
-        raise PCEError(args.checkpoint, "checkpoint not found", "a .pth file written by tools/train.py")
+    check_checkpoint_file(args.checkpoint)  # before the model is built
     task = get_task(cfg.task)
     device = resolve_device(args.device or cfg.runtime.device)
     torch.set_num_threads(max(1, int(getattr(cfg.runtime, "num_threads", 0) or torch.get_num_threads())))
-    model = task.build_model(cfg)
-    ckpt = load_trained_weights(model, cfg, args.checkpoint)
-    return cfg, task, model.to(device).eval(), ckpt, device
+    model, ckpt = load_trained_model(cfg, task, args.checkpoint, device)
+    return cfg, task, model, ckpt, device
 
 
 def load_split(cfg: Any, task: Any, split: str, num: Optional[int] = None) -> Any:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from pce.engine import load_config
-from pce.engine.evaluation import load_trained_weights
+from pce.engine.evaluation import check_checkpoint_file, load_trained_weights
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
 from pce.models.fuse import capture_blockers
 from pce.tasks import get_task
@@ -95,8 +95,8 @@ def output_paths(args: argparse.Namespace) -> Tuple[Path, Path]:
 def load_model(cfg: Any, task: Any, args: argparse.Namespace) -> nn.Module:
     """The config's model with the checkpoint's weights in its routing phase (as tools/eval.py), eval mode;
     ``PCEError`` naming the config key when a layer's execution cannot be captured."""
-    if args.checkpoint and not Path(args.checkpoint).is_file():  # fail before building the model
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.checkpoint:
+        check_checkpoint_file(args.checkpoint)  # before the model is built
     model = task.build_model(cfg)
     blockers = capture_blockers(model)
     if blockers:

@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from pce.engine.checkpoint import load_checkpoint
 from pce.engine.distributed import InferenceShardSampler, all_gather_object, get_world_size
+from pce.engine.errors import PCEError
 from pce.engine.phase import build_phases
 from pce.engine.phases import PhaseController
 from pce.engine.runtime import autocast_context, resolve_amp_dtype, resolve_device, to_channels_last
 from pce.engine.weights import checkpoint_phase, load_model_weights, replay_structure
 
-__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights", "evaluation_config",
+__all__ = ["build_eval_loader", "evaluate_model", "evaluate_checkpoint", "load_trained_weights", "load_trained_model",
+           "check_checkpoint_file", "evaluation_config",
            "build_eval_datasets"]
 
 logger = logging.getLogger("pce")
@@ -120,13 +122,28 @@ def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.P
     return ckpt
 
 
+def check_checkpoint_file(checkpoint: Union[str, os.PathLike]) -> None:
+    """``PCEError`` naming ``checkpoint`` when it is not a file: checked before any data or model is built."""
+    if not Path(checkpoint).is_file():
+        raise PCEError(checkpoint, "checkpoint not found", "a .pth file written by tools/train.py")
+
+
+def load_trained_model(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], device: torch.device
+                       ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``(model in eval mode on device, checkpoint dict)``: the task's model of ``cfg`` made the trained one of
+    ``checkpoint`` by :func:`load_trained_weights` (the one loading path of eval / infer / infer_slide / analysis)."""
+    check_checkpoint_file(checkpoint)
+    model = task.build_model(cfg)
+    ckpt = load_trained_weights(model, cfg, checkpoint)
+    return model.to(device).eval(), ckpt
+
+
 def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
                         device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
     the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured) through
     its evaluation transform (:func:`evaluation_config`: ``--split train`` is scored without augmentation)."""
-    if not Path(checkpoint).is_file():  # fail before building the data and the model
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    check_checkpoint_file(checkpoint)  # before the data and the model are built
     device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
     if split == "test" and not cfg.data.test.name:
         split = "val"
