@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .detection_target import detection_target
 from .registry import DATASETS
 from .voc_images import _load_rgb, _to_tensor
 
@@ -182,16 +183,11 @@ class COCODetection(Dataset):
         img = _load_rgb(self.image_path(i))
         h, w = img.shape[:2]
         self._check_boxes(i, ann, h, w)
-        boxes = ann["boxes"].copy()
-        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
-        target: dict[str, Any] = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(ann["labels"]),
-                                  "difficult": torch.from_numpy(ann["difficult"]), "image_id": i,
-                                  "orig_size": torch.tensor([h, w], dtype=torch.int64)}
+        masks = None
         if self.masks:
-            masks = [self.coco.annToMask(a) for a in ann["anns"]]
-            target["masks"] = torch.from_numpy(np.stack(masks).astype(np.uint8) if masks
-                                               else np.zeros((0, h, w), dtype=np.uint8))
+            masks = (np.stack([self.coco.annToMask(a) for a in ann["anns"]]) if ann["anns"]
+                     else np.zeros((0, h, w), dtype=np.uint8))
+        target = detection_target(i, ann["boxes"], ann["labels"], ann["difficult"], (h, w), masks)
         image = _to_tensor(img)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

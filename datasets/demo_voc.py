@@ -67,7 +67,8 @@ def demo_voc_is_complete(root: str | os.PathLike, **params: Any) -> bool:
         n = p["num_train"] + p["num_val"] + p["num_test"]
     except (KeyError, TypeError):
         return False
-    for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("SegmentationClass", ".png")):
+    for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("SegmentationClass", ".png"),
+                     ("SegmentationObject", ".png")):
         d = voc / sub
         if not d.is_dir() or sum(1 for f in os.scandir(d) if f.name.endswith(ext)) != n:
             return False

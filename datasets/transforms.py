@@ -6,13 +6,16 @@ produce) to a normalised float32 tensor [C, H', W'].
 Train pipeline, in order (each step only if configured):
 resize (``Resize``, or ``RandomResizedCrop`` when ``scale`` is given) -> pad-and-crop translation
 (``PadIfNeeded`` with 0 + ``RandomCrop``) -> ``HorizontalFlip`` -> channel shift (``RaiseOneChannel``)
--> black patches (``CoarseDropout`` with fill 0, so holes are black *before* normalisation) ->
-``(x - mean) / std``. Eval: resize -> normalise (deterministic).
+-> timm's ``auto_augment`` policy (RandAugment / AutoAugment / AugMix, :mod:`.timm_augment`) -> channel shift
+(``RaiseOneChannel``) -> black patches (``CoarseDropout`` with fill 0, so holes are black *before* normalisation)
+-> ``(x - mean) / std`` -> timm's ``RandomErasing`` (on the normalised image, as in timm). Eval: resize ->
+normalise (deterministic).
 """
 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -23,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .registry import TRANSFORMS  # noqa: E402
+from .timm_augment import TimmAutoAugment, build_random_erasing, seeded_global_rngs  # noqa: E402
 
 __all__ = ["ClassificationTransform", "RaiseOneChannel"]
 
@@ -100,6 +104,12 @@ class ClassificationTransform:
         channel_shift: None (off) or ``{"shift_range": (lo, hi), "p": p}``: raise one random channel by
             U(lo, hi) (values in [0, 1] units, clipped); no-op on 1-channel images.
         scale: with ``size`` and ``train``, use RandomResizedCrop(size, scale=scale) instead of Resize.
+        auto_augment: None (off) or a timm auto-augment string applied after the flip: ``"rand-m9-mstd0.5"``
+            (RandAugment), ``"rand-n1-m10-mstd101-p1"`` (TrivialAugment-style), ``"original"`` / ``"v0"``
+            (AutoAugment), ``"augmix-m5-w4-d2"``; 1- or 3-channel images (fill: ``mean``).
+        random_erasing: None (off) or options of timm's ``RandomErasing`` (``probability``, ``mode``
+            ``"const"`` / ``"rand"`` / ``"pixel"``, ``min_area``, ``max_area``, ``min_aspect``, ``max_aspect``,
+            ``min_count``, ``max_count``), applied to the normalised image in train mode.
         seed: seed of the augmentation stream. In a DataLoader worker the stream is re-seeded from the
             worker's torch seed (+ ``seed``), so workers never repeat each other's augmentations.
     """
@@ -116,6 +126,8 @@ class ClassificationTransform:
         channel_shift: dict | None = None,
         scale: tuple[float, float] | None = None,
         seed: int | None = None,
+        auto_augment: str | None = None,
+        random_erasing: dict | None = None,
     ) -> None:
         self.train = bool(train)
         self.size = _pair(size)
@@ -135,6 +147,10 @@ class ClassificationTransform:
         self.black_patches = None if black_patches is None else _options(black_patches, _BLACK_PATCH_DEFAULTS, "black_patches")
         self.channel_shift = None if channel_shift is None else _options(channel_shift, _CHANNEL_SHIFT_DEFAULTS, "channel_shift")
         self.seed = seed
+        self.auto_augment = auto_augment or None
+        self.random_erasing = None if random_erasing is None else dict(random_erasing)
+        self._erasing = None if random_erasing is None else build_random_erasing(self.random_erasing)
+        self._erase_rngs: tuple[random.Random, torch.Generator] | None = None
         self._pipelines: dict[tuple[int, int], A.Compose] = {}
         self._pid = os.getpid()
         # Build once now so bad albumentations options fail at construction, not in a worker.
@@ -164,6 +180,8 @@ class ClassificationTransform:
             steps.append(A.RandomCrop(height=out_h, width=out_w, p=1.0))
         if self.hflip:
             steps.append(A.HorizontalFlip(p=0.5))
+        if self.auto_augment:
+            steps.append(TimmAutoAugment(self.auto_augment, min(out_h, out_w), self.mean.tolist()))
         if self.channel_shift is not None:
             steps.append(RaiseOneChannel(**self.channel_shift))
         if self.black_patches is not None:
@@ -175,6 +193,7 @@ class ClassificationTransform:
         if pid != self._pid:  # first call in a DataLoader worker: fresh, worker-specific streams
             self._pid = pid
             self._pipelines.clear()
+            self._erase_rngs = None
         pipe = self._pipelines.get(hw)
         if pipe is None:
             pipe = A.Compose(self._steps(*hw), seed=self._stream_seed())
@@ -200,16 +219,29 @@ class ClassificationTransform:
             x = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).permute(2, 0, 1)
         else:
             x = image.detach().to("cpu", torch.float32)
-        return ((x - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)).contiguous()
+        x = ((x - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)).contiguous()
+        return self._erase(x) if (self.train and self._erasing is not None) else x
+
+    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's RandomErasing of the normalised ``x [C, H, W]`` (in place), seeded from this transform's stream."""
+        if self._erase_rngs is None:
+            stream = random.Random(self._stream_seed())
+            self._erase_rngs = (stream, torch.Generator().manual_seed(stream.randrange(2**63)))
+        stream, gen = self._erase_rngs
+        with seeded_global_rngs(stream.randrange(2**32), gen):
+            self._erasing(x)
+        return x
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_pipelines"] = {}
+        state["_erase_rngs"] = None
         return state
 
     def __repr__(self) -> str:
         return (
             f"ClassificationTransform(train={self.train}, size={self.size}, mean={self.mean.tolist()}, "
             f"std={self.std.tolist()}, hflip={self.hflip}, pad_crop={self.pad_crop}, "
-            f"black_patches={self.black_patches}, channel_shift={self.channel_shift}, scale={self.scale})"
+            f"black_patches={self.black_patches}, channel_shift={self.channel_shift}, scale={self.scale}, "
+            f"auto_augment={self.auto_augment!r}, random_erasing={self.random_erasing})"
         )

@@ -9,6 +9,7 @@ Layout expected under ``root`` (``root`` is the folder that contains ``VOCdevkit
     VOCdevkit/VOC{year}/ImageSets/Segmentation/{image_set}.txt
     VOCdevkit/VOC{year}/SegmentationClass/{id}.png       (palette PNG, class indices, 255 = void)
     VOCdevkit/VOC{year}/SegmentationClassAug/{id}.png    (optional, SBD-augmented masks)
+    VOCdevkit/VOC{year}/SegmentationObject/{id}.png      (instance index per pixel; detection with masks=True)
 
 Nothing is downloaded. Every error about bad input names the offending file.
 
@@ -30,9 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .detection_target import detection_target
 from .registry import DATASETS
 from .voc_format import VOC_CLASSES, _read_split, _resolve_splits, find_voc_root, parse_voc_xml
 from .voc_images import _load_rgb, _to_tensor, load_index_mask
+from .voc_instances import load_instance_masks
 
 __all__ = ["VOCDetection", "VOCSegmentation"]
 
@@ -57,6 +60,9 @@ class VOCDetection(Dataset):
       * target["labels"]: int64 [N] in 1..len(classes) (0 is background)
       * target["difficult"]: bool [N]
       * target["image_id"]: int (dataset index), target["orig_size"]: int64 [2] (H, W)
+      * with ``masks=True``: target["masks"]: uint8 [N, H, W], object ``k``'s pixels in
+        ``SegmentationObject/{id}.png`` (value ``k + 1``; void 255 and background are 0), for Mask R-CNN. The
+        ids then come from ``ImageSets/Segmentation/{image_set}.txt`` (the images VOC gives instance masks).
     With ``keep_difficult=False`` difficult objects are dropped from ``target``. ``transforms`` is
     called as ``transforms(image, target) -> (image, target)``.
     """
@@ -69,9 +75,11 @@ class VOCDetection(Dataset):
         transforms: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]] | None = None,
         keep_difficult: bool = True,
         classes: Sequence[str] = VOC_CLASSES,
+        masks: bool = False,
     ) -> None:
         self.root = Path(root)
         self.classes = tuple(classes)
+        self.masks = bool(masks)
         if len(set(self.classes)) != len(self.classes) or not self.classes:
             raise ValueError(f"classes must be a non-empty list of unique names, got {self.classes}")
         self.transforms = transforms
@@ -83,7 +91,7 @@ class VOCDetection(Dataset):
         self._dirs: list[Path] = []
         for y, s in self.splits:
             voc_dir = find_voc_root(self.root, y)
-            ids = _read_split(voc_dir / "ImageSets" / "Main" / f"{s}.txt")
+            ids = _read_split(voc_dir / "ImageSets" / ("Segmentation" if self.masks else "Main") / f"{s}.txt")
             self.ids.extend(ids)
             self.years.extend([y] * len(ids))
             self._dirs.extend([voc_dir] * len(ids))
@@ -101,6 +109,9 @@ class VOCDetection(Dataset):
 
     def image_path(self, i: int) -> Path:
         return self._dirs[i] / "JPEGImages" / f"{self.ids[i]}.jpg"
+
+    def instance_mask_path(self, i: int) -> Path:
+        return self._dirs[i] / "SegmentationObject" / f"{self.ids[i]}.png"
 
     def get_annotation(self, i: int) -> dict[str, Any]:
         """Annotation of item ``i`` without loading the image (all objects, difficult included).
@@ -157,19 +168,12 @@ class VOCDetection(Dataset):
         h, w = img.shape[:2]
         self._check_boxes(i, ann, h, w)
         boxes, labels, difficult = ann["boxes"], ann["labels"], ann["difficult"]
+        masks = load_instance_masks(self.instance_mask_path(i), len(labels), (h, w)) if self.masks else None
         if not self.keep_difficult:
             keep = ~difficult
             boxes, labels, difficult = boxes[keep], labels[keep], difficult[keep]
-        boxes = boxes.copy()
-        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
-        target = {
-            "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(labels),
-            "difficult": torch.from_numpy(difficult),
-            "image_id": i,
-            "orig_size": torch.tensor([h, w], dtype=torch.int64),
-        }
+            masks = masks[keep] if masks is not None else None
+        target = detection_target(i, boxes, labels, difficult, (h, w), masks)
         image = _to_tensor(img)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -177,7 +181,7 @@ class VOCDetection(Dataset):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, splits={self.splits}, n={len(self)}, "
-                f"classes={len(self.classes)}, keep_difficult={self.keep_difficult})")
+                f"classes={len(self.classes)}, keep_difficult={self.keep_difficult}, masks={self.masks})")
 
 
 # ----------------------------------------------------------------------------------------------

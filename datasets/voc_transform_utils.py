@@ -78,6 +78,18 @@ def _base_scale(h: int, w: int, min_size: int | None, max_size: int | None) -> f
     return s
 
 
+def _resize_masks(masks: np.ndarray | None, new_h: int, new_w: int) -> np.ndarray | None:
+    """Object masks ``uint8 [N, H, W]`` resized to ``[N, new_h, new_w]`` (nearest neighbour, so they stay binary)."""
+    if masks is None or masks.shape[1:] == (new_h, new_w):
+        return masks
+    import cv2
+
+    out = np.zeros((masks.shape[0], new_h, new_w), dtype=np.uint8)
+    for k, m in enumerate(masks):
+        out[k] = cv2.resize(m, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    return out
+
+
 def _crop_boxes(boxes: np.ndarray, keep: np.ndarray, x0: int, y0: int, cw: int, ch: int,
                 min_visibility: float) -> tuple[np.ndarray, np.ndarray]:
     """Boxes [N, 4] (and their source indices ``keep``) after cropping the ``cw x ch`` window at ``(x0, y0)``:

@@ -4,7 +4,8 @@ Both transforms take and return tensors in the conventions of :mod:`pce.datasets
 
 * detection: ``(image float32 [3, H, W] in [0, 1], target dict)`` -> same; ``target["boxes"]``
   float32 [N, 4] absolute xyxy, ``labels`` int64 [N], ``difficult`` bool [N] (any other per-box
-  tensor with first dim N is kept aligned too); ``target["size"]`` int64 [2] (H, W) is the size
+  tensor with first dim N is kept aligned too; ``target["masks"]`` uint8 [N, H, W] object masks are resized
+  (nearest), cropped, flipped and padded with the image); ``target["size"]`` int64 [2] (H, W) is the size
   after the transform (``orig_size`` is left untouched). The image is NOT normalised (torchvision
   detection models normalise internally).
 * segmentation: ``(image float32 [3, H, W] in [0, 1], mask int64 [H, W])`` -> ``(image float32
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 from .registry import TRANSFORMS  # noqa: E402
 from .voc_transform_utils import (_WorkerSeeded, _aligned_target, _base_scale, _color_jitter,  # noqa: E402
-                                  _crop_boxes, _to_uint8_hwc, _uint8_to_tensor)
+                                  _crop_boxes, _resize_masks, _to_uint8_hwc, _uint8_to_tensor)
 
 __all__ = ["DetectionTransform", "SegmentationTransform", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -119,14 +120,26 @@ class DetectionTransform(_WorkerSeeded):
         boxes = target["boxes"].detach().cpu().numpy().astype(np.float32).reshape(-1, 4)
         n = boxes.shape[0]
         keep = np.arange(n)
-        img, boxes, keep = self._resize(img, boxes, keep)
-        img, boxes, keep = self._augment(img, boxes, keep)
-        img = self._pad(img)
+        # object masks [N, H, W] (all N objects) follow every geometric step; _aligned_target keeps the kept ones
+        masks = None if target.get("masks") is None else self._check_masks(target["masks"], n, img.shape[:2])
+        img, boxes, keep, masks = self._resize(img, boxes, keep, masks)
+        img, boxes, keep, masks = self._augment(img, boxes, keep, masks)
+        img, masks = self._pad(img, masks)
+        if masks is not None:
+            target = {**target, "masks": torch.from_numpy(np.ascontiguousarray(masks))}
         return _uint8_to_tensor(img), _aligned_target(target, boxes, keep, n, img.shape[:2])
 
-    def _resize(self, img: np.ndarray, boxes: np.ndarray,
-                keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """1) resize (+ scale jitter and crop in training); boxes end clipped to the image."""
+    @staticmethod
+    def _check_masks(masks: Any, n: int, size: tuple[int, ...]) -> np.ndarray:
+        m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        if m.shape != (n, *size):
+            raise ValueError(f"target['masks'] has shape {tuple(m.shape)} (expected [N, H, W] = [{n}, {size[0]}, "
+                             f"{size[1]}]: one mask per box, the image's size)")
+        return (m > 0).astype(np.uint8)
+
+    def _resize(self, img: np.ndarray, boxes: np.ndarray, keep: np.ndarray,
+                masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """1) resize (+ scale jitter and crop in training); boxes end clipped to the image; masks follow."""
         h, w = img.shape[:2]
         s = _base_scale(h, w, self.min_size, self.max_size)
         crop_h, crop_w = max(1, round(h * s)), max(1, round(w * s))
@@ -136,41 +149,48 @@ class DetectionTransform(_WorkerSeeded):
         if (new_h, new_w) != (h, w):
             interp = cv2.INTER_AREA if new_h < h else cv2.INTER_LINEAR
             img = cv2.resize(img, (new_w, new_h), interpolation=interp)
+            masks = _resize_masks(masks, new_h, new_w)
             boxes = boxes * np.array([new_w / w, new_h / h, new_w / w, new_h / h], dtype=np.float32)
         if self.train and (new_h > crop_h or new_w > crop_w):
             ch, cw = min(crop_h, new_h), min(crop_w, new_w)
             y0 = int(self._rng.integers(0, new_h - ch + 1))
             x0 = int(self._rng.integers(0, new_w - cw + 1))
             img = img[y0:y0 + ch, x0:x0 + cw]
+            masks = None if masks is None else masks[:, y0:y0 + ch, x0:x0 + cw]
             boxes, keep = _crop_boxes(boxes, keep, x0, y0, cw, ch, self.min_visibility)
         h, w = img.shape[:2]
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        return img, boxes, keep
+        return img, boxes, keep, masks
 
-    def _augment(self, img: np.ndarray, boxes: np.ndarray,
-                 keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """2) flips / photometric / dropout via albumentations (boxes tracked through an index field)."""
+    def _augment(self, img: np.ndarray, boxes: np.ndarray, keep: np.ndarray,
+                 masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """2) flips / photometric / dropout via albumentations (boxes tracked through an index field; the masks of
+        all objects flipped with the image, dropout leaves them)."""
         if self._aug is not None and not self._box_aware:
             img = self._aug(image=img)["image"]
         elif self._aug is not None:
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, keep = boxes[valid], keep[valid]
-            out = self._aug(image=img, bboxes=boxes, idx=np.arange(len(keep), dtype=np.int64))
+            extra = {"masks": list(masks)} if masks is not None and len(masks) else {}
+            out = self._aug(image=img, bboxes=boxes, idx=np.arange(len(keep), dtype=np.int64), **extra)
             img = out["image"]
+            if extra:
+                masks = np.stack([np.asarray(m, dtype=np.uint8) for m in out["masks"]])
             sel = np.asarray(out["idx"], dtype=np.int64).reshape(-1)
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             keep = keep[sel]
-        return img, boxes, keep
+        return img, boxes, keep, masks
 
-    def _pad(self, img: np.ndarray) -> np.ndarray:
+    def _pad(self, img: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """3) pad to a multiple of size_divisibility (bottom/right, zeros; boxes unchanged)."""
         if self.size_divisibility:
             d = int(self.size_divisibility)
             ph, pw = (-img.shape[0]) % d, (-img.shape[1]) % d
             if ph or pw:
                 img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-        return img
+                masks = None if masks is None else np.pad(masks, ((0, 0), (0, ph), (0, pw)))
+        return img, masks
 
     def __repr__(self) -> str:
         return (f"DetectionTransform(train={self.train}, min_size={self.min_size}, max_size={self.max_size}, "

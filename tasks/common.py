@@ -1,6 +1,7 @@
 """Helpers shared by the task adapters: config nodes to plain values, signature checks,
 the dataset keyword arguments of a config split (``data.root``, the built-in ``demo`` data),
-:func:`apply_model_convert` (``model.convert``: the last step of every adapter's ``build_model``),
+:func:`apply_model_convert` (re-exported from :mod:`pce.tasks.model_convert`: the last step of every adapter's
+``build_model``), :func:`refuse_mixup`,
 :class:`SplitDatasetsMixin` (``build_datasets`` / ``set_epoch`` / ``dummy_inputs`` of every adapter),
 :class:`RouterLossMixin` (``train_step``). The default members of the rest of the task contract are in
 :mod:`pce.tasks.contract_defaults`."""
@@ -23,6 +24,8 @@ __all__ = ["to_plain", "accepts", "head_options", "dataset_kwargs", "image_batch
            "RouterLossMixin", "check_kwargs", "check_split_dataset", "apply_model_convert"]
 
 logger = logging.getLogger("pce")
+
+from .model_convert import apply_model_convert  # noqa: E402  (re-exported: the adapters import it from here)
 
 
 def accepts(fn: Any, name: str) -> bool:
@@ -132,33 +135,15 @@ def _check_demo_options(cfg: Any, split: str, root: Any, demo: Any) -> None:
                            f"{to_plain(o_demo)!r} for the same root {root}", "the same demo options in every split")
 
 
-def apply_model_convert(model: nn.Module, cfg: Any, example_input: Any = None) -> nn.Module:
-    """``model.convert`` of ``cfg`` applied to the task's freshly built ``model``, entry by entry
-    (:func:`pce.convert` with the entry's options, :func:`pce.engine.validation.convert_call`), and returned; the
-    last step of every adapter's ``build_model``, so training, evaluation, inference, export, the routing tools and
-    the report all build the same converted structure and a converted run's checkpoint loads into it. Each entry's
-    report (shapes, parameters, active FLOPs per layer, measured by one eval-mode forward of ``example_input``;
-    without one they are left out) is logged. A target that selects no convolution is ``pce.convert``'s one-line
-    error under ``model.convert.<i>.target``; another error of an entry names ``model.convert.<i>``. Without
-    entries the model is returned untouched (no forward, no random numbers drawn)."""
-    entries = list(getattr(cfg.model, "convert", None) or [])
-    if not entries:
-        return model
-    from pce.engine.errors import PCEError, one_line
-    from pce.engine.validation import convert_call
-    from pce.models.convert import convert
+def refuse_mixup(cfg: Any, task: str) -> None:
+    """``data.mixup`` mixes classification batches only: on another task it would have no effect, which is an error
+    naming the key (docs/RELIABILITY.md, "no flag without effect")."""
+    mix = getattr(cfg.data, "mixup", None)
+    if mix is not None and (float(mix.mixup_alpha) > 0 or float(mix.cutmix_alpha) > 0 or mix.cutmix_minmax):
+        from pce.engine.errors import PCEError
 
-    for i, entry in enumerate(entries):
-        targets, kwargs = convert_call(entry)
-        try:
-            model, report = convert(model, targets, example_input=example_input, **kwargs)
-        except (ValueError, TypeError) as e:
-            msg = one_line(e)
-            where = f"model.convert.{i}" + (".target" if any(msg.startswith(f"{t}:") for t in targets) else "")
-            raise PCEError(where, msg) from e
-        logger.info("model.convert.%d (%s): %d convolution(s) replaced by PCEConv2d\n%s", i, ", ".join(targets),
-                    len(report.layers), report)
-    return model
+        raise PCEError("data.mixup", f"Mixup / CutMix is a classification recipe and has no effect in the {task} "
+                       f"task (mixup_alpha=0, cutmix_alpha=0 and cutmix_minmax=None here)")
 
 
 def image_batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

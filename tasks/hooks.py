@@ -110,7 +110,18 @@ class SplitRecordHook(HookBase):
             write_split_records(trainer.work_dir, trainer.datasets)
 
 
-def default_hooks(cfg: Any, task: Any) -> List[HookBase]:
+def default_hooks(cfg: Any, task: Any, config_file: Optional[str] = None) -> List[HookBase]:
     """The hooks of a training run of ``cfg`` / ``task`` from the tools: :class:`RoutingStatsHook` and
-    :class:`SplitRecordHook`."""
-    return [RoutingStatsHook(), SplitRecordHook()]
+    :class:`SplitRecordHook`; with ``runtime.mlflow.enable`` :class:`pce.engine.tracking.MlflowHook` (its run tagged
+    with ``config_file``; raises naming the key when MLflow is missing), with ``runtime.routing_maps.interval`` N > 0
+    :class:`pce.tasks.tracking_hooks.RoutingMapHook` (pictures to TensorBoard and MLflow)."""
+    hooks: List[HookBase] = [RoutingStatsHook(), SplitRecordHook()]
+    if cfg.runtime.mlflow.enable:
+        from pce.engine.tracking import MlflowHook  # its constructor imports MLflow: only when enabled
+
+        hooks.append(MlflowHook(cfg, config_file))
+    if cfg.runtime.routing_maps.interval:  # a negative one is an error naming the key
+        from .tracking_hooks import RoutingMapHook
+
+        hooks.append(RoutingMapHook(cfg.runtime.routing_maps.interval, cfg.runtime.routing_maps.num_images))
+    return hooks

@@ -18,3 +18,25 @@ def _seed_and_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _pce_logger_into_caplog(request):
+    """A test that asks for ``caplog`` sees the ``pce`` logger's records whatever ran before it: the logger stops
+    propagating once a Trainer has set it up (``setup_logger``), so caplog's handler is attached to it directly
+    (and propagation is off meanwhile, so a record is captured once)."""
+    if "caplog" not in request.fixturenames:
+        yield
+        return
+    import logging
+
+    caplog = request.getfixturevalue("caplog")
+    log = logging.getLogger("pce")
+    was = log.propagate
+    log.propagate = False
+    log.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(caplog.handler)
+        log.propagate = was

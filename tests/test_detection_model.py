@@ -92,7 +92,7 @@ def test_train_step_and_eval(case):
 def test_anchors_and_featmap_names_follow_feature_info():
     model = build_detector("pce_tiny", **SMALL)
     info = model.pce_backbone.feature_info
-    names = [f["name"] for f in info]
+    names = [str(i) for i in range(len(info))]                         # torchvision's BackboneWithFPN names
     strides = [f["stride"] for f in info] + [2 * info[-1]["stride"]]
     ag = model.rpn.anchor_generator
     assert len(ag.sizes) == len(info) + 1 == len(ag.aspect_ratios)      # one per level, pool included
@@ -105,6 +105,7 @@ def test_anchors_and_featmap_names_follow_feature_info():
     assert x.shape[0] == 2 and x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0
     feats = model.backbone(x)
     assert list(feats) == names + ["pool"] and [f["name"] for f in model.backbone.feature_info] == list(feats)
+    assert [f["stage"] for f in model.backbone.feature_info] == [f["name"] for f in info] + [None]
     for f, (k, v) in zip(model.backbone.feature_info, feats.items()):
         assert v.shape[1] == model.backbone.out_channels == 32
         assert v.shape[-1] == math.ceil(x.shape[-1] / f["stride"])
@@ -114,10 +115,11 @@ def test_returned_stages_custom_anchors_and_bad_options():
     model = build_detector("pce_tiny", returned_stages=["stage1", "stage2", "stage3"], anchor_sizes=[16, 32, 64, 128],
                            **SMALL)
     assert len(model.pce_backbone.stages) == 3                          # trailing stage not built
-    assert model.roi_heads.box_roi_pool.featmap_names == ["stage1", "stage2", "stage3"]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
     assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,))
     model2 = build_detector("dense_tiny", returned_stages=[1, 3], extra_pool=False, anchor_scale=4, **SMALL)
-    assert model2.roi_heads.box_roi_pool.featmap_names == ["stage2", "stage4"]
+    assert model2.roi_heads.box_roi_pool.featmap_names == ["0", "1"]
+    assert [f["stage"] for f in model2.backbone.feature_info] == ["stage2", "stage4"]
     assert model2.rpn.anchor_generator.sizes == ((32,), (128,))
     with pytest.raises(ValueError, match="one entry per feature map"):
         build_detector("pce_tiny", anchor_sizes=[32, 64], **SMALL)

@@ -267,8 +267,8 @@ def test_out_of_range_flags_are_one_line_errors(cls_run, tmp_path, capsys, flag,
 
 # ------------------------------------------------------------------------- 6. one handler, disk full
 def test_every_tool_has_the_one_handler_and_debug(tmp_path, capsys):
-    """6. browse_dataset, print_config, make_demo_data, summarize_runs, analyze_model: a bad input is one line
-    naming it with exit status 1; --debug shows the traceback."""
+    """6. browse_dataset, print_config, make_demo_data, summarize_runs, analyze_model, publish_model: a bad input
+    is one line naming it with exit status 1; --debug shows the traceback."""
     missing = tmp_path / "missing.py"
     (tmp_path / "afile").write_text("x")
     (tmp_path / "run").mkdir()
@@ -280,6 +280,7 @@ def test_every_tool_has_the_one_handler_and_debug(tmp_path, capsys):
         "summarize_runs": ([str(tmp_path / "run")], f"{tmp_path / 'run/metrics.jsonl'}: line 2"),
         "make_demo_data": (["--root", str(tmp_path / "afile"), "--num-train", "1", "--num-val", "1"],
                            str(tmp_path / "afile")),
+        "publish_model": ([str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")], str(tmp_path / "missing.pth")),
     }
     for name, (argv, culprit) in cases.items():
         tool = load_tool(name)

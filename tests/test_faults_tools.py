@@ -146,13 +146,15 @@ def test_resume_and_report_never_execute_the_work_dirs_config(run, tmp_path, cap
 
 # ------------------------------------------------------------------------------------------------ item 3
 def test_resume_after_a_kill_during_the_first_save(tmp_path, monkeypatch, caplog, capsys):
-    """3. Killed after best.pth, before latest.pth: --resume resumes from best.pth (a full training state) and
-    continues exactly; a best.pth of weights only is named with what to do."""
+    """3. Killed after best.pth, before latest.pth: a best.pth holding the full training state
+    (runtime.best_weights_only=False) is resumed from and the run continues exactly; a weights-only best.pth (the
+    default since issue #24) is named with what to do, and doing it loads every tensor."""
     task = get_task("classification")
-    full = Trainer(tiny_cfg(tmp_path / "full", epochs=2, iters=2), task)
+    full_best = ("runtime.best_weights_only", False)
+    full = Trainer(tiny_cfg(tmp_path / "full", full_best, epochs=2, iters=2), task)
     full.train()
     wd = tmp_path / "wd"
-    first = Trainer(tiny_cfg(wd, epochs=2, iters=2), task)
+    first = Trainer(tiny_cfg(wd, full_best, epochs=2, iters=2), task)
 
     def killed(self, src, name):
         raise KeyboardInterrupt("killed between best.pth and latest.pth")
@@ -164,22 +166,38 @@ def test_resume_after_a_kill_during_the_first_save(tmp_path, monkeypatch, caplog
     assert (wd / "best.pth").is_file() and not (wd / "latest.pth").exists()
     shutil.copytree(wd, tmp_path / "cli", ignore=shutil.ignore_patterns(".lock"))
     with pce_log(caplog):
-        resumed = Trainer(tiny_cfg(wd, epochs=2, iters=2), task, resume=True)
+        resumed = Trainer(tiny_cfg(wd, full_best, epochs=2, iters=2), task, resume=True)
     assert str(wd / "best.pth") in caplog.text and resumed.epoch == 1
     resumed.train()
     assert first.loss_history + resumed.loss_history == full.loss_history
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert load_tool("train").main([str(DEMO), "--resume", *cli_options(tmp_path / "cli", epochs=2, iters=2)]) == 0
-    # a best.pth without a training state: the error names both files and what to do
-    weights_only = tmp_path / "weights_only"
-    weights_only.mkdir()
-    atomic_save({"model": load_checkpoint(wd / "best.pth")["model"]}, weights_only / "best.pth")
+    # a weights-only best.pth (the default): the error names both files and what to do
+    lean = tmp_path / "lean"
+    real_save = CheckpointManager.save
+
+    def killed_at_latest(self, state, name="latest.pth"):
+        if name == "latest.pth":
+            raise KeyboardInterrupt("killed between best.pth and latest.pth")
+        return real_save(self, state, name)
+
+    monkeypatch.setattr(CheckpointManager, "save", killed_at_latest)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg(lean, epochs=2, iters=2), task).train()
+    monkeypatch.undo()
+    assert (lean / "best.pth").is_file() and not (lean / "latest.pth").exists()
+    assert "optimizer" not in load_checkpoint(lean / "best.pth")
     capsys.readouterr()
-    assert load_tool("train").main([str(DEMO), "--resume", *cli_options(weights_only)]) == 1
+    assert load_tool("train").main([str(DEMO), "--resume", *cli_options(lean)]) == 1
     line = error_line(capsys.readouterr().err)
-    assert line.startswith(f"error: {weights_only / 'latest.pth'}: does not exist")
-    assert str(weights_only / "best.pth") in line and "model.pretrained" in line
+    assert line.startswith(f"error: {lean / 'latest.pth'}: does not exist")
+    assert str(lean / "best.pth") in line and f"model.pretrained={lean / 'best.pth'}" in line
+    with pce_log(caplog, logging.INFO):  # doing what it says: every tensor of best.pth loads
+        again = Trainer(tiny_cfg(tmp_path / "again", ("model.pretrained", str(lean / "best.pth"))), task)
+    again.lock.release()
+    n = len(again.model.state_dict())
+    assert f"{n} of {n} model tensors matched" in caplog.text and "missing" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ item 4

@@ -43,6 +43,7 @@ def test_report_is_self_contained(report: Path):
     assert len(srcs) >= 8 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
     assert "top1" in page and "per_class_acc" in page and "NMI class" in page
+    assert "Experts: diversity and causal tests" in page and "Causal tests" in page  # issue #26's section
 
 
 def _chromium(*args: str, url: str) -> subprocess.CompletedProcess:

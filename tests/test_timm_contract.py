@@ -310,7 +310,10 @@ def test_in_chans_drop_rate_and_backbone_overrides():
     gate = timm.create_model("pce_cifar", router="gate", num_experts=3)
     assert all(type(layer.router).__name__.lower().startswith("gate") for layer in gate.backbone.pce_layers())
     assert all(layer.router.num_experts == 3 for layer in gate.backbone.pce_layers())
+    deep = timm.create_model("pce_fmnist", drop_path_rate=0.3)  # timm's stochastic depth: rates 0 .. 0.3
+    rates = [m.drop_prob for m in deep.modules() if type(m).__name__ == "DropPath"]
+    assert rates == pytest.approx([0.15, 0.3], abs=1e-6)  # 3 layers: 0 (no DropPath), 0.15, 0.3
     with pytest.raises(ValueError, match="drop_path_rate"):
-        timm.create_model("pce_fmnist", drop_path_rate=0.1)
+        timm.create_model("pce_fmnist", drop_path_rate=1.5)
     with pytest.raises(TypeError, match="unknown backbone option"):
         timm.create_model("pce_fmnist", not_an_option=1)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pce.analysis import plots
 from pce.analysis.maps import routing_maps
-from pce.analysis.report import build_report, metric_tables, read_metrics, routing_table
-from pce.analysis.runner import cluster_routes
+from pce.analysis.report import build_report, experts_section, metric_tables, read_metrics, routing_table
+from pce.analysis.runner import cluster_routes, expert_analysis
 from pce.engine.config import load_saved_config
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
 from pce.tasks.routing_runs import collect_routing
@@ -78,6 +78,14 @@ def curves(run: Path, tmp: Path, metric: str) -> list:
     return files
 
 
+def experts(cfg, task, model, ds, device) -> tuple:
+    """The "do the experts differ, does routing matter" section over 4 evaluation batches of ``ds``."""
+    from pce.engine.evaluation import build_eval_loader
+
+    images = [task.batch_images(b).to(device) for b, _ in zip(build_eval_loader(cfg, task, ds, device), range(4))]
+    return experts_section(expert_analysis(model, images))
+
+
 def main(args: argparse.Namespace) -> int:
     from pce.engine.evaluation import evaluate_model, evaluation_config
     from pce.tasks.visualize import class_names_from_config
@@ -110,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
         sections.append(("Routing statistics", "<p class='note'>NMI: normalised mutual information of the expert "
                          "with the label / the grid cell; shuffled: the same with the labels permuted "
                          "(chance).</p>" + routing_table(stats), figs))
+        sections.append(experts(cfg, task, model, ds, device))
         tmp_page = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
             build_report(tmp_page, f"PCE run report: {run.name}", sections)

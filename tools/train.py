@@ -4,7 +4,12 @@
     python tools/train.py configs/demo_cls_digits.py
     python tools/train.py configs/fmnist_cls_pce.py --work-dir work_dirs/run1 --cfg-options optimizer.lr=0.02
     python tools/train.py configs/fmnist_cls_pce.py --resume                 # continue from work_dir/latest.pth
-    torchrun --nproc_per_node=2 tools/train.py configs/fmnist_cls_pce.py     # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --standalone --nproc_per_node=2 tools/train.py configs/fmnist_cls_pce.py  # DDP (gloo CPU, nccl CUDA)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --rdzv_id=JOB tools/train.py
+
+The last line, followed by CONFIG and its options, is run on every node of a multi-node run. The recipe, batch size
+and lr scaling (optimizer.auto_scale_lr), gradient accumulation (optimizer.accumulate_steps), SyncBatchNorm
+(runtime.sync_bn), AMP and resuming: docs/DISTRIBUTED.md.
 
 Prints ``final test top1: 0.9xxx (N images)`` (the configured eval.metric) at the end. A work dir is used by one
 run at a time (a lock), and one that holds checkpoints is refused unless ``--resume`` or ``--force``. The merged

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["read_metrics", "img_tag", "table", "build_report"]
+__all__ = ["read_metrics", "img_tag", "table", "build_report", "experts_section", "experts_markdown"]
 
 STYLE = """body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;margin-top:28px}
@@ -83,6 +83,54 @@ def routing_table(stats: Mapping[str, Dict[str, Any]]) -> str:
                      c.get("nmi"), c.get("baseline"), p.get("nmi"), p.get("baseline")])
     return table(rows, ["layer", "E", "grid", "entropy", "usage entropy", "imbalance", "collapsed", "dropped",
                         "NMI class", "shuffled", "NMI position", "shuffled"])
+
+
+EXPERTS_NOTE = ("Do the experts differ, and does the routing matter? Weight cosine: pairwise cosine of the experts' "
+                "flattened convolution kernels (lowest and mean pair). Output cosine / distance: every expert run on "
+                "the same patches (the layer's inputs), mean cosine and relative L2 distance of their outputs. Causal "
+                "tests: the model's output with every patch forced to one expert, and with the routing shuffled "
+                "across the patches of a batch, against the routed output (relative change, top-1 agreement, and the "
+                "task metric when measured). Experts that are copies give cosines of 1, distances of 0 and no change "
+                "under either test: such a layer does not route, whatever its maps show.")
+
+
+def _diversity_rows(diversity: Mapping[str, Dict[str, Any]]) -> List[List[Any]]:
+    return [[layer, d["num_experts"], d.get("weight_cosine_min"), d.get("weight_cosine_mean"),
+             d.get("output_cosine_min"), d.get("output_cosine_mean"), d.get("output_rel_l2_mean"), d.get("tokens")]
+            for layer, d in diversity.items()]
+
+
+_DIVERSITY_HEADER = ["layer", "E", "weight cos min", "weight cos mean", "output cos min", "output cos mean",
+                     "output rel L2 mean", "tokens"]
+
+
+def _causal_rows(causal: Sequence[Mapping[str, Any]]) -> Tuple[List[List[Any]], List[str]]:
+    extra = sorted({k for r in causal for k in r} - {"intervention", "layers", "rel_change", "top1_agreement",
+                                                      "max_abs_change"})
+    rows = [[r["intervention"], r["layers"], r.get("rel_change"), r.get("top1_agreement")] + [r.get(k) for k in extra]
+            for r in causal]
+    return rows, ["intervention", "layers changed", "relative change", "top-1 agreement"] + extra
+
+
+def experts_section(analysis: Mapping[str, Any]) -> Tuple[str, str, List[Path]]:
+    """The report section of :func:`pce.analysis.runner.expert_analysis`: ``(heading, html, [])``."""
+    rows, header = _causal_rows(analysis["causal"])
+    text = (f"<p class='note'>{html.escape(EXPERTS_NOTE)}</p><h3>Expert diversity</h3>"
+            + table(_diversity_rows(analysis["diversity"]), _DIVERSITY_HEADER)
+            + "<h3>Causal tests</h3>" + table(rows, header))
+    return "Experts: diversity and causal tests", text, []
+
+
+def experts_markdown(analysis: Mapping[str, Any]) -> str:
+    """The same two tables as Markdown (for a results page or a study's notes)."""
+    def md(rows: List[List[Any]], header: List[str]) -> str:
+        cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+    rows, header = _causal_rows(analysis["causal"])
+    return (f"{EXPERTS_NOTE}\n\n" + md(_diversity_rows(analysis["diversity"]), _DIVERSITY_HEADER) + "\n\n"
+            + md(rows, header) + "\n")
 
 
 def build_report(path: Path, title: str, sections: Iterable[Tuple[str, str, List[Path]]]) -> Path:

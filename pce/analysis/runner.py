@@ -3,14 +3,15 @@ and route clusters. Collecting it (the engine's evaluation loader, ``task.predic
 :func:`pce.tasks.routing_runs.collect_routing`."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from pce.analysis.stats import RoutingStats
 
-__all__ = ["Collected", "routing_vectors", "cluster_routes"]
+__all__ = ["Collected", "routing_vectors", "cluster_routes", "expert_analysis"]
 
 
 class Collected:
@@ -58,3 +59,19 @@ def cluster_routes(vectors: np.ndarray, k: int = 4, seed: int = 0, examples: int
         np.add.at(counts, (assign, y), 1)
         out["class_counts"] = counts.tolist()
     return out
+
+
+def expert_analysis(model: nn.Module, batches: Sequence[Any],
+                    forward: Optional[Callable[[nn.Module, Any], Any]] = None, seed: int = 0) -> Dict[str, Any]:
+    """Do the experts differ, and does routing matter? ``{"diversity": {layer: ...}``
+    (:func:`pce.analysis.diversity.expert_diversity`), ``"causal": [rows]`` (:func:`pce.analysis.causal.causal_table`),
+    ``"summary"``: the flat numbers of both for a results row``}`` over ``batches`` with ``forward(model, batch)``
+    (default: the batch, image tensors or lists of them, on the model's device)."""
+    from pce.analysis.causal import causal_summary, causal_table
+    from pce.analysis.diversity import diversity_summary, expert_diversity
+
+    batches = list(batches)
+    diversity = expert_diversity(model, batches, forward)
+    causal = causal_table(model, batches, forward, seed=seed)
+    return {"diversity": diversity, "causal": causal,
+            "summary": {**diversity_summary(diversity), **causal_summary(causal)}}

@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and primitive containers only (no pickled objects), so it loads with
 ``torch.load(..., weights_only=True)``: model / EMA / optimizer / scheduler / AMP-scaler state dicts, the phase
 controller state, ``epoch`` (completed epochs), ``iteration``, the RNG states of every rank (python, numpy
-as a tensor, torch, cuda), the best metric so far and the merged config as Python text.
+as a tensor, torch, cuda), the best metric so far and the merged config as Python text. ``best.pth`` holds weights
+only by default (:func:`pce.engine.weights.lean_checkpoint`: no optimizer, scheduler, RNG; the EMA weights as
+``model``) with the metadata loaders read (``expert_structure``, ``phase``, ``epoch``, ``best``, ``config``).
 
 Writes go to a temporary file in the same directory, are flushed and fsync'ed, then ``os.replace``'d over the
 target, so a crash while saving never leaves a truncated ``latest.pth``.
@@ -67,6 +69,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.tmp$")
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 
 
 def remove_stale_temps(directory: PathLike) -> List[Path]:
@@ -183,8 +186,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ models
 class CheckpointManager:
-    """``latest.pth`` / ``best.pth`` (and optional ``epoch_N.pth``) in ``work_dir``; writes only when
-    ``enabled`` (rank 0)."""
+    """``latest.pth`` / ``best.pth`` (and optional ``epoch_N.pth``, the oldest deleted beyond
+    ``runtime.max_keep_ckpts``) in ``work_dir``; writes only when ``enabled`` (rank 0)."""
 
     def __init__(self, work_dir: PathLike, enabled: bool = True) -> None:
         self.dir = Path(work_dir)
@@ -207,6 +210,21 @@ class CheckpointManager:
         if not self.enabled:
             return None
         return atomic_copy(src, self.dir / name)
+
+    def remove_old_epochs(self, names: List[str], max_keep: int) -> List[str]:
+        """Delete the oldest of ``names`` (the ``epoch_N.pth`` this run wrote, recorded in its checkpoints) beyond
+        ``max_keep`` (<= 0: keep all); call it after the newest was written. Only regular files named
+        ``epoch_<N>.pth`` in the work dir are touched (never ``best.pth`` / ``latest.pth`` / a user's file).
+        Returns the names kept, oldest first."""
+        names = sorted({n for n in names if _EPOCH_RE.match(n)}, key=lambda n: int(_EPOCH_RE.match(n).group(1)))
+        if max_keep <= 0 or len(names) <= max_keep:
+            return names
+        for name in names[:-max_keep]:
+            p = self.dir / name
+            if self.enabled and p.is_file() and not p.is_symlink():
+                p.unlink()
+                logger.info("removed %s (runtime.max_keep_ckpts=%d)", p, max_keep)
+        return names[-max_keep:]
 
     def has_checkpoints(self) -> List[Path]:
         """The checkpoints of a previous run in the work dir."""
@@ -264,8 +282,8 @@ class CheckpointManager:
             logger.warning("--resume: %s does not exist (a run stopped during its first save?): resuming from %s, "
                            "a complete training state (epoch %s)", latest, best, ckpt.get("epoch"))
             return best
-        raise PCEError(latest, f"does not exist; {best} holds weights only, not a training state (no "
-                       f"{', '.join(k for k in TRAINING_STATE_KEYS if k not in ckpt)})",
+        raise PCEError(latest, f"does not exist; {best} holds weights only (runtime.best_weights_only), not a "
+                       f"training state (no {', '.join(k for k in TRAINING_STATE_KEYS if k not in ckpt)})",
                        f"start a new run from its weights: --cfg-options model.pretrained={best} with another "
                        "--work-dir (or --force)")
 
@@ -275,6 +293,7 @@ TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "iteration")
 
 
 def is_training_state(ckpt: Mapping[str, Any]) -> bool:
-    """Whether ``ckpt`` is a full training state :meth:`Trainer.load_state` resumes from (``latest.pth``, and
-    ``best.pth``, which holds the same state at the best epoch), not weights only (``tools/prune_experts.py``)."""
+    """Whether ``ckpt`` is a full training state :meth:`Trainer.load_state` resumes from (``latest.pth``,
+    ``epoch_N.pth``, and ``best.pth`` with ``runtime.best_weights_only=False``), not weights only (``best.pth`` by
+    default, ``tools/prune_experts.py``, ``tools/publish_model.py``)."""
     return all(k in ckpt for k in TRAINING_STATE_KEYS) and isinstance(ckpt.get("optimizer"), Mapping)

@@ -13,7 +13,7 @@ Sections::
     data        train / val / test: {name, kwargs{}, transform: {name, kwargs{}}}, batch sizes, workers
     optimizer   type (sgd | adamw | adam), lr, weight_decay, momentum, betas, grad_clip, ...
     schedule    epochs, lr_scheduler (fvcore param scheduler: warmup + cosine | multistep | constant)
-    phases      list of {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}
+    phases      list of {name, epochs, router_override, router_override_kwargs, keys_trainable, attention, lr_mult, upcycle}
     runtime     work_dir, seed, deterministic, amp, channels_last, ema, intervals, kmeans_init_batches
     eval        metric used to pick best.pth, its mode, topk
 """
@@ -48,6 +48,9 @@ _C.model.pretrained = ""                  # optional checkpoint whose model weig
 # upcycled pce.PCEConv2d in place of the nn.Conv2d modules `target` selects (a module path of the built model, a
 # glob, or a list of them); the other options are PCEConv2d's (pce.engine.validation.convert_options() lists them).
 _C.model.convert = []
+# timm's CondConv2d (per-image kernel mixing, pce.models.condconv) in place of the nn.Conv2d modules each entry
+# {target, num_experts, init_std} selects: the outside baseline of a model.convert study at the same place.
+_C.model.condconv = []
 
 # ----------------------------------------------------------------------------------------------- data
 _C.data = CN()
@@ -74,6 +77,17 @@ _C.data.num_workers = 2
 _C.data.pin_memory = True                 # only used on CUDA
 _C.data.drop_last = False
 _C.data.max_input_size = 4096             # longest image side (px) tools/infer.py runs; larger inputs are refused
+# Mixup / CutMix of the classification task's training batches (timm.data.Mixup, its arguments; the soft targets
+# carry model.label_smoothing and are scored with timm.loss.SoftTargetCrossEntropy). Off while both alphas are 0
+# (and cutmix_minmax is None); an odd batch (the last one without data.drop_last) is trained unmixed.
+_C.data.mixup = CN()
+_C.data.mixup.mixup_alpha = 0.0           # Beta(alpha, alpha) of the mixup lambda (0: no mixup)
+_C.data.mixup.cutmix_alpha = 0.0          # Beta(alpha, alpha) of the cutmix lambda (0: no cutmix)
+_C.data.mixup.cutmix_minmax = None        # [min, max] box side fraction instead of cutmix_alpha
+_C.data.mixup.prob = 1.0                  # probability of mixing a batch (or element / pair)
+_C.data.mixup.switch_prob = 0.5           # probability of cutmix instead of mixup when both are on
+_C.data.mixup.mode = "batch"              # batch | pair | elem: one lambda per batch / pair / element
+_C.data.mixup.correct_lam = True          # cutmix: lambda from the clipped box area
 
 # ------------------------------------------------------------------------------------------ optimizer
 _C.optimizer = CN()
@@ -86,6 +100,14 @@ _C.optimizer.nesterov = False             # sgd
 _C.optimizer.betas = (0.9, 0.999)         # adam / adamw
 _C.optimizer.eps = 1e-8                   # adam / adamw
 _C.optimizer.grad_clip = 0.0              # max global grad norm; 0 disables
+# training at scale (docs/DISTRIBUTED.md): N micro-batches of data.batch_size per optimizer step (loss / N, DDP
+# no_sync on all but the last); lr schedule, iteration counts, grad_clip and EMA step once per optimizer step
+_C.optimizer.accumulate_steps = 1
+# lr = optimizer.lr * total batch / base_batch_size, total batch = data.batch_size x world size x accumulate_steps
+# (MMEngine's auto_scale_lr); logged once at start
+_C.optimizer.auto_scale_lr = CN()
+_C.optimizer.auto_scale_lr.enable = False
+_C.optimizer.auto_scale_lr.base_batch_size = 0    # the total batch optimizer.lr was tuned for (> 0 when enabled)
 
 # ------------------------------------------------------------------------------------------- schedule
 _C.schedule = CN()
@@ -101,8 +123,9 @@ _C.schedule.lr_scheduler.milestones = []         # multistep: epochs at which lr
 _C.schedule.lr_scheduler.gamma = 0.1
 
 # --------------------------------------------------------------------------------------------- phases
-# Each entry: {name, epochs, router_override, keys_trainable, attention, lr_mult, upcycle}: the fields of
-# pce.engine.phase.Phase, which validates them.
+# Each entry: {name, epochs, router_override, router_override_kwargs, keys_trainable, attention, lr_mult, upcycle}:
+# the fields of pce.engine.phase.Phase, which validates them (router_override_kwargs, issue #26: the override
+# router's arguments, e.g. dict(reduce="sum") for router_override="all_experts").
 # Empty: one phase over all epochs that changes nothing. The phase epochs must add up to schedule.epochs;
 # the last phase may say epochs=-1 ("the rest").
 _C.phases = []
@@ -114,18 +137,41 @@ _C.runtime.seed = 0
 _C.runtime.deterministic = False
 _C.runtime.device = "auto"                # auto | cpu | cuda
 _C.runtime.num_threads = 0                # >0: torch (and K-Means) CPU threads per process; 0: library defaults
-_C.runtime.amp = "none"                   # none | bf16 | fp16 (CUDA only; fp32 on CPU)
+_C.runtime.amp = "none"                   # none | bf16 (CUDA or CPU autocast) | fp16 (CUDA only; fp32 on CPU)
 _C.runtime.channels_last = False
 _C.runtime.ema = 0.0                      # decay of an EMA of the weights (0: off); evaluation uses it
 _C.runtime.log_interval = 20              # iterations between log lines / TensorBoard points
 _C.runtime.eval_interval = 1              # epochs between evaluations (0: only at the end)
 _C.runtime.checkpoint_interval = 1        # epochs between latest.pth writes (the last epoch always writes)
+# lean checkpoints (issue #24; names of MMEngine's CheckpointHook where they fit): best.pth holds the model
+# weights only (the EMA weights when runtime.ema > 0) with expert_structure / phase / epoch / best / config;
+# latest.pth and epoch_N.pth hold the full resumable state
+_C.runtime.best_weights_only = True       # False: best.pth is a full training state, as before issue #24
+_C.runtime.save_epoch_ckpts = False       # True: each latest.pth write is also kept as epoch_N.pth (whole epochs)
+_C.runtime.max_keep_ckpts = -1            # epoch_N.pth kept, the oldest deleted first (<= 0: all)
 _C.runtime.kmeans_init_batches = 8        # training batches for the K-Means key initialisation (0: skip)
 _C.runtime.final_test = True              # build data.test and score it after the last epoch (False: leave the
                                           # test split to tools/eval.py: training never reads it, e.g. Camelyon)
 _C.runtime.tensorboard = True
 _C.runtime.progress_bar = True            # tqdm bar (rank 0, interactive terminals)
 _C.runtime.find_unused_parameters = True  # DDP: router overrides / top-k leave parameters unused
+# MLflow tracking (optional dependency: pip install mlflow-skinny; pce.engine.tracking): rank 0 logs every scalar of
+# metrics.jsonl / TensorBoard (same names and steps), the flattened config as params, tags, config.json and the
+# routing-map pictures; a failed write is a warning, never a stopped training.
+_C.runtime.mlflow = CN()
+_C.runtime.mlflow.enable = False
+_C.runtime.mlflow.tracking_uri = ""       # "": a local file store, WORK_DIR/mlruns
+_C.runtime.mlflow.experiment = ""         # "": the task name
+_C.runtime.mlflow.run_name = ""           # "": the work dir's folder name
+_C.runtime.mlflow.log_checkpoint = False  # also upload best.pth (or latest.pth) at the end (large)
+_C.runtime.mlflow.tags = CN(new_allowed=True)   # extra run tags {name: value}
+# Routing-map pictures (pce.tasks.tracking_hooks.RoutingMapHook): the routing of the first num_images validation
+# images drawn like tools/visualize_routing.py, every `interval` epochs and after the last one, into
+# WORK_DIR/routing_maps/epoch_<N>/ and to TensorBoard (add_image) and MLflow (artifacts). interval 0: off.
+_C.runtime.routing_maps = CN()
+_C.runtime.routing_maps.interval = 0
+_C.runtime.routing_maps.num_images = 4
+_C.runtime.sync_bn = False                # DDP on CUDA: plain BatchNorm layers -> SyncBatchNorm (not experts' own)
 
 # ----------------------------------------------------------------------------------------------- eval
 _C.eval = CN()
@@ -140,6 +186,7 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
     "runtime.amp": ("none", "bf16", "fp16"),
     "runtime.device": ("auto", "cpu", "cuda"),
     "eval.mode": ("max", "min"),
+    "data.mixup.mode": ("batch", "pair", "elem"),
 }
 
 def get_default_config() -> CN:

@@ -2,7 +2,8 @@
 
 ``init_distributed()`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and initialises ``env://`` with NCCL on CUDA and Gloo on CPU; without those variables (or with
-``WORLD_SIZE=1``) it is a no-op and everything below works for a single process.
+``WORLD_SIZE=1``) it is a no-op and everything below works for a single process. The multi-node ``torchrun``
+recipe (rendezvous, ``--nnodes``) is in ``docs/DISTRIBUTED.md``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pce.moe.routing import keyed_routers
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "get_rank", "get_world_size", "is_main_process",
            "all_reduce_mean", "all_reduce_max", "all_gather_object",
-           "broadcast_parameters", "InferenceShardSampler", "sync_router_keys"]
+           "broadcast_parameters", "InferenceShardSampler", "sync_router_keys", "convert_sync_batchnorm",
+           "max_rank_difference"]
 
 
 @dataclass
@@ -126,6 +128,36 @@ def sync_router_keys(model: torch.nn.Module) -> None:
         dist.all_reduce(k.data)
         k.data.div_(get_world_size())
         k.data.copy_(torch.nn.functional.normalize(k.data, dim=-1))
+
+
+_PLAIN_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> int:
+    """Replace, in place, every plain ``BatchNorm1d/2d/3d`` child of ``model`` by a ``torch.nn.SyncBatchNorm``
+    (torch's ``convert_sync_batchnorm`` on each; same parameters, buffers and state-dict keys). Subclasses are
+    kept: the experts' ``StackedBatchNorm2d`` normalise each expert's routed pixels on their own. Returns how
+    many were converted. SyncBatchNorm synchronises only CUDA (and XPU / HPU) inputs in training mode."""
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) in _PLAIN_BN:
+                setattr(module, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                n += 1
+    return n
+
+
+@torch.no_grad()
+def max_rank_difference(tensors: List[torch.Tensor]) -> float:
+    """The largest absolute difference of ``tensors`` between any two ranks (0.0: identical on every rank, as
+    DDP keeps the parameters; 0.0 for one process). A collective: every rank calls it."""
+    if get_world_size() == 1 or not tensors:
+        return 0.0
+    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), torch.float64) for t in tensors])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max().item())
 
 
 class InferenceShardSampler(Sampler[int]):

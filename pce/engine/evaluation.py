@@ -61,7 +61,7 @@ def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, devi
     evaluator = task.build_evaluator(cfg, dataset)
     try:
         for batch in loader:
-            with autocast_context(amp_dtype):
+            with autocast_context(amp_dtype, device):
                 out = task.predict(model, batch, device)
             evaluator.update(*out)
     finally:
@@ -112,8 +112,9 @@ def _accepts(fn: Any, name: str) -> bool:
 def load_trained_weights(model: nn.Module, cfg: Any, checkpoint: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Make ``model`` (freshly built from ``cfg``) the trained one of ``checkpoint``, for evaluation, inference
     and export: the expert structure of a pruned checkpoint (``expert_structure``, from
-    ``tools/prune_experts.py``) replayed, the weights loaded (EMA weights when saved; non-finite ones refused),
-    the routing of the phase it was saved in applied. Returns the checkpoint dict."""
+    ``tools/prune_experts.py``) replayed, the weights loaded (EMA weights when saved; non-finite ones refused; a
+    weights-only ``best.pth`` / published checkpoint holds them as ``model``, see ``weights``), the routing of the
+    phase it was saved in applied. Returns the checkpoint dict."""
     ckpt = load_checkpoint(checkpoint)
     replay_structure(model, ckpt, checkpoint)
     ckpt = load_model_weights(model, checkpoint, prefer_ema=True, ckpt=ckpt)

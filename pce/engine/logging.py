@@ -4,6 +4,8 @@ Only rank 0 writes files. ``metrics.jsonl`` holds one JSON object per line with 
 ``val``, ``phase``, ``test``) plus ``epoch`` / ``iter`` and the values; TensorBoard gets the same scalars
 (``train/loss``, ``train/lr``, ``val/top1``, and for a nested ``routing`` entry, which trainer hooks such as
 ``pce.tasks.hooks.RoutingStatsHook`` add, ``routing/<layer>/entropy``, ``routing/<layer>/usage/e<i>``, ...).
+Trackers added with :meth:`MetricWriter.add_sink` (:class:`ScalarSink`, e.g. :class:`pce.engine.tracking.MlflowTracker`)
+get exactly the TensorBoard scalars (same names, same steps) and the pictures of :meth:`MetricWriter.write_image`.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Union
 
 import torch
 
-__all__ = ["setup_logger", "MetricWriter", "ProgressBar", "scalar_metrics"]
+__all__ = ["setup_logger", "MetricWriter", "ProgressBar", "ScalarSink", "scalar_metrics", "tracked_scalars"]
 
 LOGGER_NAME = "pce"
 
@@ -71,14 +73,45 @@ def scalar_metrics(results: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def tracked_scalars(record: Mapping[str, Any], prefix: str) -> Dict[str, float]:
+    """The scalars of one record as the trackers name them: ``<prefix>/<key>`` for its finite numbers (not ``type``,
+    ``time``, ``epoch``, ``iter``, nor booleans), ``routing/<layer>/<name>`` and ``routing/<layer>/<name>/e<i>``
+    for a nested ``routing`` entry (lists: one scalar per expert). Non-finite values are left out."""
+    out: Dict[str, float] = {}
+    for k, v in record.items():
+        if k in ("type", "time", "epoch", "iter") or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[f"{prefix}/{k}"] = float(v)
+    for layer, stats in (record.get("routing") or {}).items():
+        for name, v in stats.items():
+            if isinstance(v, (list, tuple)):
+                for e, u in enumerate(v):
+                    if math.isfinite(float(u)):
+                        out[f"routing/{layer}/{name}/e{e}"] = float(u)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                out[f"routing/{layer}/{name}"] = float(v)
+    return out
+
+
+class ScalarSink(Protocol):
+    """A tracker fed by :class:`MetricWriter` (rank 0): it must never raise (a failed write is its own warning)."""
+
+    def log_scalars(self, scalars: Dict[str, float], step: int) -> None: ...
+
+    def log_image(self, tag: str, path: Path, step: int) -> None: ...
+
+
 class MetricWriter:
-    """``metrics.jsonl`` + TensorBoard (``work_dir/tb``); a no-op when ``enabled`` is False."""
+    """``metrics.jsonl`` + TensorBoard (``work_dir/tb``) + the trackers of :meth:`add_sink`; a no-op when
+    ``enabled`` is False."""
 
     def __init__(self, work_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = Path(work_dir) / "metrics.jsonl"
         self._f = None
         self.tb = None
+        self.sinks: List[ScalarSink] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,30 +124,44 @@ class MetricWriter:
             else:
                 self.tb = SummaryWriter(log_dir=str(Path(work_dir) / "tb"))
 
+    def add_sink(self, sink: ScalarSink) -> None:
+        """Send every later record's scalars (:func:`tracked_scalars`) and picture to ``sink`` too."""
+        if self.enabled:
+            self.sinks.append(sink)
+
+    def remove_sink(self, sink: ScalarSink) -> None:
+        self.sinks = [s for s in self.sinks if s is not sink]
+
     def write(self, record: Dict[str, Any], step: Optional[int] = None, prefix: Optional[str] = None) -> None:
-        """Append ``record`` to metrics.jsonl; its numbers (and nested ``routing``) go to TensorBoard under
-        ``prefix`` (default: the record's ``type``)."""
+        """Append ``record`` to metrics.jsonl; its numbers (and nested ``routing``) go to TensorBoard and the sinks
+        under ``prefix`` (default: the record's ``type``) at ``step`` (none without a step)."""
         if not self.enabled:
             return
         rec = dict(record)
         rec.setdefault("time", round(time.time(), 3))
         self._f.write(json.dumps(_json_safe(rec)) + "\n")
         self._f.flush()
-        if self.tb is None or step is None:
+        if step is None or (self.tb is None and not self.sinks):
             return
-        prefix = prefix or str(rec.get("type", "misc"))
-        for k, v in rec.items():
-            if k in ("type", "time", "epoch", "iter") or isinstance(v, bool):
-                continue
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
-        for layer, stats in (rec.get("routing") or {}).items():
-            for name, v in stats.items():
-                if isinstance(v, (list, tuple)):
-                    for e, u in enumerate(v):
-                        self.tb.add_scalar(f"routing/{layer}/{name}/e{e}", float(u), step)
-                elif isinstance(v, (int, float)) and math.isfinite(float(v)):
-                    self.tb.add_scalar(f"routing/{layer}/{name}", float(v), step)
+        scalars = tracked_scalars(rec, prefix or str(rec.get("type", "misc")))
+        if self.tb is not None:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, step)
+        for sink in self.sinks:
+            sink.log_scalars(scalars, step)
+
+    def write_image(self, tag: str, path: Union[str, Path], step: int) -> None:
+        """The PNG at ``path`` to TensorBoard (``add_image``, ``[H, W, 3]``) and the sinks, under ``tag``."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        for sink in self.sinks:
+            sink.log_image(tag, Path(path), step)
 
     def flush(self) -> None:
         if self.tb is not None:
@@ -127,6 +174,7 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        self.sinks = []  # their owners (hooks) end their runs
 
 
 class ProgressBar:

@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedule (fvcore param schedulers) and gradient clipping."""
+"""Optimizer, learning-rate schedule (fvcore param schedulers), gradient clipping, gradient accumulation steps and
+the lr scaled by the total batch size (``optimizer.auto_scale_lr``, as MMEngine's)."""
 from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Sequence
@@ -8,9 +9,11 @@ from fvcore.common.param_scheduler import (CompositeParamScheduler, ConstantPara
                                            LinearParamScheduler, MultiStepParamScheduler, ParamScheduler)
 from torch import nn
 
+from pce.engine.errors import PCEError
 from pce.engine.scheduler import PCEScheduler
 
-__all__ = ["build_optimizer", "build_param_scheduler", "build_lr_scheduler", "clip_gradients", "param_groups"]
+__all__ = ["build_optimizer", "build_param_scheduler", "build_lr_scheduler", "clip_gradients", "param_groups",
+           "accumulate_steps", "scaled_lr"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_bias_decay: bool = False) -> List[dict]:
@@ -30,10 +33,34 @@ def param_groups(model: nn.Module, weight_decay: float, norm_bias_decay: bool = 
     return groups
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
-    """``cfg``: the ``optimizer`` section (type sgd | adamw | adam, lr, weight_decay, momentum, ...)."""
+def accumulate_steps(cfg: Mapping[str, Any]) -> int:
+    """``optimizer.accumulate_steps`` of the ``optimizer`` section ``cfg``: micro-batches per optimizer step."""
+    n = cfg.get("accumulate_steps", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PCEError("optimizer.accumulate_steps", f"is {n!r}", "an int >= 1: micro-batches per optimizer step")
+    return n
+
+
+def scaled_lr(cfg: Mapping[str, Any], batch_size: int, world_size: int) -> float:
+    """The base lr of the ``optimizer`` section ``cfg``: ``lr x total / auto_scale_lr.base_batch_size`` with
+    ``total = batch_size x world_size x accumulate_steps`` when ``auto_scale_lr.enable``, else ``lr`` (the
+    linear scaling rule of Goyal et al. 2017, MMEngine's ``auto_scale_lr``)."""
+    lr = float(cfg["lr"])
+    auto = cfg.get("auto_scale_lr") or {}
+    if not auto.get("enable", False):
+        return lr
+    base = auto.get("base_batch_size", 0)
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        raise PCEError("optimizer.auto_scale_lr.base_batch_size", f"is {base!r} with auto_scale_lr.enable=True",
+                       "the total batch size optimizer.lr was tuned for, an int >= 1")
+    return lr * int(batch_size) * int(world_size) * accumulate_steps(cfg) / base
+
+
+def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """``cfg``: the ``optimizer`` section (type sgd | adamw | adam, lr, weight_decay, momentum, ...); ``lr``:
+    the base lr to use instead of ``cfg["lr"]`` (e.g. :func:`scaled_lr`)."""
     groups = param_groups(model, float(cfg["weight_decay"]), bool(cfg.get("norm_bias_decay", False)))
-    kind, lr = cfg["type"], float(cfg["lr"])
+    kind, lr = cfg["type"], float(cfg["lr"] if lr is None else lr)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)),
                                nesterov=bool(cfg.get("nesterov", False)) and float(cfg.get("momentum", 0.9)) > 0)

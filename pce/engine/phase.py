@@ -46,8 +46,8 @@ def _router_overrides() -> List[Optional[str]]:
 
 # The type each config key of a phase accepts (None allowed where the default is None).
 _TYPES: Dict[str, Tuple[type, ...]] = {"name": (str,), "epochs": (int,), "router_override": (str,),
-                                       "keys_trainable": (bool,), "attention": (bool,), "lr_mult": (float, int),
-                                       "upcycle": (bool,)}
+                                       "router_override_kwargs": (dict,), "keys_trainable": (bool,),
+                                       "attention": (bool,), "lr_mult": (float, int), "upcycle": (bool,)}
 
 
 @dataclass
@@ -57,7 +57,11 @@ class Phase:
     Attributes:
         name: shown in logs. epochs: length (the last phase may say -1, "the rest").
         router_override: ``None`` (the learned routers) or a parameter-free registered router
-            (``"uniform"``, ``"positional"``, ``"shared"``; see ``pce.moe.routers.parameter_free_routers``).
+            (``"uniform"``: weights ``1/E``, but with the learned router's ``top_k`` (top-1: one random expert per
+            patch); ``"all_experts"``: every expert on every patch, weights ``1/E`` (``reduce="sum"``: ``1``);
+            ``"positional"``, ``"shared"``; see ``pce.moe.routers.parameter_free_routers``).
+        router_override_kwargs: arguments of the override router, e.g. ``dict(reduce="sum")`` for
+            ``"all_experts"`` (every expert on every patch, summed instead of averaged); ``None``: its defaults.
         keys_trainable / attention: ``None`` leaves the setting as it is.
         lr_mult: multiplier of the base learning rate. upcycle: copy expert 0 into the others at the start.
         start_epoch: set by :func:`build_phases`, not a config key.
@@ -66,6 +70,7 @@ class Phase:
     name: str = ""
     epochs: int = 1
     router_override: Optional[str] = None
+    router_override_kwargs: Optional[Dict[str, Any]] = None
     keys_trainable: Optional[bool] = None
     attention: Optional[bool] = None
     lr_mult: float = 1.0
@@ -93,6 +98,9 @@ class Phase:
             raise PhaseError(key, f"expects {expected}, got {type(v).__name__} {v!r}")
         if values["router_override"] not in _router_overrides():
             raise PhaseError("router_override", f"must be one of {_router_overrides()}, got {values['router_override']!r}")
+        _check_override_kwargs(values["router_override"], values["router_override_kwargs"])
+        if values["router_override_kwargs"] is not None:  # a plain dict (checkpoints load with weights_only=True)
+            values["router_override_kwargs"] = dict(values["router_override_kwargs"])
         if values["lr_mult"] < 0:
             raise PhaseError("lr_mult", f"must be >= 0, got {values['lr_mult']}")
         values["lr_mult"] = float(values["lr_mult"])
@@ -114,9 +122,26 @@ class Phase:
         def show(v: Optional[bool]) -> str:
             return "unchanged" if v is None else str(v)
 
-        return (f"router={self.router_override or 'learned'}, keys_trainable={show(self.keys_trainable)}, "
+        kwargs = self.router_override_kwargs
+        router = (self.router_override or "learned") + (f"{dict(kwargs)}" if kwargs else "")
+        return (f"router={router}, keys_trainable={show(self.keys_trainable)}, "
                 f"attention={show(self.attention)}, lr_mult={self.lr_mult:g}"
                 + (", experts upcycled from expert 0" if self.upcycle else ""))
+
+
+def _check_override_kwargs(name: Optional[str], kwargs: Optional[Mapping[str, Any]]) -> None:
+    """``router_override_kwargs`` need an override that accepts them (``PhaseError`` naming the key)."""
+    if kwargs is None:
+        return
+    if name is None:
+        raise PhaseError("router_override_kwargs", "given without a router_override (the learned routers take no "
+                         "phase arguments)")
+    from pce.registry import ROUTERS
+
+    try:
+        ROUTERS.get(name)(in_channels=None, num_experts=2, **dict(kwargs))
+    except (TypeError, ValueError) as e:
+        raise PhaseError("router_override_kwargs", f"not valid for router_override={name!r}: {e}") from None
 
 
 def build_phases(phases: Sequence[Mapping[str, Any]], total_epochs: int) -> List[Phase]:

@@ -3,9 +3,12 @@
 
 A PCE run is a list of phases (config ``phases``), each a number of epochs with its own settings:
 
-* ``router_override``: ``"uniform"`` / ``"positional"`` route every routed layer (a PCE backbone's layers, a
-  :class:`pce.PCEConv2d` put into any model by ``model.convert``) with a parameter-free router (stabilisation:
-  the experts learn before the routers decide anything); ``None`` uses the learned routers.
+* ``router_override``: ``"uniform"`` / ``"positional"`` / ``"shared"`` / ``"all_experts"`` route every
+  routed layer (a PCE backbone's layers, a :class:`pce.PCEConv2d` put into any model by ``model.convert``) with a
+  parameter-free router (stabilisation: the experts learn before the routers decide anything); ``None`` uses the
+  learned routers. ``"uniform"`` inherits the learned router's ``top_k`` (top-1: one random expert per patch);
+  ``"all_experts"`` runs every expert on every patch, weights ``1/E`` (``router_override_kwargs=dict(reduce="sum")``:
+  ``1``); context-execution layers run map execution meanwhile (:meth:`PhaseController.fit_executions`).
 * ``keys_trainable``: keyed routers' keys (``Router.uses_keys``) outside the graph (EMA-updated) or trained
   by the optimizer.
 * ``attention``: deformable attention blocks on or off.
@@ -93,7 +96,8 @@ class PhaseController:
             if model is None:
                 continue
             before = [p.requires_grad for p in model.parameters()] if i == 0 else []
-            set_router_override(model, phase.router_override)
+            set_router_override(model, phase.router_override, **dict(phase.router_override_kwargs or {}))
+            self.fit_executions(phase, model)
             if phase.keys_trainable is not None:
                 set_keys_trainable(model, phase.keys_trainable)
             if phase.attention is not None:
@@ -101,6 +105,36 @@ class PhaseController:
             if i == 0:
                 changed = before != [p.requires_grad for p in model.parameters()]
         return changed
+
+    def fit_executions(self, phase: Phase, model: nn.Module) -> int:
+        """Under an override that sends every patch to every expert (``"all_experts"``), a PCE layer
+        with ``execution="context"`` (one expert per patch) runs ``"map"`` instead: every expert on the whole map,
+        reading across patch borders as context execution does; its own execution is restored when a phase without
+        such an override is applied. Returns the number of layers switched; a layer whose options ``"map"`` cannot
+        honour (``norm_stats="layer"``) is an error naming ``phases.<i>.router_override``."""
+        from pce.engine.errors import PCEError
+        from pce.moe.execution import ContextExecution
+        from pce.registry import ROUTERS
+
+        name = phase.router_override
+        all_experts = name is not None and getattr(ROUTERS.get(name), "all_experts", False)
+        switched = 0
+        for layer_name, layer in routed_layers(model):
+            saved = layer.__dict__.get("_execution_before_phase")
+            if all_experts and isinstance(getattr(layer, "strategy", None), ContextExecution):
+                try:
+                    layer.execution = "map"
+                except ValueError as e:
+                    raise PCEError(f"phases.{self.phases.index(phase)}.router_override", f"{name!r} runs every "
+                                   f"expert on every patch, which layer {layer_name} (execution='context') cannot "
+                                   f"run as 'map' execution: {e}", "a learned router, 'uniform' or 'shared' "
+                                   "for this layer") from None
+                layer.__dict__["_execution_before_phase"] = "context"
+                switched += 1
+            elif not all_experts and saved is not None:
+                layer.execution = saved
+                del layer.__dict__["_execution_before_phase"]
+        return switched
 
     def check_effects(self, model: nn.Module) -> None:
         """A phase setting the model cannot honour is an error naming it (``attention=True`` without deformable

@@ -45,17 +45,25 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``runtime.amp`` (``"bf16"`` / ``"fp16"``) on CUDA; ``None`` (fp32) otherwise."""
+    """The autocast dtype of ``runtime.amp``: ``"bf16"`` on CUDA and on the CPU, ``"fp16"`` on CUDA only (on
+    any other device it falls back to fp32 with a warning: CPU fp16 autocast is slow and has no loss scaling
+    here); ``None`` (fp32) for ``"none"``."""
     if amp == "none":
         return None
-    if device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cuda" or (amp == "bf16" and device.type == "cpu"):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    logger.warning("runtime.amp=%s does not run on %s: falling back to fp32 (bf16: CUDA or CPU; fp16: CUDA only)",
+                   amp, device)
+    return None
 
 
-def autocast_context(dtype: Optional[torch.dtype]) -> Any:
-    """CUDA autocast to ``dtype``, or a no-op context when ``dtype`` is ``None``."""
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast_context(dtype: Optional[torch.dtype], device: Optional[Any] = None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type (a ``torch.device`` or ``"cuda"`` / ``"cpu"``;
+    ``None``: CUDA when it is available, else the CPU), or a no-op context when ``dtype`` is ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.autocast(kind, dtype=dtype)
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

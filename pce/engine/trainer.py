@@ -3,16 +3,17 @@
 ``pce.tasks`` or ``pce.datasets``).
 
 The loop: phases (:mod:`pce.engine.phases`: router override, key trainability, attention, lr multiplier,
-K-Means init before the first learned-router phase), per-iteration lr schedule, AMP on CUDA, gradient
-clipping, weights EMA, DDP, NaN/inf guard, logging (:mod:`pce.engine.logging`), evaluation every
-``runtime.eval_interval`` epochs with ``best.pth`` by ``eval.metric``, ``latest.pth`` every
-``runtime.checkpoint_interval`` epochs, exact resume from ``latest.pth``, and hooks (:mod:`pce.engine.hooks`)
-for everything else, e.g. the routing statistics of ``pce.tasks.hooks``.
+K-Means init before the first learned-router phase), per-iteration lr schedule, AMP (bf16 / fp16 on CUDA, bf16
+on the CPU), gradient accumulation (:mod:`pce.engine.trainer_step`: an iteration is one optimizer step of
+``optimizer.accumulate_steps`` micro-batches), gradient clipping, weights EMA, DDP (optionally with
+SyncBatchNorm, the lr scaled by the total batch: ``docs/DISTRIBUTED.md``), NaN/inf guard, logging
+(:mod:`pce.engine.logging`), evaluation every ``runtime.eval_interval`` epochs with ``best.pth`` by
+``eval.metric``, ``latest.pth`` every ``runtime.checkpoint_interval`` epochs, exact resume from ``latest.pth``,
+and hooks (:mod:`pce.engine.hooks`) for everything else, e.g. the routing statistics of ``pce.tasks.hooks``.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -21,18 +22,16 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from pce.engine.checkpoint import (CheckpointManager, capture_rng_state, check_finite, load_checkpoint,
-                                   restore_rng_state)
-from pce.engine.distributed import (all_reduce_max, all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
-                                    sync_router_keys)
+from pce.engine.checkpoint import CheckpointManager, check_finite, load_checkpoint
+from pce.engine.distributed import (all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
+                                    max_rank_difference)
 from pce.engine.evaluation import evaluate_model
 from pce.engine.hooks import HookBase, as_hook
 from pce.engine.logging import MetricWriter, ProgressBar, scalar_metrics, setup_logger
-from pce.engine.optim import clip_gradients
-from pce.engine.runtime import (autocast_context, resolve_amp_dtype, resolve_device, seed_everything,
-                                task_batch_size)
+from pce.engine.runtime import resolve_amp_dtype, resolve_device, seed_everything, task_batch_size
 from pce.engine.trainer_setup import TrainerSetup
 from pce.engine.trainer_state import TrainerState
+from pce.engine.trainer_step import TrainerStep
 from pce.engine.workdir import WorkDirLock
 
 __all__ = ["Trainer"]
@@ -42,7 +41,7 @@ Hook = Union[HookBase, Callable[[Any, str], None]]
 logger = logging.getLogger("pce")
 
 
-class Trainer(TrainerSetup, TrainerState):
+class Trainer(TrainerSetup, TrainerState, TrainerStep):
     """Train ``task``'s model as configured by ``cfg`` (a config from :func:`pce.engine.load_config`).
 
     Args:
@@ -54,6 +53,10 @@ class Trainer(TrainerSetup, TrainerState):
 
     Call :meth:`train`; it returns ``{"best": {...}, "final": results of the test (or val) split}``. Use it
     under ``torchrun`` after :func:`pce.engine.distributed.init_distributed` for DDP.
+
+    ``iteration``, ``epoch_iter``, ``iters_per_epoch``, ``schedule.max_iters`` / ``iters_per_epoch`` and the lr
+    schedule count optimizer steps; with ``optimizer.accumulate_steps = N`` one step reads N loader batches, and
+    hooks see the step's first micro-batch as ``trainer.batch``.
     """
 
     def __init__(self, cfg: Any, task: Any, resume: Union[bool, str, os.PathLike, None] = None,
@@ -106,6 +109,10 @@ class Trainer(TrainerSetup, TrainerState):
             del resume_ckpt
             if self.is_main:
                 self._save_config()
+            saved_lr = self.scheduler.base_lrs[0] if self.scheduler.base_lrs else self.base_lr
+            if abs(saved_lr - self.base_lr) > 1e-9 * max(abs(self.base_lr), 1e-12):
+                logger.warning("the checkpoint's base lr %.6g is kept; this run's config gives %.6g (a different "
+                               "optimizer.lr, or total batch with optimizer.auto_scale_lr)", saved_lr, self.base_lr)
 
     # ---------------------------------------------------------------------------------- properties
     @property
@@ -147,37 +154,6 @@ class Trainer(TrainerSetup, TrainerState):
         m = self.cfg.schedule.max_iters
         return bool(m) and self.iteration >= m
 
-    def _train_step(self, model: nn.Module, batch: Any, epoch: int, i: int):
-        """Forward (the task's loss terms), NaN/inf guard, backward, clipping, optimizer / scheduler / EMA step.
-        Returns ``(names, values, lr, grad_norm)``: the loss names, their values plus the total (floats)."""
-        with autocast_context(self.amp_dtype):
-            losses = self.task.train_step(model, batch, self.device)
-        if not losses:
-            raise ValueError(f"{type(self.task).__name__}.train_step returned no loss terms")
-        names = list(losses)
-        total = sum(losses.values())
-        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]
-                             + [total.detach().float().reshape(())]).tolist()
-        bad = not all(math.isfinite(v) for v in values)
-        if self.world_size > 1:
-            bad = all_reduce_max(1.0 if bad else 0.0) > 0
-        if bad:
-            self._nonfinite(epoch, i, names, values)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        grad_norm = None
-        if self.cfg.optimizer.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_gradients(self.model.parameters(), self.cfg.optimizer.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        sync_router_keys(self.model)
-        return names, values, lr, grad_norm
-
     def _log_train(self, epoch: int, i: int, names: List[str], means: Dict[str, float], lr: float, ips: float,
                    grad_norm: Optional[float]) -> None:
         """One ``train`` record (metrics.jsonl / TensorBoard, with what the hooks add) and its log line."""
@@ -201,24 +177,17 @@ class Trainer(TrainerSetup, TrainerState):
         window: Dict[str, float] = {}
         count, images, t_window = 0, 0, time.perf_counter()
         epoch_sum, epoch_n = 0.0, 0
-        skip = self._resume_skip(epoch)
-        rng = capture_rng_state() if skip else None  # loading the skipped batches must not move the RNG
+        skip = self._resume_skip(epoch)  # optimizer steps of this epoch done before a resume
         try:
-            for i, batch in enumerate(self.train_loader):
-                if i < skip:
-                    if i + 1 == skip:
-                        restore_rng_state(rng)
-                    continue
-                if i >= self.iters_per_epoch or self._max_iters_reached():
-                    break
+            for i, batches in self._epoch_steps(skip, self._max_iters_reached):
                 log_now = (self.iteration + 1) % self.cfg.runtime.log_interval == 0 or i + 1 == self.iters_per_epoch
-                self.batch, self.logging_step = batch, log_now
+                self.batch, self.logging_step = batches[0], log_now
                 self._call_hooks("before_step")
-                names, values, lr, grad_norm = self._train_step(model, batch, epoch, i)
+                names, values, lr, grad_norm = self._train_step(model, batches, epoch, i)
                 self.iteration += 1
                 self.epoch_iter = i + 1
                 self.loss_history.append(values[-1])
-                images += task_batch_size(self.task, batch)
+                images += sum(task_batch_size(self.task, b) for b in batches)
                 count += 1
                 epoch_sum += values[-1]
                 epoch_n += 1
@@ -267,11 +236,14 @@ class Trainer(TrainerSetup, TrainerState):
         cfg = self.cfg
         self.writer = MetricWriter(self.work_dir, enabled=self.is_main, tensorboard=cfg.runtime.tensorboard)
         n_params = sum(p.numel() for p in self.model.parameters())
-        logger.info("task %s | model %s (%.2fM params) | train %d, %s | %d iter/epoch x %d epochs | device %s x %d",
+        logger.info("task %s | model %s (%.2fM params) | train %d, %s | %d iter/epoch x %d epochs | device %s x %d"
+                    " | batch %d x %d process(es) x %d accumulate_steps = %d per step, base lr %.6g",
                     getattr(self.task, "name", type(self.task).__name__), cfg.model.backbone, n_params / 1e6,
                     len(self.datasets["train"]),
                     ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items() if k != "train") or "no eval set",
-                    self.iters_per_epoch, self.total_epochs, self.device, self.world_size)
+                    self.iters_per_epoch, self.total_epochs, self.device, self.world_size, cfg.data.batch_size,
+                    self.world_size, self.accumulate, cfg.data.batch_size * self.world_size * self.accumulate,
+                    self.base_lr)
         try:
             self._call_hooks("before_train")
             for epoch in range(self.epoch, self.total_epochs):
@@ -284,6 +256,11 @@ class Trainer(TrainerSetup, TrainerState):
                     self.epoch, self.epoch_iter = epoch + 1, 0
                 self._end_epoch(stats)
                 self._call_hooks("after_epoch")
+            if self.world_size > 1:  # DDP keeps the parameters equal: say so (or warn)
+                diff = max_rank_difference(list(self.model.parameters()))
+                (logger.info if diff == 0 else logger.warning)(
+                    "DDP check: parameters %s on the %d ranks (max difference %.3g)",
+                    "identical" if diff == 0 else "DIFFER", self.world_size, diff)
             final = self._final_evaluation()
             return {"best": dict(self.best), "final": final, "epochs": self.epoch, "iterations": self.iteration}
         finally:

@@ -1,12 +1,15 @@
 """How the :class:`~pce.engine.trainer.Trainer` is set up and how each epoch starts: datasets, loader, work
-dir, model, optimizer, phases, schedule, EMA (:class:`TrainerSetup`, a mixin), then per epoch the sampler and
-augmentation seeds, the phase switch (K-Means key initialisation with a fixed data subset, router override,
-upcycling), the DDP key broadcast and the DDP re-wrap when trainable parameters changed.
+dir, gradient-accumulation steps, model (SyncBatchNorm under DDP on CUDA with ``runtime.sync_bn``), optimizer
+(lr scaled by the total batch with ``optimizer.auto_scale_lr``), phases, schedule, EMA (:class:`TrainerSetup`, a
+mixin), then per epoch the sampler and augmentation seeds, the phase switch (K-Means key initialisation with a
+fixed data subset, router override, upcycling), the DDP key broadcast and the DDP re-wrap when trainable
+parameters changed.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -14,14 +17,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from pce.engine.distributed import broadcast_parameters
+from pce.engine.distributed import broadcast_parameters, convert_sync_batchnorm
 from pce.engine.ema import build_ema
 from pce.engine.logging import MetricWriter, setup_logger
-from pce.engine.optim import build_lr_scheduler, build_optimizer
+from pce.engine.optim import accumulate_steps, build_lr_scheduler, build_optimizer, scaled_lr
 from pce.engine.phase import build_phases
 from pce.engine.phases import PhaseController
 from pce.engine.runtime import task_batch_images, to_channels_last
-from pce.engine.weights import load_pretrained, replay_structure
+from pce.engine.weights import load_pretrained, pretrained_before_conversion, replay_structure
 from pce.moe.routing import keyed_routers
 
 __all__ = ["TrainerSetup"]
@@ -37,6 +40,8 @@ class TrainerSetup:
         the work dir (rank 0)."""
         splits = ("train", "val", "test") if cfg.runtime.final_test else ("train", "val")
         self.datasets = task.build_datasets(cfg, splits=splits)
+        self.accumulate = accumulate_steps(cfg.optimizer)  # config errors before anything is written
+        self.base_lr = scaled_lr(cfg.optimizer, cfg.data.batch_size, self.world_size)
         if "train" not in self.datasets:
             raise ValueError("the config defines no data.train dataset")
         if self.is_main:
@@ -45,8 +50,6 @@ class TrainerSetup:
             if resume_path is None:  # a resumed run's config is replaced only once its checkpoint loaded
                 self._save_config()
             setup_logger(self.work_dir, self.rank)
-        if cfg.runtime.amp != "none" and self.amp_dtype is None:
-            logger.info("runtime.amp=%s needs CUDA: training in fp32 on %s", cfg.runtime.amp, self.device)
         self.train_sampler = DistributedSampler(self.datasets["train"], num_replicas=self.world_size, rank=self.rank,
                                                 shuffle=True, seed=cfg.runtime.seed)
         self._loader_gen = torch.Generator()
@@ -58,23 +61,33 @@ class TrainerSetup:
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set ({len(self.datasets['train'])} samples on this rank's share) gives no "
                              f"batch of data.batch_size={cfg.data.batch_size} with drop_last={cfg.data.drop_last}")
-        self.iters_per_epoch = len(self.train_loader)
+        # iterations are optimizer steps of `accumulate` loader batches (the epoch's last may hold fewer)
+        self.iters_per_epoch = math.ceil(len(self.train_loader) / self.accumulate)
         if cfg.schedule.iters_per_epoch:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.schedule.iters_per_epoch)
 
     def _build_training(self, cfg: Any, task: Any, resume_ckpt: Optional[dict] = None) -> None:
         """Model (same initial weights on every rank; the expert structure of a pruned / duplicated
-        ``model.pretrained`` or resumed checkpoint replayed), optimizer, phases, lr schedule, AMP scaler, EMA."""
+        ``model.pretrained`` or resumed checkpoint replayed; a ``model.pretrained`` of the model before its
+        ``model.convert`` / ``model.condconv`` entries loaded before they upcycle its convolutions), optimizer,
+        phases, lr schedule, AMP scaler, EMA."""
         torch.manual_seed(cfg.runtime.seed)
-        self.model = task.build_model(cfg).to(self.device)
+        with pretrained_before_conversion(cfg.model.pretrained) as early:  # a dense twin's weights, upcycled
+            self.model = task.build_model(cfg).to(self.device)
         torch.manual_seed(cfg.runtime.seed + self.rank)
         if cfg.runtime.channels_last:
             to_channels_last(self.model)
-        if cfg.model.pretrained:
-            load_pretrained(self.model, cfg.model.pretrained)  # reports missing / unexpected, fails on no match
+        self._sync_batchnorm()
+        if cfg.model.pretrained and early.report is None:  # not already loaded before model.convert; reports
+            load_pretrained(self.model, cfg.model.pretrained, ckpt=early.ckpt)  # missing / unexpected, fails on none
         if resume_ckpt is not None:  # before the optimizer and the EMA copy see the parameters
             replay_structure(self.model, resume_ckpt, self.resume_path)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        if (cfg.optimizer.get("auto_scale_lr") or {}).get("enable", False):
+            logger.info("auto_scale_lr: lr %.6g = optimizer.lr %.6g x total batch %d (data.batch_size %d x %d "
+                        "process(es) x %d accumulate_steps) / base_batch_size %d", self.base_lr, cfg.optimizer.lr,
+                        cfg.data.batch_size * self.world_size * self.accumulate, cfg.data.batch_size,
+                        self.world_size, self.accumulate, cfg.optimizer.auto_scale_lr.base_batch_size)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, lr=self.base_lr)
         self.phases = build_phases(cfg.phases, cfg.schedule.epochs)
         self.phase_ctl = PhaseController(self.phases, cfg.runtime.kmeans_init_batches, seed=cfg.runtime.seed)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.schedule, self.phase_ctl.phase_epochs,
@@ -83,6 +96,21 @@ class TrainerSetup:
         self.ema = build_ema(self.model, cfg.runtime.ema) if cfg.runtime.ema > 0 else None
         self.ddp_model: Optional[DDP] = None
         self.writer: Optional[MetricWriter] = None
+
+    def _sync_batchnorm(self) -> None:
+        """``runtime.sync_bn``: plain BatchNorm layers become ``SyncBatchNorm`` under DDP on CUDA (torch's
+        SyncBatchNorm raises on CPU tensors in training: on the CPU every rank keeps its own statistics)."""
+        if not self.cfg.runtime.sync_bn:
+            return
+        if self.world_size == 1:
+            logger.info("runtime.sync_bn: one process, plain BatchNorm kept")
+        elif self.device.type != "cuda":
+            logger.warning("runtime.sync_bn: SyncBatchNorm runs on CUDA only (torch); on %s each of the %d ranks "
+                           "keeps its own BatchNorm statistics", self.device, self.world_size)
+        else:
+            n = convert_sync_batchnorm(self.model)
+            logger.info("runtime.sync_bn: %d BatchNorm layer(s) -> SyncBatchNorm over %d ranks (the experts' own "
+                        "stacked BatchNorm stays per rank)", n, self.world_size)
 
     def _thread_limit(self):
         """Limit the OpenMP / BLAS pools of scikit-learn's K-Means to runtime.num_threads."""

@@ -1,6 +1,8 @@
 """The trainer's persistent state: claiming the work dir, resume checks, ``state_dict`` / ``load_state``, the
-end of an epoch (validation when due, the best ``eval.metric``) and checkpoint saving (``best.pth`` before
-``latest.pth``, never a non-finite model), the non-finite-loss stop and the iterations a mid-epoch resume skips.
+end of an epoch (validation when due, the best ``eval.metric``) and checkpoint saving (``best.pth``, weights only
+unless ``runtime.best_weights_only=False``, before ``latest.pth``, then ``epoch_N.pth`` and the removal of the oldest
+beyond ``runtime.max_keep_ckpts``; never a non-finite model), the non-finite-loss stop and the iterations a
+mid-epoch resume skips.
 
 :class:`TrainerState` is a mixin of :class:`pce.engine.trainer.Trainer`; it reads the attributes the trainer
 sets up (``cfg``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, ``phase_ctl``, ``checkpoints``,
@@ -13,19 +15,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from pce.engine.checkpoint import (capture_rng_state, checkpoint_is_finite, load_checkpoint, nonfinite_tensors,
-                                   remove_stale_temps, restore_rng_state)
+from pce.engine.checkpoint import (TRAINING_STATE_KEYS, capture_rng_state, checkpoint_is_finite, is_training_state,
+                                   load_checkpoint, nonfinite_tensors, remove_stale_temps, restore_rng_state)
 from pce.engine.config import config_to_dict, dump_config, format_config, to_plain
 from pce.engine.distributed import all_gather_object, all_reduce_max
 from pce.engine.ema import build_ema
 from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
 from pce.engine.logging import scalar_metrics
 from pce.engine.runtime import NonFiniteLossError, format_metrics
-from pce.engine.weights import mismatch_summary, saved_structure
+from pce.engine.weights import lean_checkpoint, mismatch_summary, saved_structure
 from pce.moe.recorder import unwrap_model
 from pce.moe.surgery import structure
 
@@ -47,6 +49,10 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
 class TrainerState:
     """Work-dir claiming, resume checks and checkpoint state of the :class:`~pce.engine.trainer.Trainer`."""
 
+    #: the ``epoch_N.pth`` this run wrote and kept, oldest first (recorded in its checkpoints, restored on resume);
+    #: only these are ever deleted (``runtime.max_keep_ckpts``). Replaced, never mutated.
+    epoch_ckpts: Tuple[str, ...] = ()
+
     def _claim_work_dir(self, resume_path: Optional[Path], force: bool) -> None:
         """Rank 0: lock the work dir, refuse to overwrite a previous run's checkpoints, compare a resumed run's
         config with the saved one, and remove the temp files of interrupted saves."""
@@ -63,6 +69,10 @@ class TrainerState:
             self._check_resume_config(resume_path)
         for f in remove_stale_temps(self.work_dir):
             logger.info("removed %s (a temp file of an interrupted save)", f)
+        rt = self.cfg.runtime
+        if rt.max_keep_ckpts > 0 and not rt.save_epoch_ckpts:
+            logger.warning("runtime.max_keep_ckpts=%d has no effect without runtime.save_epoch_ckpts=True (it limits "
+                           "the epoch_N.pth files; best.pth and latest.pth are always kept)", rt.max_keep_ckpts)
 
     def _check_resume_config(self, resume_path: Path) -> None:
         """The model config must be the saved run's. The saved config is read from ``config.json`` (plain data,
@@ -123,6 +133,7 @@ class TrainerState:
             "rng": rng,
             "best": dict(self.best),
             "expert_structure": structure(unwrap_model(self.model)),  # pruned / duplicated experts, replayed on load
+            "epoch_ckpts": list(self.epoch_ckpts),
             "config": format_config(self.cfg),
             "meta": {"torch": str(torch.__version__), "world_size": self.world_size, "time": time.time()},
         }
@@ -131,6 +142,11 @@ class TrainerState:
         """Restore the state of the checkpoint ``path`` (``ckpt``: its contents, already read). The model must
         have the checkpoint's expert structure (replayed by the trainer before the optimizer is built)."""
         ckpt = load_checkpoint(path, map_location="cpu") if ckpt is None else ckpt
+        if not is_training_state(ckpt):
+            raise PCEError(path, f"--resume: holds weights only, not a training state (no "
+                           f"{', '.join(k for k in TRAINING_STATE_KEYS if k not in ckpt) or 'optimizer state'})",
+                           f"latest.pth or an epoch_N.pth of the run; to start a new run from these weights: "
+                           f"--cfg-options model.pretrained={path}")
         saved, current = saved_structure(ckpt), structure(unwrap_model(self.model))
         if saved != current:
             raise PCEError(path, f"--resume: its expert structure {saved or '(none)'} differs from the model's "
@@ -155,6 +171,7 @@ class TrainerState:
         self.epoch_iter = int(ckpt.get("epoch_iter", 0) or 0)
         self.iteration = int(ckpt["iteration"])
         self.best = dict(ckpt.get("best") or self.best)
+        self.epoch_ckpts = tuple(str(n) for n in ckpt.get("epoch_ckpts") or ())
         problem = self.checkpoints.verify_best(self.best)
         if problem:
             kept = load_checkpoint(self.checkpoints.best) if self.checkpoints.best.is_file() else None
@@ -187,14 +204,25 @@ class TrainerState:
             logger.error("%s", msg)
             raise NonFiniteStateError(self.work_dir, msg, "every parameter and buffer finite: lower optimizer.lr, "
                                       "set optimizer.grad_clip, or check the data")
-        if not self.is_main:
-            return
-        if save_best:  # best.pth first: a crash before latest.pth is written loses no best weights
-            self.checkpoints.save(state, "best.pth")
-            if save_latest:
-                self.checkpoints.copy(self.checkpoints.best, "latest.pth")
+        if self.is_main:
+            self._write_checkpoints(state, save_latest, save_best)
+
+    def _write_checkpoints(self, state: Dict[str, Any], save_latest: bool, save_best: bool) -> None:
+        """Rank 0: ``best.pth`` first (a crash before ``latest.pth`` is written loses no best weights; weights only
+        unless ``runtime.best_weights_only=False``), then ``latest.pth``, then ``epoch_N.pth`` (a copy of it, whole
+        epochs only) and, once that is written, the removal of the oldest beyond ``runtime.max_keep_ckpts``."""
+        rt, ckpts = self.cfg.runtime, self.checkpoints
+        epoch_file = f"epoch_{self.epoch}.pth" if save_latest and rt.save_epoch_ckpts and not self.epoch_iter else None
+        state["epoch_ckpts"] = list(dict.fromkeys(list(self.epoch_ckpts) + ([epoch_file] if epoch_file else [])))
+        if save_best:
+            ckpts.save(lean_checkpoint(state) if rt.best_weights_only else state, "best.pth")
+        if save_latest and save_best and not rt.best_weights_only:
+            ckpts.copy(ckpts.best, "latest.pth")  # the same full state
         elif save_latest:
-            self.checkpoints.save(state, "latest.pth")
+            ckpts.save(state, "latest.pth")
+        if epoch_file:
+            ckpts.copy(ckpts.latest, epoch_file)
+            self.epoch_ckpts = tuple(ckpts.remove_old_epochs(state["epoch_ckpts"], rt.max_keep_ckpts))
 
     # ------------------------------------------------------------------------------- best / save
     def _is_better(self, value: float) -> bool:

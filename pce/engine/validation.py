@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from fvcore.common.config import CfgNode
 from yacs.config import _VALID_TYPES, _check_and_coerce_cfg_value_type
@@ -124,8 +124,8 @@ def _check_phases(cfg: CfgNode, origins: Mapping[str, str]) -> None:
 
 
 def _check_values(cfg: CfgNode, origins: Mapping[str, str]) -> None:
-    positive = ["schedule.epochs", "data.batch_size", "runtime.log_interval"]
-    non_negative = ["schedule.iters_per_epoch", "schedule.max_iters", "data.num_workers", "data.eval_batch_size",
+    positive = ["schedule.epochs", "data.batch_size", "runtime.log_interval", "optimizer.accumulate_steps"]
+    non_negative = ["optimizer.auto_scale_lr.base_batch_size", "schedule.iters_per_epoch", "schedule.max_iters", "data.num_workers", "data.eval_batch_size",
                     "runtime.eval_interval", "runtime.checkpoint_interval", "runtime.kmeans_init_batches",
                     "runtime.num_threads",
                     "optimizer.lr", "optimizer.weight_decay", "optimizer.grad_clip",
@@ -199,15 +199,9 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _check_convert_entry(entry: Any, key: str, src: str) -> Dict[str, Any]:
-    """One ``model.convert`` entry as a plain dict; :class:`ConfigError` naming ``model.convert.<i>.<option>``."""
-    import torch
-    from torch import nn
-
-    from pce.engine.errors import one_line
-    from pce.models.pce_conv import PCEConv2d
-
-    valid = convert_options()
+def _entry_with_target(entry: Any, key: str, src: str, valid: Sequence[str]) -> Dict[str, Any]:
+    """A ``model.convert`` / ``model.condconv`` entry as a plain dict whose keys are in ``valid`` and whose
+    ``target`` is a module path / glob or a list of them; :class:`ConfigError` naming ``<key>.<option>``."""
     if not isinstance(entry, Mapping):
         raise ConfigError(f"config key '{key}' (set in {src}) must be a dict with keys {list(valid)}, got "
                           f"{type(entry).__name__} {entry!r}")
@@ -224,6 +218,19 @@ def _check_convert_entry(entry: Any, key: str, src: str) -> Dict[str, Any]:
         raise ConfigError(f"config key '{key}.target' (set in {src}) must be a module path or glob of the built "
                           f"model (e.g. 'net.segmentation_head.0', 'backbone.stages.2.*') or a list of them, got "
                           f"{target!r}")
+    return entry
+
+
+def _check_convert_entry(entry: Any, key: str, src: str) -> Dict[str, Any]:
+    """One ``model.convert`` entry as a plain dict; :class:`ConfigError` naming ``model.convert.<i>.<option>``."""
+    import torch
+    from torch import nn
+
+    from pce.engine.errors import one_line
+    from pce.models.pce_conv import PCEConv2d
+
+    valid = convert_options()
+    entry = _entry_with_target(entry, key, src, valid)
     rkw = entry.get("router_kwargs", {})
     if not isinstance(rkw, dict):
         raise ConfigError(f"config key '{key}.router_kwargs' (set in {src}) expects a dict of the router's keyword "
@@ -250,6 +257,23 @@ def _check_convert(cfg: CfgNode, origins: Mapping[str, str]) -> None:
                          for i, e in enumerate(cfg.model.convert)]
 
 
+def _check_condconv(cfg: CfgNode, origins: Mapping[str, str]) -> None:
+    """Each ``model.condconv`` entry: a dict of :func:`pce.models.condconv.condconv_options` with a ``target``
+    (module path, glob or list of them) and an integer ``num_experts >= 1``; stored as plain data."""
+    from pce.models.condconv import condconv_options
+
+    valid = condconv_options()
+    out = []
+    for i, entry in enumerate(cfg.model.condconv):
+        key, src = f"model.condconv.{i}", key_origin(origins, f"model.condconv.{i}")
+        entry = _entry_with_target(entry, key, src, valid)
+        n = entry.get("num_experts", 4)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"config key '{key}.num_experts' (set in {src}) must be an integer >= 1, got {n!r}")
+        out.append(entry)
+    cfg.model.condconv = out
+
+
 def build_config(merged: Mapping[str, Any], origins: Mapping[str, str]) -> CfgNode:
     """Validate a merged dict against the schema; returns a new (unfrozen) CfgNode."""
     cfg = get_default_config()
@@ -258,4 +282,5 @@ def build_config(merged: Mapping[str, Any], origins: Mapping[str, str]) -> CfgNo
     _check_values(cfg, origins)
     _check_phases(cfg, origins)
     _check_convert(cfg, origins)
+    _check_condconv(cfg, origins)
     return cfg

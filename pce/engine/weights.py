@@ -1,11 +1,18 @@
 """Loading weights into a model: checkpoints (model or EMA weights), pretrained partial loads with a report,
 the expert structure of a surgically edited checkpoint (pruned / duplicated experts) replayed before loading,
-and the phase a checkpoint was saved in."""
+the phase a checkpoint was saved in, and the weights-only form of a checkpoint (``best.pth``,
+``tools/publish_model.py``: :func:`lean_checkpoint`). A ``model.pretrained`` of the model *before* its
+``model.convert`` / ``model.condconv`` entries (the dense twin's run) is loaded before they upcycle its convolutions
+(:func:`pretrained_before_conversion`, :func:`load_before_conversion`)."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Union
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 
@@ -17,7 +24,8 @@ from pce.moe.recorder import unwrap_model
 from pce.moe.surgery import apply_structure, structure
 
 __all__ = ["load_model_weights", "model_state", "mismatch_summary", "load_pretrained", "checkpoint_phase",
-           "saved_structure", "replay_structure"]
+           "saved_structure", "replay_structure", "lean_checkpoint", "TRAINING_ONLY_KEYS", "EarlyPretrained",
+           "pretrained_before_conversion", "load_before_conversion"]
 
 logger = logging.getLogger("pce")
 
@@ -50,6 +58,29 @@ def model_state(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> Mapping[st
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
         return ckpt["state_dict"]
     return ckpt
+
+
+#: what a weights-only checkpoint leaves out: the state only ``--resume`` needs (the EMA copy becomes ``model``)
+TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "ema", "epoch_ckpts")
+
+
+def lean_checkpoint(ckpt: Mapping[str, Any], prefer_ema: bool = True, dtype: Optional[torch.dtype] = None
+                    ) -> Dict[str, Any]:
+    """The weights-only form of a checkpoint (full or already lean, or a bare state dict): ``model`` holds its
+    EMA weights when ``prefer_ema`` and it has them (``weights``: ``"ema"``), else its model weights; the
+    metadata every loader reads is kept (``expert_structure``, ``phase``, ``epoch``, ``best``, ``config``, ...);
+    :data:`TRAINING_ONLY_KEYS` (optimizer, scheduler, AMP scaler, RNG, the EMA copy) are dropped. ``dtype``:
+    floating-point tensors are cast to it (integer buffers such as ``num_batches_tracked`` are kept)."""
+    state = model_state(ckpt, prefer_ema)
+    bare = state is ckpt  # a bare state dict: no metadata
+    if dtype is not None:
+        state = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in state.items()}
+    if bare:
+        return {"model": dict(state), "weights": "model"}
+    meta = {k: v for k, v in ckpt.items() if k not in TRAINING_ONLY_KEYS + ("model", "state_dict")}
+    used_ema = prefer_ema and bool(ckpt.get("ema"))
+    return {"model": dict(state), **meta, "weights": "ema" if used_ema else meta.get("weights", "model")}
 
 
 def mismatch_summary(model: torch.nn.Module, state: Mapping[str, Any]) -> str:
@@ -96,18 +127,20 @@ def replay_structure(model: torch.nn.Module, ckpt: Mapping[str, Any], where: Any
     return True
 
 
-def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pretrained") -> Dict[str, Any]:
+def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pretrained",
+                    ckpt: Optional[Mapping[str, Any]] = None, before: str = "") -> Dict[str, Any]:
     """Load the tensors of ``path`` whose names and shapes match ``model``; report the missing, unexpected and
     shape-mismatched ones. The expert structure of a pruned / duplicated checkpoint (``expert_structure``) is
     replayed on ``model`` first, so its tensors fit. Raises :class:`PCEError` naming ``key`` when nothing
-    matched. Returns ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
-    ckpt = load_checkpoint(path)
+    matched. ``ckpt``: the checkpoint already read from ``path``; ``before``: the conversion the load comes
+    before (``"model.convert"``, :func:`load_before_conversion`), named in the report.
+    Returns ``{"matched", "total", "missing", "unexpected", "mismatched"}``."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     replay_structure(model, ckpt, f"{key}={path}")
     state = model_state(ckpt)
     check_finite(state, f"{key}={path}", " in the pretrained weights")
     own = unwrap_model(model).state_dict()
-    matched = {k: v for k, v in state.items()
-               if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
+    matched = _matching(own, state)
     missing = [k for k in own if k not in matched]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and k not in matched]
@@ -118,7 +151,11 @@ def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pr
     unwrap_model(model).load_state_dict(matched, strict=False)
     report = {"matched": len(matched), "total": len(own), "missing": missing, "unexpected": unexpected,
               "mismatched": mismatched}
-    msg = f"loaded pretrained weights from {path}: {len(matched)} of {len(own)} model tensors matched"
+    if before:
+        msg = (f"{key}: loaded {len(matched)} of {len(own)} tensors into the model before {before} (upcycling the "
+               f"trained convolutions) from {path}")
+    else:
+        msg = f"loaded pretrained weights from {path}: {len(matched)} of {len(own)} model tensors matched"
     if missing or unexpected or mismatched:
         details = [f"{len(v)} {n} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
                    for n, v in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
@@ -127,6 +164,78 @@ def load_pretrained(model: torch.nn.Module, path: PathLike, key: str = "model.pr
     else:
         logger.info(msg)
     return report
+
+
+def _matching(own: Mapping[str, Any], state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of ``state`` whose names and shapes are in ``own`` (a model's state dict)."""
+    return {k: v for k, v in state.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
+
+
+@dataclass
+class EarlyPretrained:
+    """A ``model.pretrained`` waiting for the model builder (:func:`pretrained_before_conversion`); ``report``:
+    :func:`load_pretrained`'s, once it was loaded before the conversions (``None``: the caller loads it after the
+    build, passing ``ckpt``, the checkpoint already read when the builder compared it, when set)."""
+
+    path: str
+    key: str = "model.pretrained"
+    report: Optional[Dict[str, Any]] = None
+    ckpt: Optional[Mapping[str, Any]] = None
+
+
+_EARLY: ContextVar[Optional[EarlyPretrained]] = ContextVar("pce_early_pretrained", default=None)
+
+
+@contextlib.contextmanager
+def pretrained_before_conversion(path: Optional[PathLike], key: str = "model.pretrained"
+                                 ) -> Iterator[EarlyPretrained]:
+    """While the model is built (``task.build_model`` in the trainer's setup), offer ``path`` to
+    :func:`load_before_conversion`, which the builder calls right before its ``model.convert`` /
+    ``model.condconv`` entries. Yields the :class:`EarlyPretrained`: its ``report`` is set when the checkpoint
+    was loaded there, and the caller then must not load it again."""
+    early = EarlyPretrained(str(path or ""), key)
+    token = _EARLY.set(early if path else None)
+    try:
+        yield early
+    finally:
+        _EARLY.reset(token)
+
+
+def _fit(model: torch.nn.Module, ckpt: Mapping[str, Any]) -> int:
+    """How many tensors of ``ckpt`` would load into ``model`` (names and shapes, its expert structure replayed on
+    a copy; 0 when that structure does not fit ``model``)."""
+    saved = saved_structure(ckpt)
+    if saved and saved != structure(unwrap_model(model)):
+        model = copy.deepcopy(unwrap_model(model))
+        try:
+            apply_structure(model, saved)
+        except (KeyError, ValueError):
+            return 0
+    return len(_matching(unwrap_model(model).state_dict(), model_state(ckpt)))
+
+
+def load_before_conversion(model: torch.nn.Module, convert: Callable[[torch.nn.Module], torch.nn.Module],
+                           what: str = "model.convert") -> Optional[Dict[str, Any]]:
+    """Inside :func:`pretrained_before_conversion`: load its checkpoint into the freshly built, not yet converted
+    ``model`` when more of its tensors fit ``model`` than ``convert(copy of model)`` (a checkpoint of the model
+    before the conversions ``what``, e.g. the dense twin's ``best.pth``), so that the conversions upcycle the
+    trained convolutions; returns :func:`load_pretrained`'s report. ``None`` (nothing loaded) outside the
+    context, or for a checkpoint of the converted model (loaded after the build, as any ``model.pretrained``).
+    The trial conversion draws no random numbers from the caller's stream."""
+    early = _EARLY.get()
+    if early is None or early.report is not None:
+        return None
+    ckpt = load_checkpoint(early.path)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        before = _fit(model, ckpt)
+        after = _fit(convert(copy.deepcopy(model)), ckpt) if before else 0
+    if before <= after:
+        early.ckpt = ckpt  # the caller's load after the build reads it from here
+        return None
+    early.report = load_pretrained(model, early.path, early.key, ckpt=ckpt, before=what)
+    return early.report
 
 
 def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int) -> Phase:

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.layers import DropPath, calculate_drop_path_rates
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -77,22 +78,47 @@ class Stem(nn.Sequential):
 
 class Stage(nn.Module):
     """Downsample (3x3 conv, stride 2, when needed) then ``depth`` PCE (or dense) layers, each optionally
-    followed by deformable attention. ``[B, C_in, H, W] -> [B, C_out, H / s, W / s]``."""
+    followed by deformable attention. ``[B, C_in, H, W] -> [B, C_out, H / s, W / s]``.
+
+    ``drop_path_rates`` (one per layer; stochastic depth): every layer is residual, ``layer(x) = x + f(x)``, and in
+    training its branch ``f(x) = layer(x) - x`` goes through :class:`timm.layers.DropPath`, so a dropped sample
+    leaves the layer as ``x``; in eval (or with all rates 0) the layer runs as is."""
 
     def __init__(self, cin: int, cout: int, stride: int, depth: int, layer_fn: Callable[[], nn.Module],
-                 attention_fn: Optional[Callable[[], nn.Module]] = None) -> None:
+                 attention_fn: Optional[Callable[[], nn.Module]] = None,
+                 drop_path_rates: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         self.down = conv_bn_relu(cin, cout, stride) if (stride != 1 or cin != cout) else nn.Identity()
         self.layers = nn.ModuleList([layer_fn() for _ in range(depth)])
         self.attn = nn.ModuleList([attention_fn() for _ in range(depth)]) if attention_fn else None
+        rates = [float(r) for r in (drop_path_rates or [])]
+        if rates and len(rates) != depth:
+            raise ValueError(f"drop_path_rates: {len(rates)} rates for {depth} layers (one per layer)")
+        self.drop_path = nn.ModuleList([DropPath(r) for r in rates]) if any(r > 0 for r in rates) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if self.drop_path is not None and self.training:
+                x = x + self.drop_path[i](layer(x) - x)  # stochastic depth on the residual branch
+            else:
+                x = layer(x)
             if self.attn is not None:
                 x = self.attn[i](x)
         return x
+
+
+class StageList(nn.ModuleList):
+    """The backbone's stages (a ``ModuleList``: the same state-dict keys ``stages.<i>...``). Calling it raises
+    the one-line error that says what to use instead: torchvision's ``IntermediateLayerGetter`` (inside
+    ``BackboneWithFPN``) runs a model's direct children in turn, and cannot return the stage maps from here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError("PCEBackbone.stages: torchvision's IntermediateLayerGetter / BackboneWithFPN cannot return "
+                        "PCE stage maps (use pce.tasks.detection.PCEFPNBackbone(backbone, fpn_channels=256): "
+                        "torchvision's FPN on the backbone's maps, named '0', '1', ... and 'pool' as "
+                        "BackboneWithFPN names them; or torchvision's create_feature_extractor(backbone, "
+                        "{'stages.0': '0', ...}))")
 
 
 class PCEBackbone(nn.Module):
@@ -112,7 +138,9 @@ class PCEBackbone(nn.Module):
       ``num_frequencies``, ``experts_see_position``, ``halo``, ``padding``, ``execution``, ``norm_stats``: the
       :class:`~pce.models.specs.LayerSpec` of every layer;
     * ``attention_kwargs``: for :class:`~pce.layers.attention.DeformableAttention` in stages with ``attention``;
-    * ``out_indices``: which stages to return (default all).
+    * ``out_indices``: which stages to return (default all);
+    * ``drop_path_rate``: stochastic depth, growing linearly over all layers from 0 to this rate (timm's
+      :func:`~timm.layers.calculate_drop_path_rates`), on each layer's residual branch (:class:`Stage`).
     """
 
     def __init__(self, spec: Union[BackboneSpec, Sequence[StageLike], None] = None, **kwargs: Any) -> None:
@@ -127,14 +155,15 @@ class PCEBackbone(nn.Module):
         if spec.stem_stride == 4:
             stem.append(conv_bn_relu(spec.stem_channels, spec.stem_channels, 2))
         self.stem = Stem(*stem)
-        self.stages = nn.ModuleList()
+        self.stages = StageList()
         info: List[Dict[str, Any]] = []
         cin, stride = spec.stem_channels, spec.stem_stride
+        dpr = calculate_drop_path_rates(float(spec.drop_path_rate), [st.depth for st in spec.stages], stagewise=True)
         for i, st in enumerate(spec.stages):
             kind, layer = spec.stage_layer(i)
             make_layer = partial(_layer_class(i, kind).from_spec, st.channels, layer)
             attn = partial(DeformableAttention, st.channels, **(spec.attention_kwargs or {})) if st.attention else None
-            self.stages.append(Stage(cin, st.channels, st.stride, st.depth, make_layer, attn))
+            self.stages.append(Stage(cin, st.channels, st.stride, st.depth, make_layer, attn, dpr[i]))
             stride *= st.stride
             info.append({"name": f"stage{i + 1}", "channels": st.channels, "stride": stride,
                          "patch_size": st.patch_size, "layer": kind, "num_chs": st.channels, "reduction": stride,

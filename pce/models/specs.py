@@ -142,7 +142,9 @@ class BackboneSpec:
     """Stem (``stem_stride`` 1, 2 or 4: conv-BN-ReLU blocks to ``stem_channels``) + ``stages``; every stage's
     layers are ``kind`` (a :data:`~pce.registry.LAYERS` name) built from ``layer`` with the stage's
     ``patch_size`` (and ``num_experts`` / ``kind`` when the stage sets them). ``attention_kwargs``: for
-    :class:`~pce.layers.attention.DeformableAttention`; ``out_indices``: the stages ``forward`` returns."""
+    :class:`~pce.layers.attention.DeformableAttention`; ``out_indices``: the stages ``forward`` returns;
+    ``drop_path_rate``: stochastic depth (timm's convention: the rate grows linearly over the layers of all stages,
+    from 0 at the first to ``drop_path_rate`` at the last; 0 switches it off)."""
 
     stages: Tuple[StageSpec, ...]
     in_chans: int = 3
@@ -152,8 +154,12 @@ class BackboneSpec:
     layer: LayerSpec = field(default_factory=LayerSpec)
     attention_kwargs: Optional[Dict[str, Any]] = None
     out_indices: Optional[Tuple[int, ...]] = None
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        rate = self.drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1], got {self.drop_path_rate!r}")
         stages = tuple(s if isinstance(s, StageSpec) else StageSpec.from_dict(i, s) for i, s in enumerate(self.stages))
         object.__setattr__(self, "stages", stages)
         if self.out_indices is not None:
@@ -201,7 +207,7 @@ class BackboneSpec:
         return copy.deepcopy(out)
 
 
-_BACKBONE_FIELDS = ("in_chans", "stem_channels", "stem_stride", "attention_kwargs", "out_indices")
+_BACKBONE_FIELDS = ("in_chans", "stem_channels", "stem_stride", "attention_kwargs", "out_indices", "drop_path_rate")
 _STAGE_LAYER_FIELDS = tuple(f for f in LAYER_FIELDS if f not in ("patch_size", "patch_stride"))  # set per stage
 #: every keyword argument :class:`~pce.models.backbone.PCEBackbone` (and ``build_backbone``'s overrides) accepts
 BACKBONE_KWARGS: Tuple[str, ...] = ("stages", "layer") + _BACKBONE_FIELDS + _STAGE_LAYER_FIELDS

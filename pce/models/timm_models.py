@@ -126,8 +126,8 @@ def _build_classifier(variant: str, num_classes: int = 1000, drop_rate: float = 
                       **overrides: Any) -> PCEClassifier:
     """The model ``build_model_with_cfg`` instantiates: preset ``variant`` with backbone ``overrides``, built
     for ``output_stride`` (:func:`~pce.models.presets.apply_output_stride`), and the SPP + FC head."""
-    if drop_path_rate:
-        raise ValueError(f"PCE models have no stochastic depth: drop_path_rate must be 0, got {drop_path_rate}")
+    if drop_path_rate:  # stochastic depth on every layer's residual branch (BackboneSpec.drop_path_rate)
+        overrides["drop_path_rate"] = float(drop_path_rate)
     PCEClassifier._check_head(num_classes, spp_mode if global_pool is None else global_pool)  # before the build
     spec = backbone_spec(variant, **overrides)
     if output_stride is not None:

@@ -15,6 +15,7 @@ from ..common import RouterLossMixin, SplitDatasetsMixin, apply_model_convert, h
 from ..contract_defaults import TensorBatchMixin, ToolDefaultsMixin
 from ..registry import register_task
 from .metrics import ClassificationEvaluator
+from .recipe import ClassificationLoss, build_mixup
 
 __all__ = ["ClassificationTask"]
 
@@ -26,7 +27,9 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
     """The classification task (contract: :class:`pce.engine.task.Task`).
 
     Batches are ``(images [B, C, H, W], targets [B])``. Losses: ``loss_cls`` (cross-entropy with
-    ``model.label_smoothing``) and ``loss_router`` (the weighted router regularisers of every PCE layer).
+    ``model.label_smoothing``; with ``data.mixup`` timm's Mixup / CutMix of the batch scored by timm's
+    ``SoftTargetCrossEntropy``, :mod:`.recipe`) and ``loss_router`` (the weighted router regularisers of every PCE
+    layer). The routing statistics read the batch's own (unmixed) labels.
     A user's image is resized to ``model.input_shape``; a slide is tiled with one probability per tile.
     """
 
@@ -37,6 +40,7 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
     def __init__(self) -> None:
         self.channels_last = False
         self.label_smoothing = 0.0
+        self.criterion = ClassificationLoss()
         self._train: Optional[Tuple[Any, Any, int]] = None  # (train dataset, its data.train config, seed)
 
     # ------------------------------------------------------------------------------------- model
@@ -47,6 +51,7 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
         overrides = to_plain(cfg.model.backbone_overrides)
         self.channels_last = bool(cfg.runtime.channels_last)
         self.label_smoothing = float(cfg.model.label_smoothing)
+        self.criterion = ClassificationLoss(build_mixup(cfg), self.label_smoothing)
         self.configure_router_loss(cfg)
         try:
             model = build_classifier(cfg.model.backbone, cfg.model.num_classes, **head, **overrides)
@@ -68,10 +73,12 @@ class ClassificationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, S
         return images, torch.as_tensor(batch[1]).to(device, non_blocking=True)
 
     def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
-        """Cross-entropy of ``model(images)`` (through the wrapper, so DDP's forward synchronises gradients)."""
+        """Cross-entropy of ``model(images)`` (through the wrapper, so DDP's forward synchronises gradients), on the
+        Mixup / CutMix of the batch when ``data.mixup`` is on."""
         images, targets = self._inputs(batch, device)
+        images, soft = self.criterion.mix(images, targets)
         logits = model(images)
-        return {"loss_cls": F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
+        return {"loss_cls": self.criterion.loss(logits.float(), targets, soft)}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,9 @@ Part of detection evaluation: :meth:`pce.tasks.detection.evaluator.DetectionEval
 entry point) calls :func:`make_record`; the records are what :mod:`pce.tasks.detection.ap_voc` and
 :mod:`pce.tasks.detection.ap_coco` read. A record is a dict: ``image_id`` (a JSON scalar or None) and numpy
 arrays ``pred_boxes`` [N, 4] float64 xyxy, ``pred_scores`` [N], ``pred_labels`` int64 [N] in 1..C,
-``gt_boxes`` [M, 4], ``gt_labels`` [M], ``gt_difficult`` bool [M]. Errors name the offending item
-(``predictions[i]`` / ``targets[i]``).
+``gt_boxes`` [M, 4], ``gt_labels`` [M], ``gt_difficult`` bool [M]; when the prediction has ``masks`` also
+``pred_rles`` [N] / ``gt_rles`` [M] (``pycocotools.mask.encode`` run-length encodings of the binary masks) and
+``mask_size`` ``(H, W)``, else these are None. Errors name the offending item (``predictions[i]`` / ``targets[i]``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ try:  # torch is optional for this module; tensors are converted if it is presen
 except ImportError:  # pragma: no cover
     torch = None  # type: ignore[assignment]
 
-__all__ = ["make_record"]
+__all__ = ["make_record", "encode_masks"]
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | sequence
 
@@ -72,6 +73,37 @@ def check_boxes(boxes: ArrayLike, where: str) -> np.ndarray:
     return b
 
 
+def encode_masks(masks: ArrayLike, n: int, where: str) -> tuple:
+    """``(RLEs, (H, W))`` of ``n`` masks ``[n, H, W]`` (or ``[n, 1, H, W]``): binary (> 0) or probabilities
+    (> 0.5, as torchvision's Mask R-CNN outputs); ``ValueError`` naming ``where`` for another shape."""
+    from pycocotools import mask as mask_utils
+
+    m = _to_numpy(masks)
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim != 3 or m.shape[0] != n:
+        raise ValueError(f"{where}: masks must have shape [N, H, W] with N = {n} (one per box), got {tuple(m.shape)}")
+    thr = 0.5 if np.issubdtype(m.dtype, np.floating) else 0
+    binary = np.asfortranarray((m > thr).transpose(1, 2, 0).astype(np.uint8))  # [H, W, N], as pycocotools wants
+    return list(mask_utils.encode(binary)) if n else [], tuple(int(v) for v in m.shape[1:])
+
+
+def _mask_fields(pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: int, n: int,
+                 m: int) -> Dict[str, Any]:
+    """The record's ``pred_rles`` / ``gt_rles`` / ``mask_size`` (all None without predicted masks)."""
+    if pred.get("masks") is None:
+        return {"pred_rles": None, "gt_rles": None, "mask_size": None}
+    if tgt.get("masks") is None:
+        raise KeyError(f"targets[{i}] has no 'masks' but predictions[{i}] has (mask AP needs the ground-truth "
+                       f"masks: the dataset's masks=True)")
+    pred_rles, size = encode_masks(pred["masks"], n, f"predictions[{i}]")
+    gt_rles, gt_size = encode_masks(tgt["masks"], m, f"targets[{i}]")
+    if size != gt_size:
+        raise ValueError(f"predictions[{i}]: masks are {size[1]}x{size[0]} (WxH) but the target's are "
+                         f"{gt_size[1]}x{gt_size[0]} (expected masks of the same image size)")
+    return {"pred_rles": pred_rles, "gt_rles": gt_rles, "mask_size": size}
+
+
 def _check_keys(pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: int) -> None:
     for key in ("boxes", "scores", "labels"):
         if key not in pred:
@@ -113,4 +145,5 @@ def make_record(pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: 
         "gt_boxes": gb,
         "gt_labels": gl,
         "gt_difficult": gd,
+        **_mask_fields(pred, tgt, i, len(pb), len(gb)),
     }

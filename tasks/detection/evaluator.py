@@ -33,6 +33,14 @@ region, IoU with a difficult box is the ordinary IoU (not intersection over
 detection area) and, as for every COCO ignore region, several detections may
 be matched to (and thereby ignored by) one difficult box.
 
+Masks (instance segmentation, e.g. Mask R-CNN): when the predictions carry
+``masks`` (``[N, H, W]`` binary or ``[N, 1, H, W]`` probabilities, thresholded at
+0.5) and the targets ``masks`` ``[M, H, W]``, :meth:`~DetectionEvaluator.compute`
+adds the same COCO protocol on masks: pycocotools ``COCOeval(iouType="segm")`` on
+``pycocotools.mask.encode`` RLEs (mask IoU; difficult objects ignored the same
+way, with ordinary IoU): ``segm_mAP``, ``segm_AP50``, ``segm_AP75`` and
+``segm_per_class_AP``. Box AP is computed as always.
+
 What lives where (``pce.tasks.detection``): this module holds :class:`DetectionEvaluator` (accumulation,
 merging across ranks, the summary of :meth:`~DetectionEvaluator.compute` and its table), the public entry
 point; :mod:`~pce.tasks.detection.eval_records` checks inputs and builds the per-image records;
@@ -52,31 +60,13 @@ try:  # torch is optional for this module; tensors are converted if it is presen
 except ImportError:  # pragma: no cover
     torch = None  # type: ignore[assignment]
 
-from .ap_coco import coco_precision
+from .ap_coco import coco_ap_per_threshold, coco_precision, nanmean
 from .ap_voc import voc_class_ap
 from .eval_records import ArrayLike, make_record
 
 __all__ = ["DetectionEvaluator"]
 
 _COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-
-
-def _nanmean(x: np.ndarray) -> float:
-    """Mean of the non-nan entries (nan when there is none)."""
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if x.size else math.nan
-
-
-def _coco_ap_per_threshold(prec: Optional[np.ndarray], has_pos: np.ndarray, num_thresholds: int) -> np.ndarray:
-    """COCO AP [T, C] from pycocotools' precision [T, R, C] (nan for classes without positives); without any
-    detection (``prec`` None) 0 for every class with positives."""
-    if prec is None:  # no detection at all: AP 0 for every class with positives
-        return np.where(has_pos[None, :], 0.0, math.nan) * np.ones((num_thresholds, 1))
-    valid = prec > -1  # [T, R, C]; a class is either all valid or all -1
-    summed = np.where(valid, prec, 0.0).sum(axis=1)
-    count = valid.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, summed / np.maximum(count, 1), math.nan)  # [T, C]
 
 
 class DetectionEvaluator:
@@ -135,8 +125,10 @@ class DetectionEvaluator:
     def update(self, predictions: Sequence[Mapping[str, ArrayLike]], targets: Sequence[Mapping[str, ArrayLike]]) -> None:
         """Add one batch: ``predictions`` / ``targets`` are lists with one dict per image.
 
-        predictions[i]: "boxes" float [N, 4] xyxy absolute, "scores" [N], "labels" int [N] in 1..C.
-        targets[i]: "boxes" [M, 4], "labels" [M], optional "difficult" bool [M], optional "image_id".
+        predictions[i]: "boxes" float [N, 4] xyxy absolute, "scores" [N], "labels" int [N] in 1..C,
+        optional "masks" [N, H, W] (or [N, 1, H, W] probabilities).
+        targets[i]: "boxes" [M, 4], "labels" [M], optional "difficult" bool [M], optional "image_id",
+        "masks" [M, H, W] when the predictions have masks.
         Tensors (any device) or numpy arrays.
         """
         if isinstance(predictions, Mapping) or isinstance(targets, Mapping):
@@ -223,33 +215,41 @@ class DetectionEvaluator:
         Returns fractions: "mAP" (COCO AP@iou_thresholds), "AP50", "AP75" (COCO),
         "AP50_voc07", "AP50_voc12", "per_class_AP50" (VOC12-style, {name: v}),
         "per_class_AP50_voc07", "per_class_AP" (COCO AP@iou_thresholds),
-        "num_gt" ({name: positives}) and "num_images".  Excluded classes -> nan.
+        "num_gt" ({name: positives}) and "num_images"; with masks also "segm_mAP", "segm_AP50", "segm_AP75"
+        and "segm_per_class_AP" (COCO mask AP).  Excluded classes -> nan.
         """
-        nan = math.nan
         voc = [voc_class_ap(self._images, c, self.use_difficult) for c in range(1, self.num_classes + 1)]
         ap07 = np.array([v["ap07"] for v in voc], dtype=np.float64)
         ap12 = np.array([v["ap12"] for v in voc], dtype=np.float64)
-        prec = coco_precision(self._images, self.class_names, self.iou_thresholds, self.max_dets, self.use_difficult)
-        per_thr_cls = _coco_ap_per_threshold(prec, self._has_positive(), len(self.iou_thresholds))
+        names = self.class_names
+        out = {**self._coco("bbox", ""),
+               "AP50_voc07": nanmean(ap07),
+               "AP50_voc12": nanmean(ap12),
+               "per_class_AP50": {n: float(v) for n, v in zip(names, ap12)},
+               "per_class_AP50_voc07": {n: float(v) for n, v in zip(names, ap07)},
+               "num_gt": {n: int(v["npos"]) for n, v in zip(names, voc)},
+               "num_images": self.num_images}
+        with_masks = [r.get("pred_rles") is not None for r in self._images]
+        if any(with_masks):
+            if not all(with_masks):
+                raise ValueError(f"{with_masks.count(False)} of {len(with_masks)} images were given without masks "
+                                 "(mask AP needs masks in every image's predictions and targets)")
+            out.update(self._coco("segm", "segm_"))
+        return out
+
+    def _coco(self, iou_type: str, prefix: str) -> Dict[str, Any]:
+        """COCO ``mAP`` / ``AP50`` / ``AP75`` / ``per_class_AP`` on boxes or masks, keys prefixed by ``prefix``."""
+        prec = coco_precision(self._images, self.class_names, self.iou_thresholds, self.max_dets, self.use_difficult,
+                              iou_type)
+        per_thr_cls = coco_ap_per_threshold(prec, self._has_positive(), len(self.iou_thresholds))
 
         def _at(thr: float) -> float:
             hit = np.nonzero(np.isclose(self.iou_thresholds, thr))[0]
-            return _nanmean(per_thr_cls[hit[0]]) if hit.size else nan
+            return nanmean(per_thr_cls[hit[0]]) if hit.size else math.nan
 
-        coco_cls = np.array([_nanmean(per_thr_cls[:, c]) for c in range(self.num_classes)])
-        names = self.class_names
-        return {
-            "mAP": _nanmean(per_thr_cls.ravel()),
-            "AP50": _at(0.5),
-            "AP75": _at(0.75),
-            "AP50_voc07": _nanmean(ap07),
-            "AP50_voc12": _nanmean(ap12),
-            "per_class_AP50": {n: float(v) for n, v in zip(names, ap12)},
-            "per_class_AP50_voc07": {n: float(v) for n, v in zip(names, ap07)},
-            "per_class_AP": {n: float(v) for n, v in zip(names, coco_cls)},
-            "num_gt": {n: int(v["npos"]) for n, v in zip(names, voc)},
-            "num_images": self.num_images,
-        }
+        coco_cls = [nanmean(per_thr_cls[:, c]) for c in range(self.num_classes)]
+        return {f"{prefix}mAP": nanmean(per_thr_cls.ravel()), f"{prefix}AP50": _at(0.5), f"{prefix}AP75": _at(0.75),
+                f"{prefix}per_class_AP": {n: float(v) for n, v in zip(self.class_names, coco_cls)}}
 
     def format_table(self, results: Optional[Mapping[str, Any]] = None, digits: int = 1) -> str:
         """Per-class text table (values in percent); ``results`` defaults to :meth:`compute`."""
@@ -271,6 +271,9 @@ class DetectionEvaluator:
         cells = [total, fmt(res["AP50_voc12"]), fmt(res["AP50_voc07"]), fmt(res["mAP"])]
         lines.append(f"{'mean':<{name_w}} " + " ".join(f"{c:>8}" for c in cells))
         lines.append(f"COCO AP50 {fmt(res['AP50'])}  AP75 {fmt(res['AP75'])}  images {res['num_images']}")
+        if "segm_mAP" in res:
+            lines.append(f"COCO mask AP {fmt(res['segm_mAP'])}  AP50 {fmt(res['segm_AP50'])}  "
+                         f"AP75 {fmt(res['segm_AP75'])}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

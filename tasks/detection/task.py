@@ -1,4 +1,5 @@
-"""The detection task adapter: Faster R-CNN + FPN on a PCE backbone, VOC-format data, COCO / VOC AP evaluation.
+"""The detection task adapter: Faster R-CNN, Mask R-CNN, RetinaNet or FCOS + FPN on a PCE backbone, VOC-format data,
+COCO / VOC AP evaluation (box AP; mask AP too for Mask R-CNN).
 
 Config (see :mod:`pce.engine.defaults`)::
 
@@ -6,7 +7,8 @@ Config (see :mod:`pce.engine.defaults`)::
     model = dict(backbone="pce_tiny", num_classes=5,               # classes + background
                  backbone_overrides=dict(...),
                  convert=[dict(target="roi_heads.box_head.*", ...)],   # optional: pce.PCEConv2d anywhere
-                 head=dict(fpn_channels=128, min_size=256, max_size=256, representation_size=256,
+                 head=dict(arch="faster_rcnn",                     # or "mask_rcnn", "retinanet", "fcos"
+                           fpn_channels=128, min_size=256, max_size=256, representation_size=256,
                            box_score_thresh=0.01, ...))            # any build_detector option
     data = dict(train=dict(name="voc_detection",
                            kwargs=dict(root="data/demo_voc", year="2007", image_set="train",
@@ -18,6 +20,10 @@ Dataset kwargs: ``demo`` (``True`` or a dict of :func:`~pce.datasets.demo_voc.ma
 the procedural demo dataset under ``root`` first when it is missing, and makes its classes
 (:data:`~pce.datasets.demo_voc.DEMO_CLASSES`) the default ``classes``. The transform gets ``train=True`` on
 the train split unless its kwargs say otherwise, and the train transform is re-seeded every epoch.
+
+Instance segmentation (``head.arch="mask_rcnn"``): the datasets need ``kwargs=dict(masks=True)`` (per-object
+masks from ``SegmentationObject``, ``target["masks"]`` uint8 ``[N, H, W]``); the evaluator then adds COCO mask AP
+(``segm_mAP``, ``segm_AP50``, ...) to the box AP.
 
 Batches are ``(list of images [3, H_i, W_i] in [0, 1], list of target dicts)`` (:func:`detection_collate`).
 Training drops ``difficult`` and degenerate boxes (the evaluator ignores difficult objects); the losses are
@@ -37,16 +43,17 @@ from pce.datasets.collate import detection_collate
 from pce.engine.task import ExportTarget
 
 from pce.analysis.labels import box_patch_labels
+from pce.moe.recorder import unwrap_model
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, accepts, apply_model_convert, to_plain
+from ..common import RouterLossMixin, SplitDatasetsMixin, accepts, apply_model_convert, refuse_mixup, to_plain
 from ..contract_defaults import ToolDefaultsMixin
 from ..registry import register_task
 from .evaluator import DetectionEvaluator
-from .model import PCEFasterRCNN, build_detector
+from .model import build_detector
 
 __all__ = ["DetectionTask"]
 
-_TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size")
+_TUPLE_OPTIONS = ("aspect_ratios", "image_mean", "image_std", "min_size", "mask_layers")
 
 
 @register_task("detection")
@@ -61,8 +68,9 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
         self._train: Optional[Tuple[Any, Any, int]] = None
 
     # ------------------------------------------------------------------------------------- model
-    def build_model(self, cfg: Any) -> PCEFasterRCNN:
+    def build_model(self, cfg: Any) -> nn.Module:
         self.configure_router_loss(cfg)
+        refuse_mixup(cfg, self.name)
         head = to_plain(cfg.model.head)
         for k in _TUPLE_OPTIONS:
             if isinstance(head.get(k), list):
@@ -108,14 +116,21 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
                 keep &= ~torch.as_tensor(t["difficult"], dtype=torch.bool).reshape(-1)
             out.append({"boxes": boxes[keep].to(device, non_blocking=True),
                         "labels": labels[keep].to(device, non_blocking=True)})
+            if "masks" in t:
+                masks = torch.as_tensor(t["masks"], dtype=torch.uint8)
+                out[-1]["masks"] = masks.reshape(-1, *masks.shape[-2:])[keep].to(device, non_blocking=True)
         return out
 
     def task_losses(self, model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
-        """torchvision's losses, computed inside ``model(...)`` (DDP-safe)."""
+        """torchvision's losses (``loss_``-prefixed), computed inside ``model(...)`` (DDP-safe)."""
         images, targets = batch[0], batch[1]
         images = [im.to(device, non_blocking=True) for im in images]
+        if getattr(unwrap_model(model), "predicts_masks", False) and not all("masks" in t for t in targets):
+            raise ValueError("data.train: the model predicts masks (model.head.arch='mask_rcnn') but the targets have "
+                             "no 'masks' (set data.train.kwargs.masks=True: per-object masks from SegmentationObject)")
         losses = model(images, self._train_targets(targets, device))
-        return {k: v.float() for k, v in losses.items()}
+        # RetinaNet / FCOS name theirs "classification", ...: every task loss is logged as loss_*
+        return {(k if k.startswith("loss") else f"loss_{k}"): v.float() for k, v in losses.items()}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: Any, device: torch.device) -> Tuple[List[Dict[str, torch.Tensor]], list]:
@@ -123,6 +138,9 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
         dets = model([im.to(device, non_blocking=True) for im in images])
         preds = [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(),
                   "labels": d["labels"].cpu()} for d in dets]
+        for p, d in zip(preds, dets):
+            if "masks" in d:  # Mask R-CNN: [N, 1, H, W] probabilities -> binary uint8 [N, H, W]
+                p["masks"] = (d["masks"][:, 0] > 0.5).to(torch.uint8).cpu()
         return preds, list(targets)
 
     def build_evaluator(self, cfg: Any, dataset: Any = None) -> DetectionEvaluator:
@@ -172,11 +190,17 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
     def to_input_frame(self, output: Mapping[str, torch.Tensor], model_input_size: Tuple[int, int],
                        original_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """Boxes ``xyxy`` scaled from ``model_input_size`` ``(H', W')`` to ``original_size`` ``(H, W)``
-        (x by ``W / W'``, y by ``H / H'``); scores and labels as they are."""
+        (x by ``W / W'``, y by ``H / H'``); masks ``[N, (1,) H', W']`` resized to ``[N, H, W]`` (nearest); scores
+        and labels as they are."""
         (mh, mw), (h, w) = model_input_size, original_size
         scale = torch.tensor([w / mw, h / mh, w / mw, h / mh], dtype=torch.float32)
         out = dict(output)
         out["boxes"] = torch.as_tensor(output["boxes"]).float().reshape(-1, 4) * scale
+        if output.get("masks") is not None:
+            m = torch.as_tensor(output["masks"])
+            m = m.reshape(-1, 1, *m.shape[-2:])[..., :mh, :mw].float()
+            out["masks"] = nn.functional.interpolate(m, size=(h, w), mode="nearest")[:, 0].to(torch.uint8) \
+                if len(m) else torch.zeros(0, h, w, dtype=torch.uint8)
         return out
 
     def summarize(self, output: Mapping[str, torch.Tensor], class_names: Optional[Sequence[str]],
@@ -192,9 +216,19 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
     def render(self, image: torch.Tensor, output: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
                score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
         """Boxes with ``"name score"`` captions (scores below ``score_thr`` left out; ground truth, without
-        scores, drawn whole)."""
-        from ..visualize import draw_detections
+        scores, drawn whole); with ``masks`` ``[N, H, W]`` (Mask R-CNN), the kept objects' masks under them in
+        their class colours (``alpha``; higher scores on top)."""
+        from ..visualize import draw_detections, overlay_mask
 
+        masks = output.get("masks")
+        if masks is not None and len(masks):
+            scores = output.get("scores")
+            order = torch.argsort(torch.as_tensor(scores), stable=True) if scores is not None else range(len(masks))
+            label_map = torch.zeros(masks.shape[-2:], dtype=torch.int64)
+            for i in order:
+                if scores is None or float(scores[i]) >= score_thr:
+                    label_map[torch.as_tensor(masks[i]).reshape(label_map.shape) > 0] = int(output["labels"][i])
+            image = overlay_mask(image, label_map, alpha=alpha)
         return draw_detections(image, output["boxes"], output["labels"], output.get("scores"), class_names,
                                score_thr=score_thr)
 

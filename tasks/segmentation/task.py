@@ -32,7 +32,8 @@ from pce.datasets import SegmentationCollate
 from pce.analysis.labels import mask_patch_labels
 from pce.moe.recorder import unwrap_model
 
-from ..common import RouterLossMixin, SplitDatasetsMixin, apply_model_convert, head_options, image_batch_to, to_plain
+from ..common import (RouterLossMixin, SplitDatasetsMixin, apply_model_convert, head_options, image_batch_to, refuse_mixup,
+                      to_plain)
 from ..contract_defaults import TensorBatchMixin, ToolDefaultsMixin
 from ..registry import register_task
 from .evaluator import SegmentationEvaluator
@@ -71,6 +72,7 @@ class SegmentationTask(TensorBatchMixin, ToolDefaultsMixin, RouterLossMixin, Spl
     # ------------------------------------------------------------------------------------- model
     def build_model(self, cfg: Any) -> SegmentationModel:
         self.configure_router_loss(cfg)
+        refuse_mixup(cfg, self.name)
         head = head_options(cfg, HEAD_OPTIONS, "segmentation")
         arch = head.pop("arch", "FPN")
         decoder = dict(head.pop("decoder", None) or {})

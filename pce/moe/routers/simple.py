@@ -142,3 +142,46 @@ class SharedRouter(Router):
         weights = patches.new_zeros(B, P, self.num_experts)
         weights[..., 0] = 1.0
         return RoutingResult(weights=weights, probs=weights, logits=None)
+
+
+
+@ROUTERS.register("all_experts")
+class AllExpertsRouter(Router):
+    """Every patch to every expert, in training and eval (``top_k`` is ignored): the proposal's first
+    stabilisation option. ``reduce="mean"``: weights ``1/E`` (the experts averaged); ``reduce="sum"``: weights ``1``
+    (summed without weights; the one router whose weights sum to more than 1 per patch, ``E``). Unlike
+    ``"uniform"``, which inherits the learned router's ``top_k`` as a phase override (one random expert per patch
+    under top-1), this always runs all E experts on every patch (E x the FLOPs of top-1). In a config:
+    ``dict(router_override="all_experts", router_override_kwargs=dict(reduce="sum"))``. A layer with
+    ``execution="context"`` (one expert per patch) runs it with ``"map"`` execution for the phase
+    (:meth:`pce.engine.phases.PhaseController.fit_executions`). Probabilities are ``1/E`` in both cases."""
+
+    parameter_free = True
+    #: every patch goes to every expert (phases switch context execution to map execution for it)
+    all_experts = True
+
+    def __init__(self, in_channels: Optional[int] = None, num_experts: int = 4, reduce: str = "mean",
+                 **_: object) -> None:
+        super().__init__(num_experts)
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        self.reduce = reduce
+
+    @property
+    def is_sparse(self) -> bool:
+        return False
+
+    @property
+    def active_fraction(self) -> float:
+        return 1.0
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, reduce={self.reduce!r}"
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
+        """``patches [B, P, C, n, n]`` -> weights ``[B, P, E]``, all ``1/E`` (``"mean"``) or ``1`` (``"sum"``)."""
+        B, P = patches.shape[:2]
+        E = self.num_experts
+        probs = patches.new_full((B, P, E), 1.0 / E)
+        weights = patches.new_ones(B, P, E) if self.reduce == "sum" else probs
+        return RoutingResult(weights=weights, probs=probs, logits=None)
