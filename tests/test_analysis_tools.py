@@ -52,6 +52,10 @@ def test_visualize_analyze_prune(run_dir: Path, tmp_path: Path):
     assert run("visualize_routing", DEMO, "--checkpoint", ckpt, "--split", "val", "--num", "3",
                "--out", str(tmp_path / "vis")) == 0
     assert sorted(p.name for p in (tmp_path / "vis").glob("*.png")) == [f"val_{i:04d}.png" for i in range(3)]
+    from PIL import Image
+
+    with Image.open(tmp_path / "vis" / "val_0000.png") as im:  # paper resolution by default
+        assert im.info["dpi"] == pytest.approx((200, 200), abs=0.03)
 
     assert run("analyze_routing", DEMO, "--checkpoint", ckpt, "--split", "val", "--num", "64",
                "--out", str(tmp_path / "an")) == 0
@@ -81,6 +85,25 @@ def test_visualize_analyze_prune(run_dir: Path, tmp_path: Path):
     cfg = load_config(DEMO)
     res = evaluate_checkpoint(cfg, get_task("classification"), str(out), split="val")
     assert 0.0 <= res[cfg.eval.metric] <= 1.0 and res["split"] == "val"
+
+
+def test_nmi_over_training_of_a_real_run(run_dir: Path, tmp_path: Path):
+    """The records RoutingStatsHook wrote, averaged per epoch by hand; the same run twice: a band of zero width."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "nmi.png"
+    assert run("analyze_routing", "--runs", str(run_dir), str(run_dir), "--nmi-plot", str(out)) == 0
+    got = json.loads(out.with_suffix(".json").read_text())
+    routed = [r for r in recs if r.get("type") == "train" and r.get("routing")]
+    epochs = sorted({r["epoch"] for r in routed})
+    assert got["epochs"] == epochs and got["phases"] == [[r["epoch"], r["name"]] for r in recs
+                                                          if r.get("type") == "phase"]
+    assert list(got["layers"]) == list(routed[0]["routing"])
+    for layer, d in got["layers"].items():
+        hand = [sum(r["routing"][layer]["nmi_position"] for r in routed if r["epoch"] == e)
+                / sum(r["epoch"] == e for r in routed) for e in epochs]
+        assert d["nmi_position"]["mean"] == pytest.approx(hand)
+        assert d["nmi_position"]["min"] == pytest.approx(hand) == d["nmi_position"]["max"]
+    assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tools_report_bad_input(run_dir: Path, tmp_path: Path, capsys):

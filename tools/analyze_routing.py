@@ -3,6 +3,8 @@
 
     python tools/analyze_routing.py configs/fmnist_cls_pce.py --checkpoint work_dirs/fmnist_cls_pce/best.pth \\
         --split val --out analysis/fmnist
+    python tools/analyze_routing.py --runs work_dirs/fmnist_cls_pce_s0 work_dirs/fmnist_cls_pce_s1 \\
+        --nmi-plot analysis/nmi_over_training.png
 
 Per PCE layer and expert: usage share, mean gate weight, dropped-patch rate, mean routing entropy, entropy of
 the usage distribution, imbalance (max / min load), collapsed experts; specialisation as the normalised mutual
@@ -14,6 +16,12 @@ Writes ``OUT/routing_stats.json`` (every number), ``OUT/usage.png``, ``OUT/nmi.p
 ``OUT/expert_class_<layer>.png`` and ``OUT/expert_position_<layer>.png``, and ``OUT/clusters.png``. Existing
 outputs are never overwritten without ``--force`` (checked before anything is written); every file is written
 atomically, and a failed write (a full disk) is one line naming the file.
+
+With ``--runs DIR [DIR ...] --nmi-plot OUT.png`` (no config, no model): the NMI of expert vs class and vs
+position per layer over the training epochs, read from each run's ``metrics.jsonl`` (the routing statistics
+of the logging steps, averaged per epoch), mean over the runs (seeds) with their min-max band and the
+shuffled-label baselines, phase boundaries marked (:mod:`pce.analysis.nmi_curves`); ``OUT.json`` beside the
+figure holds the plotted numbers. PNG, or PDF / SVG by the suffix.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from typing import Any, Callable, List, Tuple
 
 from pce.analysis import plots
 from pce.analysis.runner import cluster_routes
-from pce.engine.errors import PCEError, run_cli
+from pce.engine.errors import PCEError, add_debug_flag, run_cli
 from pce.tasks.routing_runs import collect_routing
 from pce.tasks.tooling import (add_force_flag, add_run_args, atomic_write, check_outputs, display, load_run,
                                load_split, write_json)
@@ -32,7 +40,21 @@ from pce.tasks.tooling import (add_force_flag, add_run_args, atomic_write, check
 _FIXED = ("routing_stats.json", "usage.png", "nmi.png", "clusters.png")
 
 
+def parse_runs_args(argv: List[str]) -> argparse.Namespace:
+    """The arguments of the ``--runs`` mode (NMI over training; no model)."""
+    ap = argparse.ArgumentParser(description="NMI of the routing over training, from runs' metrics.jsonl")
+    ap.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run folders (one per seed)")
+    ap.add_argument("--nmi-plot", required=True, metavar="OUT", help="figure file (.png, .pdf or .svg)")
+    ap.add_argument("--title", default="", help="figure title (default: the runs and the phases)")
+    add_force_flag(ap)
+    add_debug_flag(ap)
+    return ap.parse_args(argv)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--runs" in argv:
+        return parse_runs_args(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap)
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -92,7 +114,34 @@ def analyze(args: argparse.Namespace) -> dict:
     return summary
 
 
+def nmi_over_training(args: argparse.Namespace) -> Path:
+    """``--runs``: read every run's ``metrics.jsonl``, draw the NMI over training, write the numbers beside it."""
+    from pce.analysis.nmi_curves import nmi_band, nmi_series, nmi_training_figure
+    from pce.analysis.report import read_metrics
+
+    out = Path(args.nmi_plot)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise PCEError("--nmi-plot", f"{out}: unsupported suffix {out.suffix or '(none)'!r}", ".png, .pdf or .svg")
+    check_outputs([out, out.with_suffix(".json")], args.force)
+    series = []
+    for run in args.runs:
+        metrics = Path(run) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise PCEError(metrics, "no such file", "a run folder written by tools/train.py")
+        try:
+            series.append(nmi_series(read_metrics(metrics)))
+        except ValueError as e:
+            raise PCEError(metrics, str(e).split(" (")[0], "train records with 'routing': a run of a routed "
+                           "model trained by tools/train.py") from None
+    write_json({**nmi_band(series), "runs": [str(r) for r in args.runs]}, out.with_suffix(".json"))
+    atomic_write(out, lambda p: nmi_training_figure(series, p, title=args.title))
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "runs", None):
+        print(f"NMI over training of {len(args.runs)} run(s) written to {nmi_over_training(args)}")
+        return 0
     summary = analyze(args)
     print(f"{'layer':<34} {'entropy':>7} {'collapsed':>9} {'NMI class (shuffled)':>22} {'NMI position (shuffled)':>24}")
     for layer, s in summary["layers"].items():

@@ -10,12 +10,16 @@ slides (``--split val`` scores it, on its fixed tile subset); the tile resolutio
 ``tile_size`` are reported with the metrics.
 Every split, ``--split train`` included, is scored through its evaluation transform (no augmentation); ``--out``
 is written atomically.
-Works under torchrun too (each rank evaluates a shard; rank 0 writes).
+Works under torchrun too (each rank evaluates a shard; rank 0 writes). ``runtime.num_threads`` (> 0) sets the
+torch CPU threads. A work dir's ``config.json`` (written by tools/train.py) is a valid config here: it holds the
+run's schedule and phases as trained.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 from pce.engine import cleanup_distributed, evaluate_checkpoint, init_distributed, is_main_process, load_config
 from pce.engine.errors import add_debug_flag, run_cli
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.cfg_options)
+        if cfg.runtime.num_threads > 0:  # as tools/train.py (the Trainer) and tools/infer.py apply it
+            torch.set_num_threads(cfg.runtime.num_threads)
         init_distributed(device=cfg.runtime.device)
         # the routing phase the checkpoint was saved in; non-finite weights are refused
         results = evaluate_checkpoint(cfg, get_task(cfg.task), args.checkpoint, split=args.split)

@@ -202,6 +202,8 @@ def _infer(args: argparse.Namespace) -> int:
     for name in ("--stride", "--mpp", "--tile-mpp", "--batch-size", "--png-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     cfg = load_config(args.config, args.cfg_options)
+    if cfg.runtime.num_threads > 0:  # as tools/train.py, tools/eval.py and tools/infer.py apply it
+        torch.set_num_threads(cfg.runtime.num_threads)
     task = get_task(cfg.task)
     mode = slide_tile_mode(task)
     split, sc = eval_split(cfg)

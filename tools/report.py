@@ -107,9 +107,9 @@ def main(args: argparse.Namespace) -> int:
             maps = routing_maps(model, batch, forward=lambda m, b: task.predict(m, b, device))
             for b in range(len(next(iter(maps.values())).expert)):
                 maps_png.append(plots.routing_figure(display(samples[i + b][0], transform), maps, b,
-                                                     tmp / f"map_{names[i + b]}.png", names[i + b]))
-        sections.append(("Routing maps", "<p class='note'>expert per patch over the image (top), routing "
-                         "entropy in nats (bottom)</p>", maps_png))
+                                                     tmp / f"map_{names[i + b]}.png", names[i + b], dpi=100))
+        sections.append(("Routing maps", "<p class='note'>one row per layer: experts over the image, the "
+                         "expert map, routing entropy (nats)</p>", maps_png))
         got = collect_routing(model, task, cfg, ds, device)
         stats = got.stats.compute()
         clusters = cluster_routes(got.vectors, 4, image_labels=got.image_labels)

@@ -1,10 +1,10 @@
-"""Matplotlib figures (Agg backend, PNG files) of routing maps and routing statistics."""
+"""Matplotlib figures (Agg backend) of routing maps and routing statistics: PNG at :data:`DPI` dots per inch,
+or PDF / SVG by the output path's suffix. The routing overlay itself is drawn by :mod:`pce.analysis.overlay`."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -12,18 +12,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+
+from pce.analysis.overlay import draw_layer_row, expert_palette  # noqa: E402
 
 __all__ = ["expert_colors", "routing_figure", "usage_figure", "nmi_figure", "expert_class_figure",
-           "expert_position_figure", "cluster_figure", "curves_figure"]
+           "expert_position_figure", "cluster_figure", "curves_figure", "DPI"]
 
-DPI = 80
+DPI = 200  # every figure's resolution (paper quality: 150 or more)
 
 
 def expert_colors(n: int) -> np.ndarray:
-    """``[n, 4]`` RGBA colours of experts 0..n-1 (tab10, then tab20)."""
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return np.array([cmap(i % cmap.N) for i in range(n)])
+    """``[n, 4]`` RGBA colours of experts 0..n-1: Okabe-Ito (colour-blind safe) for up to 8 experts, else
+    ``tab20`` with hatches (:func:`pce.analysis.overlay.expert_palette`)."""
+    return expert_palette(n)
 
 
 def short(layer: str) -> str:
@@ -32,15 +33,18 @@ def short(layer: str) -> str:
     return layer[i:] if i >= 0 else layer
 
 
-def _save(fig, path) -> Path:
-    """Write ``fig`` to ``path`` atomically (a temp file ``.<stem>.<pid>.tmp<suffix>`` beside it, then
-    ``os.replace``): a failed write leaves the previous file or none, never half a figure, removes the temp file
-    and raises ``OSError`` naming ``path``. The figure is closed either way."""
+def _save(fig, path, dpi: Optional[int] = None, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` at ``dpi`` (default :data:`DPI`; format by the suffix, PNG without one)
+    atomically (a temp file ``.<stem>.<pid>.tmp<suffix>`` beside it, then ``os.replace``): a failed write leaves
+    the previous file or none, never half a figure, removes the temp file and raises ``OSError`` naming ``path``.
+    ``tight``: crop to the drawn content (else the whole ``figsize * dpi`` canvas, for constrained layouts).
+    The figure is closed either way."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or "png")
+        fig.savefig(tmp, dpi=dpi or DPI, bbox_inches="tight" if tight else None,
+                    format=path.suffix.lstrip(".").lower() or "png")
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - any writer error becomes one naming the file
         try:
@@ -61,69 +65,32 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     return img.permute(1, 2, 0).numpy()
 
 
-def _expert_rgba(expert: np.ndarray, colors: np.ndarray) -> np.ndarray:
-    """``[gh, gw]`` expert ids (-1 dropped) -> ``[gh, gw, 4]`` colours (dropped: transparent)."""
-    rgba = np.zeros(expert.shape + (4,))
-    used = expert >= 0
-    rgba[used] = colors[expert[used]]
-    return rgba
-
-
-def _cells_on_image(m: Any, index: int, H: int, W: int
-                    ) -> Tuple[np.ndarray, np.ndarray, List[float], List[float]]:
-    """``(expert [h, w], entropy [h, w], row lines, column lines)`` of image ``index`` of layer map ``m`` for an
-    ``H x W`` picture. With cell borders on the image (:meth:`~pce.analysis.maps.LayerMap.image_borders`) each
-    cell covers its own pixels (:meth:`~pce.analysis.maps.LayerMap.pixels`) and the lines are its borders, so
-    uneven cells (a :class:`pce.PCEConv2d` grid, a padded or shrunk patch grid) are drawn where they are;
-    without (overlapping patches, no known scale) the grid is spread evenly."""
-    borders = m.image_borders()
-    if borders is None:
-        gh, gw = m.grid
-        return (m.expert[index].numpy(), m.entropy[index].numpy(), [r * H / gh for r in range(1, gh)],
-                [c * W / gw for c in range(1, gw)])
-    rows, cols = borders
-    sy, sx = H / rows[-1], W / cols[-1]  # the picture's pixels per pixel of the maps' image (1 when the same)
-    return (m.pixels()[index].numpy(), m.pixels(m.entropy)[index].numpy(), [r * sy for r in rows[1:-1]],
-            [c * sx for c in cols[1:-1]])
-
-
 def routing_figure(image: torch.Tensor, maps: Mapping[str, Any], index: int, path, title: str = "",
-                   alpha: float = 0.55) -> Path:
-    """One image (``[C, H, W]`` in [0, 1]) with every layer's routing side by side: top row the expert of each
-    patch over the image, bottom row the routing entropy; a legend of the expert colours. Cells are drawn on
-    the image pixels they cover, with their borders (:func:`_cells_on_image`)."""
+                   alpha: float = 0.45, true_label: Optional[str] = None, predicted: Optional[str] = None,
+                   dpi: Optional[int] = None) -> Path:
+    """One image (``[C, H, W]`` in [0, 1]) and its routing at every layer, one row per layer
+    (:func:`pce.analysis.overlay.draw_layer_row`): the expert of each patch over the image at full resolution
+    (nearest; patch borders, expert index per patch), the expert map alone, the routing entropy, and a legend of
+    the experts present with their share of the patches (beside the panels, never over them). Colours:
+    :func:`expert_colors`. ``true_label`` / ``predicted``: class names for the title. Saved at ``dpi`` (default
+    :data:`DPI`) with the whole figure, ``figsize * dpi`` pixels; PNG, or PDF / SVG by the path's suffix."""
     names = list(maps)
-    n = max(len(names), 1)
     E = max((m.num_experts for m in maps.values()), default=1)
     colors = expert_colors(E)
     img = _hwc(image)
     H, W = img.shape[:2]
-    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.0), squeeze=False)
-    for j, name in enumerate(names):
-        m = maps[name]
-        ex, ent, row_lines, col_lines = _cells_on_image(m, index, H, W)
-        ax = axes[0, j]
-        ax.imshow(img, extent=(0, W, H, 0))
-        ax.imshow(_expert_rgba(ex, colors), extent=(0, W, H, 0), alpha=alpha, interpolation="nearest")
-        gh, gw = m.grid
-        for y in row_lines:
-            ax.axhline(y, color="white", lw=0.5)
-        for x in col_lines:
-            ax.axvline(x, color="white", lw=0.5)
-        ax.set_title(f"{short(name)}\n{gh}x{gw} patches", fontsize=7)
-        ax.axis("off")
-        ax = axes[1, j]
-        im = ax.imshow(ent, vmin=0, vmax=math.log(max(m.num_experts, 2)), cmap="viridis", extent=(0, W, H, 0),
-                       interpolation="nearest")
-        ax.set_title("entropy (nats)", fontsize=7)
-        ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
-    handles = [Patch(color=colors[e], label=f"expert {e}") for e in range(E)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(E, 8), fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(bottom=0.1)
-    return _save(fig, path)
+    side = 2.3
+    ph = 0.88 * side * min(max(H / W, 0.4), 2.5)  # a panel's drawn height (its width less the colour bar's share)
+    fig, axes = plt.subplots(max(len(names), 1), 4, figsize=(3 * side + 1.9, len(names) * (ph + 0.45) + 0.5),
+                             squeeze=False, width_ratios=[1, 1, 1, 0.62], layout="constrained")
+    for r, name in enumerate(names):
+        im, _ = draw_layer_row(axes[r], img, maps[name], index, colors, alpha, short(name))
+        fig.colorbar(im, ax=axes[r, 2], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    head = [t for t in (title, f"true: {true_label}" if true_label else "",
+                        f"predicted: {predicted}" if predicted else "") if t]
+    if head:
+        fig.suptitle("   ".join(head), fontsize=9)
+    return _save(fig, path, dpi=dpi, tight=False)
 
 
 def usage_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
@@ -141,7 +108,7 @@ def usage_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
         ax.set_xticks(x)
         ax.set_title(f"{short(name)}\nH={s['entropy']:.2f}/{s['max_entropy']:.2f} nats", fontsize=7)
         ax.tick_params(labelsize=6)
-    axes[0, 0].legend(fontsize=6)
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)  # beside the bars, never over them
     return _save(fig, path)
 
 
@@ -159,7 +126,7 @@ def nmi_figure(stats: Mapping[str, Dict[str, Any]], path) -> Path:
     ax.set_xticklabels([short(n).replace(".layers", "") for n in names], fontsize=6, rotation=20)
     ax.set_ylabel("NMI", fontsize=7)
     ax.tick_params(labelsize=6)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     return _save(fig, path)
 
 
@@ -256,7 +223,7 @@ def routing_curves_figure(train: List[Dict[str, Any]], path) -> Path:
     for ax in axes:
         ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
-    axes[0].legend(fontsize=5)
+    axes[1].legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     return _save(fig, path)
 
 
