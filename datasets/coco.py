@@ -14,8 +14,8 @@ its transforms and evaluator need nothing else):
 * target["boxes"]: float32 ``[N, 4]`` absolute ``xyxy`` pixels; COCO's ``[x, y, w, h]`` is already 0-based and
   continuous, so a box is ``[x, y, x + w, y + h]``
 * target["labels"]: int64 ``[N]`` in ``1..len(classes)`` (0 is background)
-* target["difficult"]: bool ``[N]``: COCO's ``iscrowd`` (a crowd region is not trained on and is ignored by the
-  evaluator, as COCOeval ignores crowds)
+* target["difficult"], target["iscrowd"]: bool ``[N]``: COCO's ``iscrowd`` (a crowd region is not trained on, and
+  the evaluator ignores detections inside it by intersection over the detection's area, as COCOeval does)
 * target["masks"]: uint8 ``[N, H, W]`` (only with ``masks=True``): each object's polygon / RLE rasterised by
   ``pycocotools`` (``COCO.annToMask``)
 * target["image_id"]: int (dataset index), target["orig_size"]: int64 ``[2]`` ``(H, W)``
@@ -120,12 +120,17 @@ class COCODetection(Dataset):
         self._warned: set = set()
 
     def _select_classes(self, classes: Sequence[str] | None) -> tuple[tuple[str, ...], dict[int, int]]:
-        by_name = {}
+        by_name: dict[str, int] = {}
         for cid in sorted(self.coco.cats):
-            by_name.setdefault(str(self.coco.cats[cid].get("name", cid)), cid)
+            name = str(self.coco.cats[cid].get("name", cid))
+            if name in by_name:
+                raise ValueError(f"{self.ann_path}: categories {by_name[name]} and {cid} share the name {name!r} "
+                                 f"(unique category names)")
+            by_name[name] = cid
         names = tuple(by_name) if classes is None else tuple(classes)
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"classes must be a non-empty list of unique names, got {names}")
+            raise ValueError(f"{self.ann_path}: classes must be a non-empty list of unique names, got {names} "
+                             f"(the dataset's classes kwarg)")
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ValueError(f"{self.ann_path}: classes {unknown} are not categories of the file (one of "
@@ -176,6 +181,18 @@ class COCODetection(Dataset):
                 warnings.warn(f"{self.ann_path}: annotation {a.get('id')} box {a['bbox']} extends past the {w}x{h} "
                               f"image: clipped to it", stacklevel=3)
 
+    def _masks(self, ann: dict[str, Any], h: int, w: int) -> np.ndarray:
+        """uint8 ``[N, H, W]``: each selected object's polygon / RLE rasterised by pycocotools."""
+        if ann["size"] is None:
+            raise ValueError(f"{self.ann_path}: image {ann['id']} has no width / height (both, to rasterise masks)")
+        missing = [a.get("id") for a in ann["anns"] if not a.get("segmentation")]
+        if missing:
+            raise ValueError(f"{self.ann_path}: annotation(s) {missing} have no segmentation (a polygon or RLE for "
+                             f"every object with masks=True)")
+        if not ann["anns"]:
+            return np.zeros((0, h, w), dtype=np.uint8)
+        return np.stack([self.coco.annToMask(a) for a in ann["anns"]])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if i < 0:
             i += len(self)
@@ -183,11 +200,9 @@ class COCODetection(Dataset):
         img = _load_rgb(self.image_path(i))
         h, w = img.shape[:2]
         self._check_boxes(i, ann, h, w)
-        masks = None
-        if self.masks:
-            masks = (np.stack([self.coco.annToMask(a) for a in ann["anns"]]) if ann["anns"]
-                     else np.zeros((0, h, w), dtype=np.uint8))
-        target = detection_target(i, ann["boxes"], ann["labels"], ann["difficult"], (h, w), masks)
+        masks = self._masks(ann, h, w) if self.masks else None
+        target = detection_target(i, ann["boxes"], ann["labels"], ann["difficult"], (h, w), masks,
+                                  iscrowd=ann["difficult"])
         image = _to_tensor(img)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -5,9 +5,10 @@ Two task-free builders, one per kind of model input:
 
 * :func:`image_export_target`: models that take a normalised image batch ``[B, C, H, W]`` (classification,
   segmentation): ``"model"`` exports the model, ``"backbone"`` its (first) PCE / dense backbone;
-* :func:`detection_export_target`: a Faster R-CNN (``tasks/detection/model.py``): the whole detector when
-  ``torch.export`` captures it (not on torchvision 0.29: data-dependent NMS), else its backbone + FPN on the
-  detector's own preprocessed batch; ``"backbone"`` exports the PCE backbone on that batch.
+* :func:`detection_export_target`: a torchvision detector of any head (``model.head.arch``: Faster / Mask R-CNN,
+  RetinaNet, FCOS; ``tasks/detection/model.py``): the whole detector when ``torch.export`` captures it (not on
+  torchvision 0.29: data-dependent NMS), else its backbone + FPN on the detector's own preprocessed batch;
+  ``"backbone"`` exports the PCE backbone on that batch.
 
 ``make_input(batch, seed)`` draws held-back random images in [0, 1] (odd seeds brighter, even seeds darker, so two
 seeds route differently) and turns them into what the exported module takes; ``info`` (mean / std, how inputs are
@@ -26,7 +27,8 @@ from pce.engine.errors import one_line
 from pce.engine.phases import find_backbones
 from pce.engine.task import ExportTarget
 
-__all__ = ["norm_stats", "random_images", "image_export_target", "detection_export_target", "whole_detector"]
+__all__ = ["norm_stats", "random_images", "image_export_target", "detection_export_target", "whole_detector",
+           "detector_name"]
 
 Images = Callable[[int, int], torch.Tensor]
 
@@ -72,9 +74,10 @@ def image_export_target(model: nn.Module, cfg: Any, what: str, size: Tuple[int, 
 
 
 def detection_export_target(model: nn.Module, cfg: Any, what: str, size: Tuple[int, int]) -> ExportTarget:
-    """The export target of a Faster R-CNN (``PCEFasterRCNN``): the whole detector when ``torch.export`` captures
-    it, else its backbone + FPN (``model.backbone``) on the preprocessed batch, saying so; ``what="backbone"``: the
-    PCE backbone (``model.pce_backbone``) on the preprocessed batch."""
+    """The export target of a detector (``PCEFasterRCNN``, ``PCEMaskRCNN``, ``PCERetinaNet``, ``PCEFCOS``): the
+    whole detector when ``torch.export`` captures it, else its backbone + FPN (``model.backbone``) on the
+    preprocessed batch, saying so; ``what="backbone"``: the PCE backbone (``model.pce_backbone``) on the
+    preprocessed batch."""
     images = random_images(cfg, size)
     t = model.transform
     info: Dict[str, Any] = {"mean": list(t.image_mean), "std": list(t.image_std), "input": "preprocessed",
@@ -86,14 +89,22 @@ def detection_export_target(model: nn.Module, cfg: Any, what: str, size: Tuple[i
         info["exported"] = "PCEBackbone (model.backbone.body, the backbone)"
         return model.pce_backbone, preprocessed, info
     ep, why = whole_detector(model, images)
+    name = detector_name(model)
     if ep is not None:
-        info.update(exported="the whole Faster R-CNN", input="images in [0, 1]", preprocess="none (inside)")
+        info.update(exported=f"the whole detector ({name})", input="images in [0, 1]", preprocess="none (inside)")
         return model, (lambda b, s: list(images(b, s))), info
-    print(f"note: the whole Faster R-CNN does not export on torch {torch.__version__} / torchvision "
+    print(f"note: the whole detector ({name}) does not export on torch {torch.__version__} / torchvision "
           f"{_torchvision_version()} ({why}); exporting its backbone + FPN (model.backbone: preprocessed "
-          f"[B, 3, H, W] -> FPN maps) instead; run the RPN / RoI heads and NMS in eager PyTorch")
-    info.update(exported="backbone + FPN (model.backbone) of Faster R-CNN", whole_model_error=why)
+          f"[B, 3, H, W] -> FPN maps) instead; run its detection head and NMS in eager PyTorch")
+    info.update(exported=f"backbone + FPN (model.backbone) of the detector ({name})", whole_model_error=why)
     return model.backbone, preprocessed, info
+
+
+def detector_name(model: nn.Module) -> str:
+    """The torchvision detector class ``model`` is built on (``"FasterRCNN"``, ``"MaskRCNN"``, ``"RetinaNet"``,
+    ``"FCOS"``), else its own class name."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("torchvision.")),
+                type(model).__name__)
 
 
 def _torchvision_version() -> str:
@@ -102,7 +113,7 @@ def _torchvision_version() -> str:
 
 
 def whole_detector(model: nn.Module, images: Images) -> Tuple[Optional[torch.export.ExportedProgram], str]:
-    """``(program, "")`` when torch.export captures the whole Faster R-CNN (a list of images in [0, 1]), else
+    """``(program, "")`` when torch.export captures the whole detector (a list of images in [0, 1]), else
     ``(None, why not)`` in one line."""
     try:  # torch.export prints the whole partial graph to stderr on this failure
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):

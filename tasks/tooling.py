@@ -27,7 +27,7 @@ from pce.engine.errors import PCEError, add_debug_flag, one_line
 
 from .atomic_io import atomic_write  # the one atomic writer (temp + fsync + os.replace; errors name the file)
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "output_names", "load_image", "eval_transform", "check_size",
+__all__ = ["model_inputs", "IMAGE_SUFFIXES", "list_images", "output_names", "load_image", "eval_transform", "check_size",
            "check_fraction", "add_run_args", "add_force_flag", "load_run", "load_split", "file_samples",
            "split_samples", "batches", "display", "json_ready", "atomic_write", "check_outputs", "write_json"]
 
@@ -218,6 +218,15 @@ def batches(task: Any, samples: List[Any], size: int) -> Iterator[Tuple[int, Any
     collate = getattr(task, "collate_fn", None) or default_collate
     for i in range(0, len(samples), size):
         yield i, collate(samples[i:i + size])
+
+
+def model_inputs(task: Any, batch: Any) -> Any:
+    """What ``model(...)`` takes for a loader ``batch``: a detector's list of raw images (the model resizes and
+    normalises them itself), otherwise the task's ``batch_images`` tensor ``[B, C, H, W]``."""
+    images = batch[0] if isinstance(batch, (list, tuple)) and batch else None
+    if isinstance(images, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in images):
+        return list(images)
+    return task.batch_images(batch)
 
 
 def display(sample_image: torch.Tensor, transform: Any) -> torch.Tensor:

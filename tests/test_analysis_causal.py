@@ -187,3 +187,30 @@ def test_the_tool_prints_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
     args = tool.parse_args(argv)
     assert run_cli(lambda: tool.main(args), debug=False) == 1  # exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_forcing_ignores_the_capacity_of_a_load_balanced_router():
+    """A forced expert receives every routed patch: under capacity execution (gate's default capacity factor 1.25)
+    its ~N/E slots must not drop the rest, so exact copies still show no change (review of issue #26)."""
+    torch.manual_seed(0)
+    model = pce.build_backbone("pce_tiny", router="gate", execution="capacity").eval()
+    upcycle_experts(model, 0)
+    x = torch.randn(2, 3, 256, 256)
+    rows = causal_table(model, [x])
+    forced = [r for r in rows if str(r["intervention"]).startswith("expert ")]
+    assert forced and all(r["rel_change"] == pytest.approx(0.0, abs=1e-6) for r in forced)
+
+
+def test_model_inputs_give_detectors_their_raw_images():
+    """The analysis tools feed ``model(...)`` what it takes: a detector its list of raw images (it normalises them
+    itself; feeding the task's normalised batch_images would normalise twice), other tasks their image tensor."""
+    from pce.tasks import get_task
+    from pce.tasks.tooling import model_inputs
+
+    raw = [torch.rand(3, 40, 50), torch.rand(3, 30, 30)]
+    got = model_inputs(get_task("detection"), (raw, [{}, {}]))
+    assert isinstance(got, list) and len(got) == 2 and all(a is b for a, b in zip(got, raw))
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 2])
+    cls = get_task("classification")
+    assert torch.equal(model_inputs(cls, (x, y)), cls.batch_images((x, y)))

@@ -73,6 +73,9 @@ def test_config_entries_are_validated_and_applied(tmp_path):
     path.write_text(base.format(entry="dict(target='backbone.stages.2.down.0', num_expert=2)"))
     with pytest.raises(ConfigError, match=r"model.condconv.0.num_expert'.*did you mean 'num_experts'"):
         load_config(path)
+    path.write_text(base.format(entry="dict(target='backbone.stages.2.down.0', init_std=-0.1)"))
+    with pytest.raises(ConfigError, match=r"model.condconv.0.init_std' .*must be a number >= 0"):
+        load_config(path)
     path.write_text(base.format(entry="dict(target='backbone.nowhere', num_experts=2)"))
     with pytest.raises(PCEError, match="model.condconv.0"):
         get_task("classification").build_model(load_config(path))

@@ -162,3 +162,54 @@ def test_detection_trains_on_coco_json(coco_root, tmp_path):
         ev.update([{"boxes": t["boxes"][keep], "labels": t["labels"][keep], "scores": torch.ones(int(keep.sum()))}],
                   [t])
     assert ev.compute()["AP50"] == pytest.approx(1.0)
+
+
+def test_crowd_regions_are_scored_as_pycocotools_scores_them():
+    """A detection inside a COCO crowd box (IoU < 0.5, intersection over its own area 1) is ignored, not a false
+    positive: the evaluator's AP equals pycocotools' own COCOeval on the same JSON (an independent computation)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pce.tasks.detection import DetectionEvaluator
+
+    gt_boxes = [[10, 10, 40, 40], [50, 50, 100, 100]]  # xyxy: one object, one crowd region of people
+    crowd = [False, True]
+    dets = [([60, 60, 70, 70], 0.95), ([12, 12, 40, 40], 0.9), ([0, 80, 20, 100], 0.7)]  # inside crowd, hit, FP
+    ev = DetectionEvaluator(["person"])
+    ev.update([{"boxes": torch.tensor([d for d, _ in dets], dtype=torch.float32),
+                "scores": torch.tensor([s for _, s in dets]), "labels": torch.ones(3, dtype=torch.int64)}],
+              [{"boxes": torch.tensor(gt_boxes, dtype=torch.float32), "labels": torch.ones(2, dtype=torch.int64),
+                "difficult": torch.tensor(crowd), "iscrowd": torch.tensor(crowd)}])
+    got = ev.compute()
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 128, "height": 128}], "categories": [{"id": 1, "name": "person"}],
+                  "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": xywh(b), "iscrowd": int(c),
+                                   "area": float((b[2] - b[0]) * (b[3] - b[1]))}
+                                  for k, (b, c) in enumerate(zip(gt_boxes, crowd))]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        res = gt.loadRes([{"image_id": 1, "category_id": 1, "bbox": xywh(b), "score": s} for b, s in dets])
+        ref = COCOeval(gt, res, "bbox")
+        ref.evaluate(), ref.accumulate(), ref.summarize()
+    assert got["mAP"] == pytest.approx(ref.stats[0], abs=1e-6) and got["AP50"] == pytest.approx(ref.stats[1], abs=1e-6)
+    assert got["AP50"] == pytest.approx(1.0)  # the best-scored box lies in the crowd: ignored, not a false positive
+
+
+def test_duplicate_category_names_and_masks_without_polygons_are_errors(coco_root):
+    good = json.loads((coco_root / "annotations" / "instances_train.json").read_text())
+    kw = dict(img_dir="VOCdevkit/VOC2007/JPEGImages")
+    bad = json.loads(json.dumps(good))
+    bad["categories"].append({"id": 99, "name": bad["categories"][0]["name"]})
+    with pytest.raises(ValueError, match=r"bad.json: categories 10 and 99 share the name"):
+        COCODetection(coco_root, _write(coco_root, bad), **kw)
+    bad = json.loads(json.dumps(good))
+    first = bad["annotations"][0]
+    del first["segmentation"]
+    ds = COCODetection(coco_root, _write(coco_root, bad), masks=True, **kw)
+    with pytest.raises(ValueError, match=r"annotation\(s\) \[1\] have no segmentation"):
+        ds[0]
+    assert "iscrowd" in COCODetection(coco_root, "annotations/instances_train.json", **kw)[0][1]

@@ -33,7 +33,7 @@ def test_eval_in_the_checkpoints_phase(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pce"):
         res = evaluate_checkpoint(other, get_task("classification"), tmp_path / "epoch1.pth", split="val")
     assert res["top1"] == measured["top1"]
-    assert "saved in phase 'stabilise'" in caplog.text and "phase 'route'" in caplog.text
+    assert "checkpoint's phase 'stabilise'" in caplog.text and "phase 'route'" in caplog.text
 
 
 def test_nonfinite_buffers_are_never_saved_or_evaluated(tmp_path, capsys):

@@ -27,7 +27,8 @@ import torch
 from pce.analysis.causal import routing_intervention
 from pce.analysis.runner import expert_analysis
 from pce.engine.errors import PCEError, run_cli
-from pce.tasks.tooling import add_force_flag, add_run_args, check_outputs, load_run, load_split, write_json
+from pce.tasks.tooling import (add_force_flag, add_run_args, check_outputs, load_run, load_split, model_inputs,
+                               write_json)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def analyze(args: argparse.Namespace) -> Dict[str, Any]:
         check_outputs([Path(args.out)], args.force)  # before the model runs
     cfg, task, model, _, device = load_run(args)
     ds = load_split(cfg, task, args.split, args.num)
-    images = [task.batch_images(b) for b in build_eval_loader(cfg, task, ds, device)]  # tensors or lists of them
+    images = [model_inputs(task, b) for b in build_eval_loader(cfg, task, ds, device)]  # tensors or image lists
     result = expert_analysis(model, images, seed=args.seed)
     if not result["diversity"]:
         raise PCEError(args.config, "the model has no routed layer", "a config whose backbone routes")

@@ -27,7 +27,7 @@ from pce.analysis.runner import cluster_routes, expert_analysis
 from pce.engine.config import load_saved_config
 from pce.engine.errors import PCEError, add_debug_flag, run_cli
 from pce.tasks.routing_runs import collect_routing
-from pce.tasks.tooling import batches, display, load_run, load_split, split_samples
+from pce.tasks.tooling import batches, display, load_run, load_split, model_inputs, split_samples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def experts(cfg, task, model, ds, device) -> tuple:
     """The "do the experts differ, does routing matter" section over 4 evaluation batches of ``ds``."""
     from pce.engine.evaluation import build_eval_loader
 
-    images = [task.batch_images(b).to(device) for b, _ in zip(build_eval_loader(cfg, task, ds, device), range(4))]
+    images = [model_inputs(task, b) for b, _ in zip(build_eval_loader(cfg, task, ds, device), range(4))]
     return experts_section(expert_analysis(model, images))
 
 

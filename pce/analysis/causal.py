@@ -43,7 +43,10 @@ class _Intervention(Router):
         self._inner = (inner,)
         self.kind, self.expert, self.generator = kind, expert, generator
         self.top_k = 1 if kind == "force" else inner.top_k
-        self.renormalize, self.capacity_factor = inner.renormalize, inner.capacity_factor
+        # forced: every routed patch goes to one expert, so the capacity of a load-balanced expert (a share of the
+        # patches) would drop most of them; the routed mass already carries the inner router's own drops
+        self.renormalize = inner.renormalize
+        self.capacity_factor = None if kind == "force" else inner.capacity_factor
         self.train(inner.training)
 
     @property

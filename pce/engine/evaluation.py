@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pce.engine.checkpoint import load_checkpoint
-from pce.engine.distributed import InferenceShardSampler, all_gather_object, get_world_size
+from pce.engine.distributed import InferenceShardSampler, all_gather_object, get_rank, get_world_size
 from pce.engine.errors import PCEError
 from pce.engine.phase import build_phases
 from pce.engine.phases import PhaseController
@@ -50,22 +51,41 @@ def _synchronize(evaluator: Any) -> None:
         evaluator.merge(s)
 
 
+def _progress_bar(total: int, desc: str, cfg: Any, progress: Optional[bool]) -> Any:
+    """A tqdm bar over ``total`` batches on stderr, rank 0 only: ``progress=None`` follows
+    ``runtime.progress_bar`` and shows it only when stderr is a terminal (tqdm's ``disable=None``: off in logs,
+    CI and tests); ``True`` forces it on, ``False`` off. ``None`` when off."""
+    if progress is False or get_rank() != 0 or (progress is None and not cfg.runtime.progress_bar):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False, file=sys.stderr,
+                disable=False if progress else None)
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, task: Any, cfg: Any, dataset: Dataset, device: torch.device,
-                   amp_dtype: Optional[torch.dtype] = None, loader: Optional[DataLoader] = None) -> Dict[str, Any]:
+                   amp_dtype: Optional[torch.dtype] = None, loader: Optional[DataLoader] = None,
+                   progress: Optional[bool] = None, desc: str = "eval") -> Dict[str, Any]:
     """Run ``task.predict`` over ``dataset`` (sharded over ranks), feed the task's evaluator, merge across
-    ranks and return ``evaluator.compute()``."""
+    ranks and return ``evaluator.compute()``. ``progress``: a tqdm bar of the batches (``desc``) on rank 0,
+    see :func:`_progress_bar` (default: ``runtime.progress_bar``, interactive terminals only)."""
     loader = loader or build_eval_loader(cfg, task, dataset, device)
     was_training = model.training
     model.eval()
     evaluator = task.build_evaluator(cfg, dataset)
+    bar = _progress_bar(len(loader), desc, cfg, progress)
     try:
         for batch in loader:
             with autocast_context(amp_dtype, device):
                 out = task.predict(model, batch, device)
             evaluator.update(*out)
+            if bar is not None:
+                bar.update(1)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     _synchronize(evaluator)
     return evaluator.compute()
 
@@ -140,10 +160,11 @@ def load_trained_model(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike],
 
 
 def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike], split: str = "test",
-                        device: Optional[torch.device] = None) -> Dict[str, Any]:
+                        device: Optional[torch.device] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
     """Build the model of ``cfg``, load ``checkpoint`` (its EMA weights when it has them), apply the routing of
     the phase it was saved in and evaluate ``split`` (``test`` falls back to ``val`` when not configured) through
-    its evaluation transform (:func:`evaluation_config`: ``--split train`` is scored without augmentation)."""
+    its evaluation transform (:func:`evaluation_config`: ``--split train`` is scored without augmentation).
+    ``progress``: the batches' progress bar, as in :func:`evaluate_model`."""
     check_checkpoint_file(checkpoint)  # before the data and the model are built
     device = device or resolve_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
     if split == "test" and not cfg.data.test.name:
@@ -156,6 +177,7 @@ def evaluate_checkpoint(cfg: Any, task: Any, checkpoint: Union[str, os.PathLike]
     model.to(device)
     if cfg.runtime.channels_last:
         to_channels_last(model)
-    results = evaluate_model(model, task, cfg, datasets[split], device, resolve_amp_dtype(cfg.runtime.amp, device))
+    results = evaluate_model(model, task, cfg, datasets[split], device, resolve_amp_dtype(cfg.runtime.amp, device),
+                             progress=progress, desc=f"eval {split}")
     results.setdefault("split", split)
     return results

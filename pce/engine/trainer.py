@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pce.engine.checkpoint import CheckpointManager, check_finite, load_checkpoint
-from pce.engine.distributed import (all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
+from pce.engine.distributed import (all_reduce_max, all_reduce_mean, broadcast_parameters, get_rank, get_world_size,
                                     max_rank_difference)
 from pce.engine.evaluation import evaluate_model
 from pce.engine.hooks import HookBase, as_hook
@@ -104,6 +104,7 @@ class Trainer(TrainerSetup, TrainerState, TrainerStep):
         self.best: Dict[str, Any] = {"metric": cfg.eval.metric, "value": None, "epoch": -1}
         self.loss_history: List[float] = []   # total loss of every iteration of this process (tests, debugging)
         self.last_val: Dict[str, Any] = {}
+        self._last_eval: Optional[tuple] = None  # (Trainer._eval_key, results) of this process's last evaluation
         if resume_path is not None:
             self.load_state(resume_path, resume_ckpt)
             del resume_ckpt
@@ -216,14 +217,39 @@ class Trainer(TrainerSetup, TrainerState, TrainerStep):
             # forward updated its own BatchNorm statistics (and the EMA averages its own buffers)
             broadcast_parameters(list(model.buffers()))
         check_finite(model, f"the model after epoch {self.epoch}", f" before evaluating data.{split}")
-        return evaluate_model(model, self.task, self.cfg, ds, self.device, self.amp_dtype)
+        # progress=None: a bar on rank 0 with runtime.progress_bar when stderr is a terminal, as the epoch's bar
+        results = evaluate_model(model, self.task, self.cfg, ds, self.device, self.amp_dtype, desc=f"eval {split}")
+        self._last_eval = (self._eval_key(split, model), results)
+        return results
+
+    def _eval_key(self, split: str, model: nn.Module, phase: Optional[int] = None) -> tuple:
+        """What an evaluation's results depend on in this process: the split, the model evaluated (EMA or not),
+        the phase whose settings are applied (``phase``, default: the current one) and every parameter and buffer
+        (identity and in-place version: an optimizer / EMA step, a load or a BatchNorm update changes it)."""
+        tensors = list(model.parameters()) + list(model.buffers())
+        return (split, id(model), self.phase_ctl.current if phase is None else phase,
+                tuple((id(t), t._version) for t in tensors))
 
     def _final_evaluation(self) -> Dict[str, Any]:
-        """The last phase's settings (also after resuming a finished run), then the test (or val) split."""
-        self.phase_ctl.apply(self.phase_ctl.phase_at(self.epoch if self.epoch_iter else max(self.epoch - 1, 0)),
-                             self._models())
+        """The last phase's settings (also after resuming a finished run), then the test (or val) split; the
+        last epoch's results of that split when they were computed in this process on the same weights in the
+        same phase (no evaluation repeated), else a new evaluation."""
+        index = self.phase_ctl.phase_index(self.epoch if self.epoch_iter else max(self.epoch - 1, 0))
+        self.phase_ctl.apply(self.phase_ctl.phases[index], self._models())
         final_split = "test" if "test" in self.datasets else "val"
-        final = self.evaluate(final_split) if final_split in self.datasets else {}
+        final: Dict[str, Any] = {}
+        last = self._last_eval
+        if final_split in self.datasets:
+            reuse = last is not None and last[0] == self._eval_key(final_split, self.eval_model, index)
+            if self.world_size > 1:  # every rank takes the same path (an evaluation gathers over all ranks)
+                reuse = all_reduce_max(0.0 if reuse else 1.0) == 0
+            if reuse:
+                logger.info("final %s: the results of epoch %d's evaluation (same weights, same phase)",
+                            final_split, self.epoch)
+                final = dict(last[1])
+            else:
+                logger.info("final %s: evaluating the weights of epoch %d", final_split, self.epoch)
+                final = self.evaluate(final_split)
         if final:
             final.setdefault("split", final_split)
             if self.writer is not None:

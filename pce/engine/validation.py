@@ -270,6 +270,10 @@ def _check_condconv(cfg: CfgNode, origins: Mapping[str, str]) -> None:
         n = entry.get("num_experts", 4)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"config key '{key}.num_experts' (set in {src}) must be an integer >= 1, got {n!r}")
+        std = entry.get("init_std", 0.01)
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+            raise ConfigError(f"config key '{key}.init_std' (set in {src}) must be a number >= 0 (the routing "
+                              f"layer's initial weight std), got {std!r}")
         out.append(entry)
     cfg.model.condconv = out
 

@@ -254,7 +254,15 @@ def checkpoint_phase(ckpt: Mapping[str, Any], phases_cfg: Any, total_epochs: int
     phase = Phase(**fields)
     keys = ("router_override", "keys_trainable", "attention")
     if phase.name != from_cfg.name or any(getattr(phase, k) != getattr(from_cfg, k) for k in keys):
-        logger.warning("the checkpoint was saved in phase '%s' (%s) but the config puts its epoch %d in phase '%s' "
-                       "(%s): evaluating in the checkpoint's phase '%s'", phase.name, phase.describe(), epoch,
-                       from_cfg.name, from_cfg.describe(), phase.name)
+        logger.warning("evaluating in the checkpoint's phase '%s' (the config's schedule puts epoch %d in phase "
+                       "'%s')%s", phase.name, epoch, from_cfg.name, _phase_differences(phase, from_cfg))
     return phase
+
+
+def _phase_differences(saved: Phase, config: Phase) -> str:
+    """``": keys_trainable True here, False in the config, ..."``: the routing settings of the two phases that
+    differ (``""`` when none does)."""
+    keys = ("router_override", "router_override_kwargs", "keys_trainable", "attention")
+    diffs = [f"{k} {getattr(saved, k)!r} here, {getattr(config, k)!r} in the config"
+             for k in keys if getattr(saved, k) != getattr(config, k)]
+    return (": " + "; ".join(diffs)) if diffs else ""

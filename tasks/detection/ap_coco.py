@@ -1,5 +1,6 @@
 """COCO AP through pycocotools: an in-memory COCO ground truth and result set built from the evaluator's
-per-image records, and ``COCOeval`` with ordinary IoU for ignored (difficult) boxes -- on boxes
+per-image records, and ``COCOeval`` with ordinary IoU for ignored (difficult) boxes and pycocotools' intersection
+over the detection's area for COCO crowd regions (``iscrowd`` targets) -- on boxes
 (``iou_type="bbox"``) or on masks (``"segm"``: the records' RLEs, ``pycocotools.mask`` IoU).
 
 Part of detection evaluation: :class:`pce.tasks.detection.evaluator.DetectionEvaluator` (the public entry
@@ -39,6 +40,16 @@ def coco_ap_per_threshold(prec: Optional[np.ndarray], has_pos: np.ndarray, num_t
         return np.where(count > 0, summed / np.maximum(count, 1), math.nan)  # [T, C]
 
 
+def _box_ioa_xyxy(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Intersection over the detection's area ``[D, G]`` (pycocotools' overlap with a crowd region)."""
+    lt = np.maximum(d[:, None, :2], g[None, :, :2])
+    rb = np.minimum(d[:, None, 2:], g[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area = ((d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1]))[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(area > 0, inter / np.maximum(area, 1e-12), 0.0)
+
+
 def _make_coco_eval_cls():
     from pycocotools import mask as mask_utils
     from pycocotools.cocoeval import COCOeval
@@ -54,16 +65,20 @@ def _make_coco_eval_cls():
                 return []
             inds = np.argsort([-d["score"] for d in dt], kind="mergesort")
             dt = [dt[i] for i in inds][: p.maxDets[-1]]
+            crowd = [int(bool(g.get("crowd_region"))) for g in gt]  # COCO crowds: intersection over detection
             if p.iouType == "segm":
                 if len(gt) == 0 or len(dt) == 0:
                     return []
-                return mask_utils.iou([d["segmentation"] for d in dt], [g["segmentation"] for g in gt],
-                                      [0] * len(gt))
+                return mask_utils.iou([d["segmentation"] for d in dt], [g["segmentation"] for g in gt], crowd)
             g = np.array([x["bbox"] for x in gt], dtype=np.float64).reshape(-1, 4)
             d = np.array([x["bbox"] for x in dt], dtype=np.float64).reshape(-1, 4)
             g[:, 2:] += g[:, :2]  # xywh -> xyxy
             d[:, 2:] += d[:, :2]
-            return box_iou_xyxy(d, g)
+            iou = box_iou_xyxy(d, g)
+            if any(crowd) and len(d):
+                cols = np.flatnonzero(crowd)
+                iou[:, cols] = _box_ioa_xyxy(d, g[cols])
+            return iou
 
     return _PlainIoUCOCOeval
 
@@ -82,12 +97,14 @@ def _coco_lists(images: Sequence[Mapping[str, Any]], use_difficult: bool,
         coco_images.append({"id": img_id, "height": int(r["mask_size"][0]), "width": int(r["mask_size"][1])}
                            if segm else {"id": img_id})
         gt_rles = r["gt_rles"] if segm else [None] * len(r["gt_labels"])
-        for box, lab, diff, rle in zip(r["gt_boxes"], r["gt_labels"], r["gt_difficult"], gt_rles):
+        crowds = r.get("gt_crowd", np.zeros(len(r["gt_labels"]), dtype=bool))
+        for box, lab, diff, rle, crowd in zip(r["gt_boxes"], r["gt_labels"], r["gt_difficult"], gt_rles, crowds):
             ann_id += 1
             x1, y1, x2, y2 = (float(v) for v in box)
             ann = {"id": ann_id,  # pycocotools requires ids > 0 (0 means "unmatched")
                    "image_id": img_id, "category_id": int(lab), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                   "area": (x2 - x1) * (y2 - y1), "iscrowd": int(bool(diff) and not use_difficult)}
+                   "area": (x2 - x1) * (y2 - y1), "iscrowd": int(bool(crowd) or (bool(diff) and not use_difficult)),
+                   "crowd_region": bool(crowd)}
             if segm:
                 ann.update(segmentation=rle, area=float(mask_utils.area(rle)))
             annotations.append(ann)

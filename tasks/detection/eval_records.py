@@ -4,7 +4,8 @@ Part of detection evaluation: :meth:`pce.tasks.detection.evaluator.DetectionEval
 entry point) calls :func:`make_record`; the records are what :mod:`pce.tasks.detection.ap_voc` and
 :mod:`pce.tasks.detection.ap_coco` read. A record is a dict: ``image_id`` (a JSON scalar or None) and numpy
 arrays ``pred_boxes`` [N, 4] float64 xyxy, ``pred_scores`` [N], ``pred_labels`` int64 [N] in 1..C,
-``gt_boxes`` [M, 4], ``gt_labels`` [M], ``gt_difficult`` bool [M]; when the prediction has ``masks`` also
+``gt_boxes`` [M, 4], ``gt_labels`` [M], ``gt_difficult`` bool [M] (ignored: difficult or crowd), ``gt_crowd`` bool
+[M] (COCO crowd regions, from a target's ``iscrowd``); when the prediction has ``masks`` also
 ``pred_rles`` [N] / ``gt_rles`` [M] (``pycocotools.mask.encode`` run-length encodings of the binary masks) and
 ``mask_size`` ``(H, W)``, else these are None. Errors name the offending item (``predictions[i]`` / ``targets[i]``).
 """
@@ -136,6 +137,11 @@ def make_record(pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: 
             raise ValueError(f"targets[{i}]: difficult has {len(gd)} entries for {len(gl)} boxes")
     else:
         gd = np.zeros(len(gl), dtype=bool)
+    gc = np.zeros(len(gl), dtype=bool)
+    if tgt.get("iscrowd") is not None:  # COCO crowd regions: ignored, matched by intersection over detection area
+        gc = _to_numpy(tgt["iscrowd"]).reshape(-1).astype(bool)
+        if len(gc) != len(gl):
+            raise ValueError(f"targets[{i}]: iscrowd has {len(gc)} entries for {len(gl)} boxes")
     image_id = _json_scalar(tgt.get("image_id"))
     return {
         "image_id": image_id,
@@ -144,6 +150,7 @@ def make_record(pred: Mapping[str, ArrayLike], tgt: Mapping[str, ArrayLike], i: 
         "pred_labels": pl,
         "gt_boxes": gb,
         "gt_labels": gl,
-        "gt_difficult": gd,
+        "gt_difficult": gd | gc,
+        "gt_crowd": gc,
         **_mask_fields(pred, tgt, i, len(pb), len(gb)),
     }

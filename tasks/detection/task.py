@@ -205,13 +205,21 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
 
     def summarize(self, output: Mapping[str, torch.Tensor], class_names: Optional[Sequence[str]],
                   score_thr: float = 0.5) -> Dict[str, Any]:
-        """The detections scoring at least ``score_thr``: ``{"boxes", "labels", "scores", "names"}``."""
+        """The detections scoring at least ``score_thr``: ``{"boxes", "labels", "scores", "names"}``; with
+        ``masks`` ``[N, (1,) H, W]`` (Mask R-CNN) also ``"mask_pixels"`` (each kept object's mask area in pixels)
+        and ``"objects"`` (``"3 objects with masks"``)."""
         keep = output["scores"] >= score_thr
         labels = output["labels"][keep].tolist()
         names = class_names
-        return {"boxes": [[round(v, 2) for v in b] for b in output["boxes"][keep].tolist()], "labels": labels,
-                "scores": [round(v, 4) for v in output["scores"][keep].tolist()],
-                "names": [names[c - 1] if names and 1 <= c <= len(names) else str(c) for c in labels]}
+        out = {"boxes": [[round(v, 2) for v in b] for b in output["boxes"][keep].tolist()], "labels": labels,
+               "scores": [round(v, 4) for v in output["scores"][keep].tolist()],
+               "names": [names[c - 1] if names and 1 <= c <= len(names) else str(c) for c in labels]}
+        masks = output.get("masks")
+        if masks is not None:
+            kept = torch.as_tensor(masks)[keep]
+            out["mask_pixels"] = (kept.reshape(len(kept), -1) > 0).sum(1).tolist()
+            out["objects"] = f"{len(labels)} object{'' if len(labels) == 1 else 's'} with masks"
+        return out
 
     def render(self, image: torch.Tensor, output: Mapping[str, Any], class_names: Optional[Sequence[str]] = None,
                score_thr: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
@@ -242,8 +250,8 @@ class DetectionTask(ToolDefaultsMixin, RouterLossMixin, SplitDatasetsMixin):
 
     # ---------------------------------------------------------------------------------------------- export
     def export_target(self, model: nn.Module, cfg: Any, what: str, size: Tuple[int, int]) -> ExportTarget:
-        """The whole Faster R-CNN when ``torch.export`` captures it, else its backbone + FPN on the preprocessed
-        batch (``what="backbone"``: the PCE backbone on that batch)."""
+        """The whole detector (any ``model.head.arch``) when ``torch.export`` captures it, else its backbone + FPN
+        on the preprocessed batch (``what="backbone"``: the PCE backbone on that batch)."""
         from ..export_targets import detection_export_target
 
         return detection_export_target(model, cfg, what, size)
