@@ -258,6 +258,26 @@ def test_benchmark_condconv_rows_and_check():
     assert ratios["pce_tiny"]["step"] == pytest.approx(1.5) and ratios[bcc.CONDCONV]["total"] == pytest.approx(1.25)
 
 
+def test_benchmark_vs_points_and_condconv_memory_skip(monkeypatch):
+    """``--vs-points`` replaces the grid of ``--vs condconv`` (SIZExBATCH, a one-line error otherwise) and
+    ``--skip condconv_memory`` leaves its memory workers out."""
+    _tools()
+    import benchmark
+    import benchmark_condconv as bcc
+
+    args = benchmark.parse_args(["--vs", "condconv", "--vs-points", "224x8", "64x2", "--skip", "condconv_memory"])
+    assert args.vs_points == [(224, 8), (64, 2)] and "condconv_memory" in args.skip
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--vs-points", "224"])
+    seen = {}
+    monkeypatch.setattr(bcc, "run_condconv", lambda cfg, th, log: seen.setdefault("points", cfg["points"]) and [])
+    monkeypatch.setattr(bcc, "start_condconv_memory", lambda cfg: seen.setdefault("memory", True))
+    args.skip += ["layer", "model", "flops", "memory", "conv"]
+    result = {"config": {}}
+    benchmark._run_sections(args, benchmark.SETTINGS["quick"], "quick", [1], result, lambda m: None, lambda n: None)
+    assert seen == {"points": ((224, 8), (64, 2))}
+
+
 @pytest.mark.slow
 def test_benchmark_strict_exit_code(tmp_path):
     """Without --strict a failed target exits 0; with it, 1 (the conv section alone, tiny shapes)."""

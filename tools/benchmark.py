@@ -134,8 +134,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="threads of the layer level (default 1: per-operator overheads without scheduling noise; "
                          "its CPU-time ratios are then exact even on a busy machine)")
     ap.add_argument("--preset", default="tiny", help="PCE preset X: compare pce_X, dense_X and resnet18 (default tiny)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["layer", "model", "flops", "memory", "conv"],
-                    help="sections to leave out (conv: PCEConv2d vs nn.Conv2d vs CondConv2d, issue #21)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["layer", "model", "flops", "memory", "conv",
+                    "condconv_memory"], help="sections to leave out (conv: PCEConv2d vs nn.Conv2d vs CondConv2d, "
+                    "issue #21; condconv_memory: the memory workers of --vs condconv)")
+    ap.add_argument("--vs-points", nargs="+", type=bcc.parse_point, metavar="SIZExBATCH", help="grid points of --vs "
+                    "condconv instead of the mode's (e.g. 224x8)")
     ap.add_argument("--vs", nargs="+", default=[], choices=["condconv"], help="also compare with other networks: "
                     "condconv = pce_tiny / pce_small over their dense twins next to timm's efficientnet_cc_b0_4e over "
                     "efficientnet_b0 (issue #25; threads: --threads, default 1 2; minutes)")
@@ -191,7 +194,7 @@ def _run_timed(args: argparse.Namespace, s: Dict[str, Any], mode: str, threads: 
         result["model"] = run_model_level(s["model"], args.preset, threads, log)
         done("model")
     if "condconv" in args.vs:
-        cfg = bcc.SETTINGS[mode]
+        cfg = dict(bcc.SETTINGS[mode], **({"points": tuple(args.vs_points)} if args.vs_points else {}))
         th = list(args.threads or cfg["threads"])
         result["config"]["vs_condconv"] = dict(cfg, threads=th, pairs=bcc.PAIRS, check_points=bcc.CHECK_POINTS,
                                                slack=bcc.SLACK)
@@ -209,7 +212,7 @@ def _run_sections(args: argparse.Namespace, s: Dict[str, Any], mode: str, thread
     if "memory" not in args.skip:
         log("memory (fresh subprocesses, in the background) ...")
         procs = start_memory(args.preset, s["memory"], max(threads))
-    if "condconv" in args.vs:
+    if "condconv" in args.vs and "condconv_memory" not in args.skip:
         log("vs condconv memory (fresh subprocesses, in the background) ...")
         cc_procs = bcc.start_condconv_memory(bcc.SETTINGS[mode])
     if "flops" not in args.skip:

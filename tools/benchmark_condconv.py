@@ -14,7 +14,8 @@ post-warm-up baseline) of each model; its ratio over the twin, PCE next to CondC
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import argparse
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -35,6 +36,14 @@ SETTINGS: Dict[str, Dict[str, Any]] = {
     "smoke": dict(points=((32, 2),), threads=(1,), warmup=1, reps=2, min_reps=1, budget_s=0.2,
                   memory=dict(input=32, batch=2, steps=1)),
 }
+
+
+def parse_point(text: str) -> Tuple[int, int]:
+    """``"224x8"`` -> ``(224, 8)`` (``--vs-points``; ``argparse.ArgumentTypeError`` otherwise)."""
+    size, _, batch = text.partition("x")
+    if not (size.isdigit() and batch.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIZExBATCH (e.g. 224x8)")
+    return int(size), int(batch)
 
 
 def model_list(pairs: Sequence[Sequence[str]] = PAIRS) -> List[str]:

@@ -23,7 +23,7 @@ class PatchedMap:
 
     Attributes:
         x: the input map; ``padded``: ``[B, C, Hp, Wp]`` (bottom/right zero padding, or ``x`` itself).
-        grid: the :class:`~pce.layers.patches.PatchGrid`; ``positions``: patch centres ``[P, 2]`` in [-1, 1].
+        grid: the :class:`~pce.layers.patches.PatchGrid`; ``positions``: patch centres ``[P, 2]`` in [-1, 1] (lazy).
         pos_map: positional channels ``[1, Pc, grid_h * n, grid_w * n]`` (``Pc`` may be 0).
     """
 
@@ -33,9 +33,16 @@ class PatchedMap:
         g, n = self.grid, self.grid.patch_size
         self.padded = extractor.pad(x, g)
         self.pos_map = pos(g.grid_h, g.grid_w, n, n, x.device, x.dtype)
-        self.positions = patch_centers(g.grid_h, g.grid_w, x.device, x.dtype)
+        self._positions: Optional[torch.Tensor] = None
         self._content: Optional[torch.Tensor] = None
         self._with_position: Optional[torch.Tensor] = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Patch centres ``[P, 2]`` in [-1, 1] (built on first use: routers that do not read them never pay)."""
+        if self._positions is None:
+            self._positions = patch_centers(self.grid.grid_h, self.grid.grid_w, self.x.device, self.x.dtype)
+        return self._positions
 
     @property
     def batch(self) -> int:

@@ -13,9 +13,10 @@ weights outputs zeros.
   with its weights. Same result as the fused path; measured faster on CPU (smaller working set).
 * :func:`dispatch_sparse`: sort the (token, expert) pairs by expert, one gather, each expert runs on its
   contiguous slice, one weighted scatter-add. One host synchronisation per layer, cost ~k x one expert.
-  When every token goes to exactly one expert (top-1 without drops) the gather and the scatter are row
-  permutations, executed as :class:`_PermuteRows` (no zero-filled buffers in forward or backward), and skipped
-  when every token goes to the same expert.
+  When no token has several experts (top-1, with or without drops) each expert's rows are gathered on their
+  own and its outputs copied straight into their token rows (:meth:`pce.moe.plan.RoutePlan.chunks` /
+  ``place``: no concatenation, no zero-filled buffers unless a token is dropped; skipped when every token goes
+  to the same expert), and weights that are exactly 1 without a gradient are not multiplied.
 * :func:`dispatch_capacity`: static shapes for captured graphs (export, ONNX, compile): expert e runs on a
   fixed buffer of ``capacity`` tokens, those with its largest weights (top-``capacity`` over tokens), one
   gather and one weighted index-add per expert; all tokens (:func:`dispatch_dense`) when ``capacity >= N``.
@@ -35,27 +36,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from pce.moe.experts import ExpertBank
+from pce.moe.plan import RoutePlan as _Plan
 from pce.moe.routing import capacity_mask
 
 
 def _check(tokens: torch.Tensor, weights: torch.Tensor, bank: ExpertBank) -> None:
     if weights.dim() != 2 or weights.shape != (tokens.shape[0], bank.num_experts):
         raise ValueError(f"weights must be [N={tokens.shape[0]}, E={bank.num_experts}], got {tuple(weights.shape)}")
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` of the rows, whose gradient is ``grad[inverse]``: unlike
-    ``index_select`` its backward allocates no zero-filled buffer and does no scatter-add."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 def dispatch_reference(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -108,49 +95,6 @@ def dispatch_capacity(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Ten
     return out
 
 
-class _Plan:
-    """Where each routed (token, expert) pair goes: the pairs sorted by expert, tokens per expert, and whether
-    the sort is a permutation of the tokens (every token has exactly one expert) or even the identity (every
-    token has the same expert). Building it is the one host synchronisation of a layer."""
-
-    def __init__(self, weights: torch.Tensor, num_experts: int) -> None:
-        n = weights.shape[0]
-        pairs = (weights.detach().t() != 0).nonzero()  # [M, 2] (expert, token), sorted by expert
-        self.expert_idx, self.token_idx = pairs[:, 0], pairs[:, 1]
-        per_token = torch.bincount(self.token_idx, minlength=n)
-        stats = torch.cat([torch.bincount(self.expert_idx, minlength=num_experts),
-                           (per_token != 1).sum().view(1), (per_token > 1).sum().view(1)]).tolist()
-        self.counts: List[int] = stats[:-2]
-        self.num_tokens = n
-        self.permutation = stats[-2] == 0
-        self.multi = stats[-1] > 0  # some token has several experts
-        self.identity = self.permutation and max(self.counts) == n
-        self.inverse: Optional[torch.Tensor] = None
-        if self.permutation and not self.identity:
-            self.inverse = torch.empty_like(self.token_idx)
-            self.inverse[self.token_idx] = torch.arange(n, device=self.token_idx.device)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Token rows ``[N, ...]`` -> routed rows sorted by expert ``[M, ...]``."""
-        if self.identity:
-            return x
-        if self.permutation:
-            return _PermuteRows.apply(x, self.token_idx, self.inverse)
-        return x.index_select(0, self.token_idx)
-
-    def scatter(self, y: torch.Tensor) -> torch.Tensor:
-        """Routed rows ``[M, ...]`` -> token rows ``[N, ...]``, summed over a token's experts, zeros for a token
-        without any."""
-        if self.identity:
-            return y
-        if self.permutation:
-            return _PermuteRows.apply(y, self.inverse, self.token_idx)
-        return y.new_zeros(self.num_tokens, *y.shape[1:]).index_add(0, self.token_idx, y)
-
-    def weigh(self, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return y * weights[self.token_idx, self.expert_idx].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
-
-
 def _per_expert(rows: torch.Tensor, counts: List[int],
                 fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
     """``fn(chunk, e)`` on each non-empty chunk of rows sorted by expert (``counts[e]`` rows for e), results
@@ -164,9 +108,13 @@ def dispatch_sparse(bank: ExpertBank, tokens: torch.Tensor, weights: torch.Tenso
     plan = _Plan(weights, bank.num_experts)
     if not any(plan.counts):
         return tokens.new_zeros(tokens.shape[0], bank.out_channels, *tokens.shape[-2:])
-    with bank.per_expert():
-        y = _per_expert(plan.gather(tokens), plan.counts, bank.forward_one)
-    return plan.scatter(plan.weigh(y, weights))
+    if plan.multi or torch.jit.is_tracing():  # a trace (FLOP counting) records the one-tensor form
+        with bank.per_expert():
+            y = _per_expert(plan.gather(tokens), plan.counts, bank.forward_one)
+        return plan.scatter(plan.weigh(y, weights))
+    with bank.per_expert():  # at most one expert per token: outputs copied straight into their rows
+        ys = [bank.forward_one(rows, e) for e, rows in zip(plan.experts, plan.chunks(tokens))]
+    return plan.place(plan.weigh_chunks(ys, weights))
 
 
 class StitchedExperts:

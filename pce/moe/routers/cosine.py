@@ -105,7 +105,7 @@ class CosineRouter(Router):
         if view.grid.overlapping:
             return super().route(view)
         projected = self.project_map(view.padded, view.pos_map if view.pos_channels else None)
-        return self.forward_projected(view.extractor.extract(projected, view.grid)[0], view.positions)
+        return self.forward_projected(view.extractor.extract(projected, view.grid)[0])
 
     def project_map(self, x: torch.Tensor, pos_map: Optional[torch.Tensor]) -> torch.Tensor:
         """The 1x1 projection of ``cat([x, pos])`` computed without the concatenation:
@@ -121,8 +121,9 @@ class CosineRouter(Router):
             return y + F.conv2d(pos_map, w[:, C:], self.proj.bias)
         return y + self.proj.bias.view(1, -1, 1, 1) if self.proj.bias is not None else y
 
-    def forward_projected(self, projected: torch.Tensor, positions: torch.Tensor) -> RoutingResult:
-        """Route from projected patches ``[B, P, proj_channels, n, n]`` (patches of :meth:`project_map`)."""
+    def forward_projected(self, projected: torch.Tensor, positions: Optional[torch.Tensor] = None) -> RoutingResult:
+        """Route from projected patches ``[B, P, proj_channels, n, n]`` (patches of :meth:`project_map`; the
+        positional channels are in them, so the patch centres ``positions`` are not read)."""
         B, P = projected.shape[:2]
         emb = self.spp(projected.reshape(B * P, *projected.shape[2:])).reshape(B, P, -1)
         return self.route_embeddings(emb)
