@@ -122,3 +122,31 @@ def test_conv_subclasses_and_routers_are_not_targets():
     assert report.names == ["0"] and report.skipped == ["1"]
     with pytest.raises(ValueError, match=r"^\*: matches only .*PCEConv2d"):  # the router's convs are not targets
         pce.convert(model, "*")
+
+
+def test_expert_choice_converts_with_its_flops_counted():
+    """expert_choice's capacity under fvcore's torch.jit.trace (sizes arrive as tensors) used to stop the conversion
+    report with an AssertionError of torch.sym_min; the counted active FLOPs exceed the plain convolution's."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    model, report = pce.convert(model, "2", num_experts=4, top_k=1, grid=3, router="expert_choice",
+                                input_size=(3, 32, 32))
+    layer = report.layers[0]
+    assert layer.flops_before == 8 * 8 * 9 * 32 * 32 and layer.flops_after > layer.flops_before
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 8, 32, 32)
+
+
+def test_fvcore_counts_isolated_cells_of_uneven_grids():
+    """fvcore's torch.jit.trace cannot record the cells' custom autograd Functions (uneven 11/11/10 cells of a
+    3 x 3 grid on 32 px, isolated execution): they run as plain slicing under the trace, and the traced layer's
+    active FLOPs equal pce.convert's analytic count."""
+    from pce.models.flops import active_flops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    model, report = pce.convert(model, "2", num_experts=4, top_k=1, grid=3, router="gate", execution="isolated",
+                                input_size=(3, 32, 32))
+    x = torch.rand(1, 3, 32, 32)
+    counted = active_flops(model.eval(), x)
+    assert counted["layers"]["2"] == report.layers[0].flops_after
+    out = model(x)
+    out.sum().backward()  # the custom Functions still serve training outside the trace
+    assert out.shape == (1, 8, 32, 32)

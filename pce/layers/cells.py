@@ -135,7 +135,17 @@ class CellGrid:
         if all(h == ch for _, h in rows) and all(w == cw for _, w in cols):  # equal cells: one permutation
             m = cells.reshape(B, self.grid_h, self.grid_w, C, ch, cw).permute(0, 3, 1, 4, 2, 5)
             return m.reshape(B, C, self.height, self.width)
+        if torch.jit.is_tracing():  # torch.jit.trace (fvcore's FLOP count) cannot record a custom Function
+            return _place_cells(cells, rows, cols)
         return _PlaceCells.apply(cells, rows, cols)
+
+
+def _place_cells(cells: torch.Tensor, rows: list, cols: list) -> torch.Tensor:
+    """:class:`_PlaceCells`'s forward with autograd's own slicing."""
+    B, P, C, ch, cw = cells.shape
+    c = cells.reshape(B, len(rows), len(cols), C, ch, cw)
+    return torch.cat([torch.cat([c[:, i, j, :, :h, :w] for j, (_, w) in enumerate(cols)], 3)
+                      for i, (_, h) in enumerate(rows)], 2)
 
 
 class _PlaceCells(torch.autograd.Function):
@@ -146,10 +156,7 @@ class _PlaceCells(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cells: torch.Tensor, rows: list, cols: list) -> torch.Tensor:
         ctx.rows, ctx.cols, ctx.shape = rows, cols, cells.shape
-        B, P, C, ch, cw = cells.shape
-        c = cells.reshape(B, len(rows), len(cols), C, ch, cw)
-        return torch.cat([torch.cat([c[:, i, j, :, :h, :w] for j, (_, w) in enumerate(cols)], 3)
-                          for i, (_, h) in enumerate(rows)], 2)
+        return _place_cells(cells, rows, cols)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -207,9 +214,23 @@ def gather_windows(x: torch.Tensor, rows: CellWindows, cols: CellWindows,
     gw = len(cols.starts)
     P = len(rows.starts) * gw
     size = (rows.span, cols.span)
+    # torch.jit.trace (fvcore's FLOP count) cannot record a custom autograd Function: plain slicing there
+    cut = _cut_boxes if torch.jit.is_tracing() else _CutBoxes.apply
     if which is None:
-        return _CutBoxes.apply(x, [(None, rows.starts[p // gw], cols.starts[p % gw]) for p in range(P)], size, 1)
-    return _CutBoxes.apply(x, [(t // P, rows.starts[t % P // gw], cols.starts[t % P % gw]) for t in which], size, 0)
+        return cut(x, [(None, rows.starts[p // gw], cols.starts[p % gw]) for p in range(P)], size, 1)
+    return cut(x, [(t // P, rows.starts[t % P // gw], cols.starts[t % P % gw]) for t in which], size, 0)
+
+
+def _cut_boxes(x: torch.Tensor, boxes: list, size: Tuple[int, int], dim: int) -> torch.Tensor:
+    """The boxes of :class:`_CutBoxes` with autograd's own slicing (its forward)."""
+    h, w = size
+    out = []
+    for b, r, c in boxes:
+        box = (x if b is None else x[b])[..., r:r + h, c:c + w]
+        if box.shape[-2:] != (h, w):
+            box = F.pad(box, (0, w - box.shape[-1], 0, h - box.shape[-2]))
+        out.append(box)
+    return torch.stack(out, dim)
 
 
 class _CutBoxes(torch.autograd.Function):
@@ -220,14 +241,7 @@ class _CutBoxes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, boxes: list, size: Tuple[int, int], dim: int) -> torch.Tensor:
         ctx.boxes, ctx.size, ctx.dim, ctx.shape = boxes, size, dim, x.shape
-        h, w = size
-        out = []
-        for b, r, c in boxes:
-            box = (x if b is None else x[b])[..., r:r + h, c:c + w]
-            if box.shape[-2:] != (h, w):
-                box = F.pad(box, (0, w - box.shape[-1], 0, h - box.shape[-2]))
-            out.append(box)
-        return torch.stack(out, dim)
+        return _cut_boxes(x, boxes, size, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

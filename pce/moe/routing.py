@@ -79,7 +79,10 @@ def expert_capacity(n: int, capacity_factor: float, k: int, num_experts: int) ->
 
     Written for graph capture too: with a symbolic ``n`` (a dynamic batch) it stays a symbolic integer with no
     branch on ``n`` (``torch.sym_min``), so ``torch.export`` needs no guard on it; with plain integers it is the
-    plain ``min``."""
+    plain ``min``. Under ``torch.jit.trace`` (fvcore's FLOP counting) a size arrives as a 0-d tensor: it is read as
+    the integer it holds (the trace records that capacity as a constant)."""
+    if isinstance(n, torch.Tensor):
+        n = int(n)
     return torch.sym_min(n, math.ceil(capacity_factor * n * k / num_experts))
 
 

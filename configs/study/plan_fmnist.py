@@ -1,0 +1,25 @@
+# Issue #26 study plan, Fashion-MNIST: read by tools/run_study.py (the format: configs/study/plan_seg.py).
+#   python tools/run_study.py configs/study/plan_fmnist.py --stage screen --dry-run
+study = "study26_fmnist"
+metric = "top1"
+mode = "max"
+reference = "dense"
+baselines = ["dense", "condconv_last"]
+variants = dict(
+    dense=dict(config="configs/fmnist_cls_dense.py"),
+    # placement: the last stage's convolution (just before the SPP + FC head, which has no convolution)
+    pce_last=dict(config="configs/fmnist_cls_patchmoe.py"),
+    condconv_last=dict(config="configs/study/fmnist_condconv_last.py"),
+    pce_all=dict(config="configs/fmnist_cls_pce.py"),                     # PCE layers in every stage
+    condconv_all=dict(config="configs/study/fmnist_condconv_all.py"),
+    pce_shrink=dict(config="configs/study/fmnist_pce_shrink.py"),         # footprints shrinking with depth
+    # routing of the PCEConv2d
+    head_top1=dict(config="configs/study/fmnist_head_top1.py"),
+    head_e8=dict(config="configs/study/fmnist_head_e8.py"),
+    head_cosine=dict(config="configs/study/fmnist_head_cosine.py"),
+    head_gate=dict(config="configs/study/fmnist_head_gate.py"),
+    head_soft=dict(config="configs/study/fmnist_head_soft.py"),
+    head_allexperts=dict(config="configs/study/fmnist_head_allexperts.py"),
+)
+screen = dict(seeds=[0], epoch_scale=0.5, stop_margin=0.01)
+final = dict(seeds=[0, 1, 2, 3, 4], epoch_scale=1.0, variants=["dense", "condconv_last", "pce_last", "pce_all"])

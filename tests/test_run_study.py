@@ -1,0 +1,201 @@
+"""tools/run_study.py: the commands of a plan (hand-written), skip / resume / stop-at-half on hand-written work dirs,
+the summary's Welch table against scipy's own Welch test, and one real run of a tiny plan through the tool."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from _faults_util import load_tool, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+rs = load_tool("run_study")
+
+PLAN = """
+study = "s26"
+metric = "top1"
+reference = "dense"
+baselines = ["dense"]
+variants = dict(
+    pce=dict(config="configs/demo_cls_digits.py"),
+    dense=dict(config="configs/demo_cls_digits.py", options=["model.backbone='dense_fmnist'"]),
+    up=dict(config="configs/demo_cls_digits.py", options=["model.pretrained={root}/dense_s{seed}/best.pth"]),
+)
+screen = dict(seeds=[0], epoch_scale=0.5, stop_margin=0.05)
+final = dict(seeds=[0, 1], variants=["dense", "pce"])
+"""
+
+
+def write_plan(tmp_path: Path, text: str = PLAN) -> Path:
+    path = tmp_path / "plan.py"
+    path.write_text(text)
+    return path
+
+
+def write_metrics(wd: Path, rows) -> None:
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def vals(*pairs, test=None):
+    rows = [{"type": "val", "epoch": e, "top1": v, "time": 100.0 * e} for e, v in pairs]
+    return rows + ([{"type": "test", "epoch": pairs[-1][0], "top1": test}] if test is not None else [])
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+    plan = write_plan(tmp_path)
+    # demo_cls_digits: 8 epochs, phases of 1, 3 and the rest -> x0.5 rounded up: 4, 1, 2; the reference first
+    assert rs.main([str(plan), "--dry-run", "--work-root", "wd", "--threads", "1"]) == 0
+    sched = "schedule.epochs=4 phases.0.epochs=1 phases.1.epochs=2"
+    assert capsys.readouterr().out.splitlines() == [
+        "python tools/train.py configs/demo_cls_digits.py --seed 0 --work-dir wd/s26/screen/dense_s0 "
+        f"--cfg-options {sched} 'model.backbone='\"'\"'dense_fmnist'\"'\"'' runtime.num_threads=1",
+        f"python tools/train.py configs/demo_cls_digits.py --seed 0 --work-dir wd/s26/screen/pce_s0 --cfg-options {sched} "
+        "runtime.num_threads=1",
+        f"python tools/train.py configs/demo_cls_digits.py --seed 0 --work-dir wd/s26/screen/up_s0 --cfg-options {sched} "
+        "model.pretrained=wd/s26/screen/dense_s0/best.pth runtime.num_threads=1",
+    ]
+    assert rs.main([str(plan), "--stage", "final", "--dry-run", "--work-root", "wd", "--only", "pce"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"python tools/train.py configs/demo_cls_digits.py --seed {s} --work-dir wd/s26/final/pce_s{s}" for s in (0, 1)]
+    assert rs.main([str(plan), "--dry-run", "--only", "nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --only nope: not a variant of the plan (pce, dense, up)") and "\n" not in err
+
+
+def test_bad_plans_are_one_line_errors(tmp_path, capsys):
+    assert rs.main([str(tmp_path / "missing.py"), "--dry-run"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.py'}: plan not found (a configs/study/plan_*.py file)"
+    plan = write_plan(tmp_path, PLAN.replace('final = dict(seeds=[0, 1], variants=["dense", "pce"])',
+                                             'final = dict(variants=["dense", "pcee"])'))
+    assert rs.main([str(plan), "--dry-run"]) == 1
+    assert "final.variants: unknown variant 'pcee'" in capsys.readouterr().err
+
+
+def test_run_state_skip_and_resume(tmp_path):
+    finished, stopped, partial, new = (tmp_path / n for n in ("a", "b", "c", "d"))
+    write_metrics(finished, vals((1, 0.5), test=0.6))
+    write_metrics(stopped, vals((1, 0.5)))
+    (stopped / rs.STOP_FILE).write_text("{}")
+    write_metrics(partial, vals((1, 0.5)))
+    (partial / "latest.pth").write_bytes(b"x")
+    write_metrics(new, vals((1, 0.5)))
+    assert [rs.run_state(d) for d in (finished, stopped, partial, new)] == ["finished", "stopped", "partial", "new"]
+    # a half-written last line (a run killed while logging) is not a record
+    (partial / "metrics.jsonl").write_text(json.dumps({"type": "val", "epoch": 1, "top1": 0.5}) + '\n{"type": "te')
+    assert rs.run_state(partial) == "partial" and len(rs.read_metrics(partial)) == 1
+
+
+def test_half_check(tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    write_metrics(run, vals((2, 0.50), (3, 0.61), (4, 0.55), (6, 0.70)))
+    # 7 epochs: half = 4 (rounded up); the reference has not reached epoch 4 yet -> undecided
+    write_metrics(ref, vals((2, 0.60), (3, 0.70)))
+    assert rs.half_check(run, ref, 7, "top1", "max", 0.05) is None
+    write_metrics(ref, vals((2, 0.60), (3, 0.70), (4, 0.69), (5, 0.9)))
+    # bests up to epoch 4: run max(0.50, 0.61, 0.55) = 0.61, reference 0.70 -> behind by 0.09
+    assert rs.half_check(run, ref, 7, "top1", "max", 0.05) == {"epoch": 4, "value": 0.61, "reference": 0.70,
+                                                               "stop": True}
+    assert rs.half_check(run, ref, 7, "top1", "max", 0.1)["stop"] is False
+    # a loss (mode min): lower is better, the run's 0.50 is ahead of the reference's 0.60
+    assert rs.half_check(run, ref, 7, "top1", "min", 0.05) == {"epoch": 4, "value": 0.50, "reference": 0.60,
+                                                               "stop": False}
+    write_metrics(run, vals((2, 0.50), (3, 0.61)))
+    assert rs.half_check(run, ref, 7, "top1", "max", 0.05) is None  # the run is not at half yet
+
+
+def test_skips_finished_stops_behind_and_writes_welch_summary(tmp_path, monkeypatch, capsys):
+    plan = write_plan(tmp_path)
+    root = tmp_path / "wd/s26/final"
+    finals = {"dense": [0.80, 0.82], "pce": [0.70, 0.75]}
+    for name, values in finals.items():
+        for s, v in enumerate(values):
+            write_metrics(root / f"{name}_s{s}", vals((1, v - 0.1), (8, v), test=v))
+    launched = []
+    monkeypatch.setattr(rs, "execute", lambda cmd, *a, **k: launched.append(cmd))
+    assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd")]) == 0
+    assert launched == []                                   # all finished: nothing trained
+    text = (root / "summary.md").read_text()
+    ref = stats.ttest_ind(finals["pce"], finals["dense"], equal_var=False)
+    ci = ref.confidence_interval(0.95)  # scipy's Welch interval of mean(pce) - mean(dense) = 0.725 - 0.81
+    assert f"| pce | -0.0850 [{ci.low:+.4f}, {ci.high:+.4f}], p={ref.pvalue:.3f} |" in text and "| pce | 2 | 0.7250 ± 0.0354 |" in text
+    assert "| pce_s1 | finished | 0.7500 (8) |" in text and "Best two non-baseline variants: pce." in text
+    # screening: `pce` is behind the reference by 0.2 at half (epoch 4 of 4 -> 2) -> stopped from its metrics,
+    # without training; `up` has a checkpoint and no decision yet -> resumed
+    screen = tmp_path / "wd/s26/screen"
+    write_metrics(screen / "dense_s0", vals((2, 0.8), (4, 0.85), test=0.85))
+    write_metrics(screen / "pce_s0", vals((2, 0.6)))
+    (screen / "up_s0").mkdir()
+    (screen / "up_s0/latest.pth").write_bytes(b"x")
+    assert rs.main([str(plan), "--work-root", str(tmp_path / "wd")]) == 0
+    assert [c[-1] for c in launched] == ["--resume"] and "up_s0" in launched[0][6]
+    assert json.loads((screen / "pce_s0" / rs.STOP_FILE).read_text()) == {
+        "epoch": 2, "value": 0.6, "reference": 0.8, "stop": True}
+    assert "| pce_s0 | stopped at half: 0.6000 vs 0.8000 (epoch 2) |" in (screen / "summary.md").read_text()
+
+
+def test_execute_stops_a_running_process(tmp_path):
+    """A real subprocess that logs a behind validation and then sleeps is ended by the stop rule."""
+    wd = tmp_path / "run"
+    wd.mkdir()
+    script = ("import json,os,time,sys; open(sys.argv[2],'w').write(str(os.getpid())); "
+              "open(sys.argv[1],'w').write(json.dumps({'type':'val','epoch':2,'top1':0.1})+'\\n'); time.sleep(60)")
+    check = lambda: rs.half_check(wd, ref, 4, "top1", "max", 0.05)  # noqa: E731
+    ref = tmp_path / "ref"
+    write_metrics(ref, vals((2, 0.5)))
+    t0 = time.time()
+    stop = rs.execute(["python", "-c", script, str(wd / "metrics.jsonl"), str(tmp_path / "pid")], wd, check,
+                      poll_s=0.2)
+    assert stop["stop"] and time.time() - t0 < 30 and (wd / rs.STOP_FILE).is_file()
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(int((tmp_path / "pid").read_text()), 0)
+    with pytest.raises(rs.PCEError, match="exited with status 3"):
+        rs.execute(["python", "-c", "raise SystemExit(3)"], wd, None, poll_s=0.1)
+
+
+def test_tiny_plan_end_to_end(tmp_path):
+    """Two variants of the digits demo, 1 epoch of 2 iterations, 1 seed, through the real tool and train.py."""
+    options = [f"{k}={v!r}" for k, v in tiny_overrides(tmp_path, epochs=1, iters=2)[1:]]
+    plan = write_plan(tmp_path, f"""
+study = "tiny"
+metric = "top1"
+reference = "a"
+variants = dict(a=dict(config="configs/demo_cls_digits.py", options={options!r}),
+                b=dict(config="configs/demo_cls_digits.py", options={options!r}))
+screen = dict(seeds=[0], stop_margin=1.0)
+""")
+    out = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd"),
+                          "--poll", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[1/2] a_s0: finished" in out.stdout and "[2/2] b_s0: finished" in out.stdout
+    root = tmp_path / "wd/tiny/screen"
+    assert all(rs.run_state(root / f"{n}_s0") == "finished" for n in "ab")
+    assert "| b_s0 | finished |" in (root / "summary.md").read_text()
+    again = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "[1/2] a_s0: skipped (finished)" in again.stdout and "[2/2] b_s0: skipped (finished)" in again.stdout
+
+
+def test_study_plans_load_and_use_every_study_config():
+    """The three issue-#26 plans load, every variant's config loads with its screening options, and every
+    configs/study/ variant config is in a plan (none left behind)."""
+    from pce.engine import load_config
+
+    used = set()
+    for plan_path in sorted((REPO / "configs/study").glob("plan_*.py")):
+        plan = rs.load_plan(plan_path)
+        assert plan["reference"] in plan["variants"] and set(plan["baselines"]) <= set(plan["final"]["variants"])
+        assert len(plan["final"]["seeds"]) == 5 and len(plan["screen"]["seeds"]) == 1
+        for name, variant in plan["variants"].items():
+            cfg = load_config(REPO / variant["config"], rs.schedule_options(variant["config"], 0.5))
+            assert cfg.schedule.epochs >= 1, name
+            used.add(variant["config"])
+    configs = {f"configs/study/{p.name}" for p in (REPO / "configs/study").glob("*.py")
+               if not p.name.startswith("plan_")}
+    assert configs and configs <= used, sorted(configs - used)

@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Run a study (issue #26) from its plan: every (variant, seed) of a stage as one ``tools/train.py`` subprocess after
+the other, then ``WORK_ROOT/<study>/<stage>/summary.md`` with the Welch tables. The plan format, the skip / resume
+rules and the stop-at-half rule: docs/STUDY.md (and configs/study/plan_seg.py).
+
+    python tools/run_study.py configs/study/plan_seg.py --stage screen --dry-run   # the commands, one per line
+    python tools/run_study.py configs/study/plan_seg.py --stage screen --threads 2
+    python tools/run_study.py configs/study/plan_seg.py --stage final --only dense pce_head
+
+Work dirs: ``<stage folder>/<variant>_s<seed>``; finished runs (a ``"type": "test"`` record) are skipped, runs with
+a checkpoint resumed, screening runs behind the reference by more than ``stop_margin`` at half their epochs stopped
+(``study_stop.json``). Errors are one line naming the plan or the run (``--debug``: the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pce.engine.errors import PCEError, add_debug_flag, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_FILE = "study_stop.json"
+_PLAN_KEYS = ("study", "metric", "reference", "variants")
+
+
+def _summarize_runs():
+    spec = importlib.util.spec_from_file_location("pce_tool_summarize_runs", ROOT / "tools" / "summarize_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_plan(path: Path) -> Dict[str, Any]:
+    """The plan file's top-level names (checked: the keys every plan needs, known variants per stage)."""
+    if not Path(path).is_file():
+        raise PCEError(path, "plan not found", "a configs/study/plan_*.py file")
+    plan = {k: v for k, v in runpy.run_path(str(path)).items() if not k.startswith("_")}
+    for key in _PLAN_KEYS:
+        if key not in plan:
+            raise PCEError(f"{path}: {key}", "missing", "study, metric, reference and variants")
+    plan.setdefault("mode", "max")
+    plan.setdefault("baselines", [plan["reference"]])
+    for name, v in plan["variants"].items():
+        if not isinstance(v, dict) or "config" not in v:
+            raise PCEError(f"{path}: variants.{name}", "no config", "dict(config=..., options=[...])")
+    for stage in ("screen", "final"):
+        for name in plan.get(stage, {}).get("variants", []):
+            if name not in plan["variants"]:
+                raise PCEError(f"{path}: {stage}.variants", f"unknown variant {name!r}", "a key of variants")
+    return plan
+
+
+def stage_runs(plan: Dict[str, Any], stage: str, seeds: Optional[List[int]] = None,
+               only: Optional[List[str]] = None) -> List[tuple]:
+    """``(variant, seed)`` pairs of a stage in run order: seed-major, the reference first in each seed."""
+    cfg = plan.get(stage, {})
+    names = list(cfg.get("variants") or plan["variants"])
+    for name in only or []:
+        if name not in plan["variants"]:
+            raise PCEError(f"--only {name}", "not a variant of the plan", ", ".join(plan["variants"]))
+    names = [n for n in names if not only or n in only]
+    names.sort(key=lambda n: n != plan["reference"])
+    return [(n, s) for s in (seeds if seeds is not None else cfg.get("seeds", [0])) for n in names]
+
+
+def stage_dir(plan: Dict[str, Any], stage: str, work_root: Path) -> Path:
+    return Path(work_root) / plan["study"] / stage
+
+
+def schedule_options(config: str, scale: float) -> List[str]:
+    """--cfg-options scaling ``schedule.epochs`` and every phase's positive ``epochs`` by ``scale`` (rounded up)."""
+    if scale == 1:
+        return []
+    from pce.engine import load_config
+
+    cfg = load_config(ROOT / config)
+    out = [f"schedule.epochs={math.ceil(cfg.schedule.epochs * scale)}"]
+    for i, phase in enumerate(cfg.phases or []):
+        if phase.get("epochs", -1) > 0:
+            out.append(f"phases.{i}.epochs={math.ceil(phase['epochs'] * scale)}")
+    return out
+
+
+def run_command(plan: Dict[str, Any], stage: str, name: str, seed: int, work_root: Path,
+                threads: Optional[int] = None, resume: bool = False) -> List[str]:
+    """The ``tools/train.py`` argv of one run (``python`` standing for this interpreter)."""
+    variant, root = plan["variants"][name], stage_dir(plan, stage, work_root)
+    options = schedule_options(variant["config"], plan.get(stage, {}).get("epoch_scale", 1))
+    options += [o.replace("{root}", str(root)).replace("{seed}", str(seed)) for o in variant.get("options", [])]
+    if threads:
+        options.append(f"runtime.num_threads={threads}")
+    cmd = ["python", "tools/train.py", variant["config"], "--seed", str(seed), "--work-dir",
+           str(root / f"{name}_s{seed}")]
+    cmd += ["--cfg-options", *options] if options else []
+    return cmd + (["--resume"] if resume else [])
+
+
+def read_metrics(work_dir: Path) -> List[dict]:
+    """The records of ``work_dir/metrics.jsonl`` ([] without one; a half-written last line is ignored)."""
+    path = Path(work_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def run_state(work_dir: Path) -> str:
+    """``finished`` (a test record), ``stopped`` (study_stop.json), ``partial`` (a checkpoint) or ``new``."""
+    work_dir = Path(work_dir)
+    if any(r.get("type") == "test" for r in read_metrics(work_dir)):
+        return "finished"
+    if (work_dir / STOP_FILE).is_file():
+        return "stopped"
+    if (work_dir / "latest.pth").is_file() or (work_dir / "best.pth").is_file():
+        return "partial"
+    return "new"
+
+
+def _best(rows: List[dict], metric: str, mode: str, upto: int) -> Optional[float]:
+    vals = [r[metric] for r in rows if r.get("type") == "val" and r.get("epoch", 0) <= upto
+            and isinstance(r.get(metric), (int, float))]
+    return (max if mode == "max" else min)(vals) if vals else None
+
+
+def half_check(run_dir: Path, ref_dir: Path, epochs: int, metric: str, mode: str, margin: float) -> Optional[dict]:
+    """The stop-at-half decision: ``None`` while undecided (no validation at or after ``ceil(epochs / 2)`` yet, in
+    the run or the reference), else ``{"epoch", "value", "reference", "stop"}``: the run's and the reference's best
+    ``metric`` up to the run's first validation epoch at or after half, ``stop`` when the run is behind by more than
+    ``margin``."""
+    half = math.ceil(epochs / 2)
+    rows, ref = read_metrics(run_dir), read_metrics(ref_dir)
+    at = [r["epoch"] for r in rows if r.get("type") == "val" and r.get("epoch", 0) >= half and metric in r]
+    if not at:
+        return None
+    epoch = min(at)
+    ref_reached = any(r.get("type") == "val" and r.get("epoch", 0) >= epoch for r in ref)
+    value, reference = _best(rows, metric, mode, epoch), _best(ref, metric, mode, epoch)
+    if not ref_reached or reference is None:
+        return None
+    behind = reference - value if mode == "max" else value - reference
+    return {"epoch": epoch, "value": value, "reference": reference, "stop": behind > margin}
+
+
+def _write_text(path: Path, text: str) -> None:
+    from pce.tasks.atomic_io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the training subprocess (its own process group: DataLoader workers included)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def execute(cmd: List[str], work_dir: Path, check=None, poll_s: float = 2.0) -> Optional[dict]:
+    """Run ``cmd`` (``python`` -> this interpreter) in the repository root; with ``check`` (a function of nothing
+    returning :func:`half_check`'s answer) stop it as soon as that says ``stop``. Returns the stop decision or
+    ``None``; a failed run is an error naming its work dir."""
+    argv = [sys.executable, *cmd[1:]]
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
+    decided = None
+    try:
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            if check is not None and decided is None:
+                decided = check()
+                if decided is not None and decided["stop"]:
+                    _stop(proc)
+                    _write_text(Path(work_dir) / STOP_FILE, json.dumps(decided) + "\n")
+                    return decided
+    except BaseException:
+        _stop(proc)
+        raise
+    if proc.returncode != 0:
+        raise PCEError(work_dir, f"tools/train.py exited with status {proc.returncode}",
+                       "a run that finishes; rerun this command to resume it: " + shlex.join(cmd))
+    return None
+
+
+def _fmt(values: List[float]) -> str:
+    import statistics
+
+    mean = statistics.mean(values)
+    return f"{mean:.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+
+def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path,
+                     commands: Dict[tuple, List[str]]) -> str:
+    """The study's summary: one row per run (state, best / final metric, the command that reproduces it), the
+    seed groups of the finished runs (mean ± std) with Welch's comparison against the reference, and the ranking
+    of the variants by best metric with the two best non-baseline variants named (the candidates for ``final``)."""
+    sr, metric, mode = _summarize_runs(), plan["metric"], plan.get("mode", "max")
+    lines = [f"# {plan['study']}: {stage}", "", f"Metric: {metric} ({mode}). Reference: {plan['reference']}.", "",
+             f"| run | state | best {metric} (epoch) | final | epochs | wall min | command |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    done: Dict[str, List[dict]] = {}
+    bests: Dict[str, List[float]] = {}
+    for name, seed in runs:
+        wd = root / f"{name}_s{seed}"
+        state = run_state(wd)
+        if state == "stopped":
+            stop = json.loads((wd / STOP_FILE).read_text())
+            state = f"stopped at half: {stop['value']:.4f} vs {stop['reference']:.4f} (epoch {stop['epoch']})"
+        try:
+            row = sr.summarize(wd, metric)
+        except PCEError:
+            row = None
+        cells = (f"{row['best']:.4f} ({row['best_epoch']}) | {row['final']:.4f} | {row['epochs']} | "
+                 f"{row['minutes']:.1f}") if row else "- | - | - | -"
+        lines.append(f"| {wd.name} | {state} | {cells} | `{shlex.join(commands[(name, seed)])}` |")
+        if row:
+            bests.setdefault(name, []).append(row["best"])
+            if state == "finished":
+                done.setdefault(name, []).append(row)
+    lines += _group_tables(sr, plan, done)
+    ranked = sorted(bests, key=lambda n: sum(bests[n]) / len(bests[n]), reverse=mode == "max")
+    picks = [n for n in ranked if n not in plan.get("baselines", [])][:2]
+    lines += ["", f"Ranking by best {metric} (mean over seeds, stopped runs included): "
+              + ", ".join(f"{n} {_fmt(bests[n])}" for n in ranked) + ".",
+              f"Best two non-baseline variants: {', '.join(picks) or '-'}.", ""]
+    return "\n".join(lines)
+
+
+def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List[str]:
+    metric, ref = plan["metric"], plan["reference"]
+    lines = ["", f"| variant | finished seeds | final {metric} (mean ± std) | best {metric} |", "| --- | --- | --- | --- |"]
+    for name, rows in done.items():
+        lines.append(f"| {name} | {len(rows)} | {_fmt([r['final'] for r in rows])} | {_fmt([r['best'] for r in rows])} |")
+    base = done.get(ref, [])
+    others = [(n, rows) for n, rows in done.items() if n != ref and len(rows) > 1]
+    if len(base) > 1 and others:
+        lines += ["", f"| variant vs {ref} | final {metric}: difference of means [95% CI], Welch p | best {metric} |",
+                  "| --- | --- | --- |"]
+        for name, rows in others:
+            cells = []
+            for key in ("final", "best"):
+                w = sr.welch([r[key] for r in rows], [r[key] for r in base])
+                cells.append(f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}")
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _one_run(plan, stage, name, seed, args, root) -> str:
+    wd = root / f"{name}_s{seed}"
+    state = run_state(wd)
+    if state in ("finished", "stopped"):
+        return f"skipped ({state})"
+    margin = plan.get(stage, {}).get("stop_margin")
+    check = None
+    if margin is not None and name != plan["reference"]:
+        from pce.engine import load_config
+
+        opts = schedule_options(plan["variants"][name]["config"], plan.get(stage, {}).get("epoch_scale", 1))
+        epochs = load_config(ROOT / plan["variants"][name]["config"], opts).schedule.epochs
+        ref_dir = root / f"{plan['reference']}_s{seed}"
+        check = lambda: half_check(wd, ref_dir, epochs, plan["metric"], plan.get("mode", "max"), margin)  # noqa: E731
+        decided = check()
+        if decided is not None and decided["stop"]:
+            _write_text(wd / STOP_FILE, json.dumps(decided) + "\n")
+            return "stopped at half (from its metrics.jsonl)"
+    cmd = run_command(plan, stage, name, seed, args.work_root, args.threads, resume=state == "partial")
+    stop = execute(cmd, wd, check, args.poll)
+    return "stopped at half" if stop else ("resumed, finished" if state == "partial" else "finished")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plan", type=Path)
+    ap.add_argument("--stage", choices=["screen", "final"], default="screen")
+    ap.add_argument("--seeds", type=int, nargs="+", help="instead of the stage's seeds")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these variants")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, one per line, and run nothing")
+    ap.add_argument("--threads", type=int, help="runtime.num_threads (and OMP_NUM_THREADS) of every run")
+    ap.add_argument("--work-root", type=Path, default=Path("work_dirs"), help="where <study>/<stage>/ goes")
+    ap.add_argument("--poll", type=float, default=5.0, help="seconds between looks at a running run's metrics")
+    add_debug_flag(ap)
+    args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    runs = stage_runs(plan, args.stage, args.seeds, args.only)
+    root = stage_dir(plan, args.stage, args.work_root)
+    commands = {r: run_command(plan, args.stage, *r, args.work_root, args.threads) for r in runs}
+    if args.dry_run:
+        print("\n".join(shlex.join(commands[r]) for r in runs))
+        return 0
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from tqdm import tqdm
+
+    bar = tqdm(runs, desc=f"{plan['study']} {args.stage}", unit="run", file=sys.stderr, disable=None)
+    for i, (name, seed) in enumerate(bar, 1):
+        print(f"[{i}/{len(runs)}] {name}_s{seed}: {_one_run(plan, args.stage, name, seed, args, root)}", flush=True)
+    _write_text(root / "summary.md", summary_markdown(plan, args.stage, runs, root, commands))
+    print(f"summary: {root / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
