@@ -23,6 +23,7 @@ from pce.engine.distributed import convert_sync_batchnorm
 from pce.engine.errors import PCEError
 from pce.engine.optim import scaled_lr
 from pce.engine.runtime import resolve_amp_dtype
+from pce.engine.validation import ConfigError
 from pce.moe.stacked import StackedBatchNorm2d
 from pce.tasks import get_task
 
@@ -246,7 +247,7 @@ def test_auto_scale_lr_by_total_batch(tmp_path: Path):
     assert scaled_lr(dict(opt, auto_scale_lr=dict(enable=False, base_batch_size=64)), 16, 4) == 0.1
     with pytest.raises(PCEError, match=r"^optimizer.auto_scale_lr.base_batch_size: is 0 .*\(.*\)$"):
         scaled_lr(dict(opt, auto_scale_lr=dict(enable=True, base_batch_size=0)), 16, 1)
-    with pytest.raises(PCEError, match=r"^optimizer.accumulate_steps: is 0"):
+    with pytest.raises(ConfigError, match=r"'optimizer.accumulate_steps' .*must be > 0, got 0"):  # at config load
         Trainer(toy_cfg(tmp_path / "bad", 4, 0), ToyTask())
     assert not (tmp_path / "bad").exists()   # refused before anything is written
     cfg = toy_cfg(tmp_path / "ok", 6, 2, ("optimizer.lr", 0.1), ("optimizer.auto_scale_lr.enable", True),
