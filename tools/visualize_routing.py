@@ -54,16 +54,19 @@ def _name(i: int, names: Optional[Sequence[str]]) -> str:
 
 
 def class_captions(output: Any, target: Any, class_names: Optional[Sequence[str]], truth: bool, task: Any,
-                   ignore_index: int = 255) -> Tuple[Optional[str], Optional[str]]:
+                   ignore_index: int = 255,
+                   map_names: Optional[Sequence[str]] = None) -> Tuple[Optional[str], Optional[str]]:
     """``(true, predicted)`` class names of one image for its title: the top class (and probability) of logits
     ``[K]``, the classes of a label map ``[H, W]`` (most pixels first, at most 4) or of detections; the true
     ones from an image label, a mask or a target's ``labels`` (``truth`` False: a user's image, no label).
-    Detection labels count from 1 (0 is the background), their names from ``class_names[0]``."""
+    Detection labels count from 1 (0 is the background), their names from ``class_names[0]``; label-map ids name
+    ``map_names[id]`` (default ``class_names``: see :func:`label_map_names`)."""
+    map_names = map_names if map_names is not None else class_names
     s = task.summarize(output, class_names)
     if "top5" in s:
         pred = f"{s['top5'][0]['name']} ({s['top5'][0]['prob']:.2f})"
     elif "class_pixels" in s:
-        pred = ", ".join(_name(i, class_names) for i, _ in sorted(s["class_pixels"].items(), key=lambda x: -x[1])[:4])
+        pred = ", ".join(_name(i, map_names) for i, _ in sorted(s["class_pixels"].items(), key=lambda x: -x[1])[:4])
     else:
         pred = ", ".join(dict.fromkeys(s.get("names", []))) or "nothing"
     if not truth:
@@ -73,16 +76,17 @@ def class_captions(output: Any, target: Any, class_names: Optional[Sequence[str]
     elif torch.as_tensor(target).dim() >= 2:
         ids, counts = torch.unique(torch.as_tensor(target), return_counts=True)
         kept = [int(i) for i, _ in sorted(zip(ids.tolist(), counts.tolist()), key=lambda x: -x[1]) if i != ignore_index]
-        true = ", ".join(_name(i, class_names) for i in kept[:4])
+        true = ", ".join(_name(i, map_names) for i in kept[:4])
     else:
         true = _name(int(target), class_names)
     return true, pred
 
 
-def seg_names(cfg: Any, names: Optional[List[str]]) -> Optional[List[str]]:
-    """A segmentation's names with ``background`` first when the data names one class fewer than the model."""
+def label_map_names(cfg: Any, names: Optional[List[str]]) -> Optional[List[str]]:
+    """The names of label-map ids: ``background`` first when the data names one class fewer than the model
+    (id 0 is the background), else the names as they are."""
     k = int(getattr(cfg.model, "num_classes", 0) or 0)
-    return ["background"] + names if names and cfg.task == "segmentation" and len(names) == k - 1 else names
+    return ["background"] + names if names and len(names) == k - 1 else names
 
 
 def main(args: argparse.Namespace) -> int:
@@ -109,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
     targets = [out / f"{n}.{args.format}" for n in names]
     check_outputs(targets + [index], args.force)
     written = {}
-    class_names = seg_names(cfg, class_names_from_config(cfg))
+    class_names = class_names_from_config(cfg)
+    map_names = label_map_names(cfg, class_names)
     for i, batch in tqdm(list(batches(task, samples, args.batch_size)), desc="routing maps", leave=False):
         got: list = []
         maps = routing_maps(model, batch, forward=lambda m, b, got=got: got.append(task.predict(m, b, device)))
@@ -118,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
         outputs, truths = got[0]
         for b in range(len(maps[next(iter(maps))].expert)):
             image, title = display(samples[i + b][0], transform), names[i + b]
-            true, pred = class_captions(outputs[b], truths[b], class_names, not args.images, task)
+            true, pred = class_captions(outputs[b], truths[b], class_names, not args.images, task,
+                                        map_names=map_names)
             dst = atomic_write(targets[i + b], lambda tmp, image=image, maps=maps, b=b, title=title, t=true, p=pred:
                                routing_figure(image, maps, b, tmp, title=title, true_label=t, predicted=p,
                                               dpi=args.dpi))
