@@ -14,7 +14,6 @@ a checkpoint resumed, screening runs behind the reference by more than ``stop_ma
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -27,18 +26,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from pce.engine.errors import PCEError, add_debug_flag, run_cli
+TOOLS = str(Path(__file__).resolve().parent)
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+
+from pce.engine.errors import PCEError, add_debug_flag, run_cli  # noqa: E402
+from study_records import (STOP_FILE, _summarize_runs, half_check, read_metrics, run_state,  # noqa: E402,F401
+                           summary_markdown)
 
 ROOT = Path(__file__).resolve().parent.parent
-STOP_FILE = "study_stop.json"
 _PLAN_KEYS = ("study", "metric", "reference", "variants")
-
-
-def _summarize_runs():
-    spec = importlib.util.spec_from_file_location("pce_tool_summarize_runs", ROOT / "tools" / "summarize_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_plan(path: Path) -> Dict[str, Any]:
@@ -106,58 +103,6 @@ def run_command(plan: Dict[str, Any], stage: str, name: str, seed: int, work_roo
     return cmd + (["--resume"] if resume else [])
 
 
-def read_metrics(work_dir: Path) -> List[dict]:
-    """The records of ``work_dir/metrics.jsonl`` ([] without one; a half-written last line is ignored)."""
-    path = Path(work_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
-def run_state(work_dir: Path) -> str:
-    """``finished`` (a test record), ``stopped`` (study_stop.json), ``partial`` (a checkpoint) or ``new``."""
-    work_dir = Path(work_dir)
-    if any(r.get("type") == "test" for r in read_metrics(work_dir)):
-        return "finished"
-    if (work_dir / STOP_FILE).is_file():
-        return "stopped"
-    if (work_dir / "latest.pth").is_file() or (work_dir / "best.pth").is_file():
-        return "partial"
-    return "new"
-
-
-def _best(rows: List[dict], metric: str, mode: str, upto: int) -> Optional[float]:
-    vals = [r[metric] for r in rows if r.get("type") == "val" and r.get("epoch", 0) <= upto
-            and isinstance(r.get(metric), (int, float))]
-    return (max if mode == "max" else min)(vals) if vals else None
-
-
-def half_check(run_dir: Path, ref_dir: Path, epochs: int, metric: str, mode: str, margin: float) -> Optional[dict]:
-    """The stop-at-half decision: ``None`` while undecided (no validation at or after ``ceil(epochs / 2)`` yet, in
-    the run or the reference), else ``{"epoch", "value", "reference", "stop"}``: the run's and the reference's best
-    ``metric`` up to the run's first validation epoch at or after half, ``stop`` when the run is behind by more than
-    ``margin``."""
-    half = math.ceil(epochs / 2)
-    rows, ref = read_metrics(run_dir), read_metrics(ref_dir)
-    at = [r["epoch"] for r in rows if r.get("type") == "val" and r.get("epoch", 0) >= half and metric in r]
-    if not at:
-        return None
-    epoch = min(at)
-    ref_reached = any(r.get("type") == "val" and r.get("epoch", 0) >= epoch for r in ref)
-    value, reference = _best(rows, metric, mode, epoch), _best(ref, metric, mode, epoch)
-    if not ref_reached or reference is None:
-        return None
-    behind = reference - value if mode == "max" else value - reference
-    return {"epoch": epoch, "value": value, "reference": reference, "stop": behind > margin}
-
-
 def _write_text(path: Path, text: str) -> None:
     from pce.tasks.atomic_io import atomic_write
 
@@ -199,69 +144,6 @@ def execute(cmd: List[str], work_dir: Path, check=None, poll_s: float = 2.0) -> 
         raise PCEError(work_dir, f"tools/train.py exited with status {proc.returncode}",
                        "a run that finishes; rerun this command to resume it: " + shlex.join(cmd))
     return None
-
-
-def _fmt(values: List[float]) -> str:
-    import statistics
-
-    mean = statistics.mean(values)
-    return f"{mean:.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
-
-
-def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path,
-                     commands: Dict[tuple, List[str]]) -> str:
-    """The study's summary: one row per run (state, best / final metric, the command that reproduces it), the
-    seed groups of the finished runs (mean ± std) with Welch's comparison against the reference, and the ranking
-    of the variants by best metric with the two best non-baseline variants named (the candidates for ``final``)."""
-    sr, metric, mode = _summarize_runs(), plan["metric"], plan.get("mode", "max")
-    lines = [f"# {plan['study']}: {stage}", "", f"Metric: {metric} ({mode}). Reference: {plan['reference']}.", "",
-             f"| run | state | best {metric} (epoch) | final | epochs | wall min | command |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    done: Dict[str, List[dict]] = {}
-    bests: Dict[str, List[float]] = {}
-    for name, seed in runs:
-        wd = root / f"{name}_s{seed}"
-        state = run_state(wd)
-        if state == "stopped":
-            stop = json.loads((wd / STOP_FILE).read_text())
-            state = f"stopped at half: {stop['value']:.4f} vs {stop['reference']:.4f} (epoch {stop['epoch']})"
-        try:
-            row = sr.summarize(wd, metric)
-        except PCEError:
-            row = None
-        cells = (f"{row['best']:.4f} ({row['best_epoch']}) | {row['final']:.4f} | {row['epochs']} | "
-                 f"{row['minutes']:.1f}") if row else "- | - | - | -"
-        lines.append(f"| {wd.name} | {state} | {cells} | `{shlex.join(commands[(name, seed)])}` |")
-        if row:
-            bests.setdefault(name, []).append(row["best"])
-            if state == "finished":
-                done.setdefault(name, []).append(row)
-    lines += _group_tables(sr, plan, done)
-    ranked = sorted(bests, key=lambda n: sum(bests[n]) / len(bests[n]), reverse=mode == "max")
-    picks = [n for n in ranked if n not in plan.get("baselines", [])][:2]
-    lines += ["", f"Ranking by best {metric} (mean over seeds, stopped runs included): "
-              + ", ".join(f"{n} {_fmt(bests[n])}" for n in ranked) + ".",
-              f"Best two non-baseline variants: {', '.join(picks) or '-'}.", ""]
-    return "\n".join(lines)
-
-
-def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List[str]:
-    metric, ref = plan["metric"], plan["reference"]
-    lines = ["", f"| variant | finished seeds | final {metric} (mean ± std) | best {metric} |", "| --- | --- | --- | --- |"]
-    for name, rows in done.items():
-        lines.append(f"| {name} | {len(rows)} | {_fmt([r['final'] for r in rows])} | {_fmt([r['best'] for r in rows])} |")
-    base = done.get(ref, [])
-    others = [(n, rows) for n, rows in done.items() if n != ref and len(rows) > 1]
-    if len(base) > 1 and others:
-        lines += ["", f"| variant vs {ref} | final {metric}: difference of means [95% CI], Welch p | best {metric} |",
-                  "| --- | --- | --- |"]
-        for name, rows in others:
-            cells = []
-            for key in ("final", "best"):
-                w = sr.welch([r[key] for r in rows], [r[key] for r in base])
-                cells.append(f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}")
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    return lines
 
 
 def _one_run(plan, stage, name, seed, args, root) -> str:
