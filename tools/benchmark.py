@@ -49,7 +49,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ from benchmark_profile import run_profile  # noqa: E402
 from benchmark_report import TARGETS, check_targets, format_report  # noqa: E402
 from benchmark_timing import DEADLINE, bench_interleaved, loadavg, machine_info, median  # noqa: E402
 
-__all__ = ["SETTINGS", "main", "parse_args", "run_compile",
+__all__ = ["SETTINGS", "main", "parse_args",
            # the harness handed to benchmark_compile as ``B``
            "bench_interleaved", "median", "NUM_CLASSES", "build_model", "make_train_step", "make_infer"]
 
@@ -103,21 +103,6 @@ SETTINGS: Dict[str, Dict[str, Any]] = {
         model=dict(inputs=(32,), batches=(2,), threads=(1,), warmup=1, reps=2, min_reps=1, budget_s=0.3),
         flops_input=32, memory=dict(input=32, batch=2, steps=1)),
 }
-
-
-# -- torch.compile -------------------------------------------------------------------------------------------------
-def run_compile(s: Dict[str, Any], args: argparse.Namespace, threads: Sequence[int], layer_threads: int,
-                log) -> List[Dict[str, Any]]:
-    """The ``--compile`` section (:mod:`benchmark_compile`): layer level with ``layer_threads``, model level
-    with the largest thread count; this module is the harness ``B`` it runs on."""
-    bc, me = benchmark_compile, sys.modules[__name__]
-    log(f"torch.compile ({args.compile_backend}) ...")
-    rows = []
-    if "layer" not in args.skip:
-        rows += bc.run_compile_layer(s["layer"], layer_threads, args.compile_backend, me, log)
-    if "model" not in args.skip:
-        rows += bc.run_compile_model(s["model"], args.preset, max(threads), args.compile_backend, me, log)
-    return rows
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -227,7 +212,8 @@ def _run_sections(args: argparse.Namespace, s: Dict[str, Any], mode: str, thread
         done("vs condconv memory")
     if args.compile:
         result["config"]["compile_backend"] = args.compile_backend
-        result["compile"] = run_compile(s, args, threads, args.layer_threads, log)
+        result["compile"] = benchmark_compile.run_compile(s, args, threads, args.layer_threads,
+                                                          sys.modules[__name__], log)
         done("compile")
     if args.profile:
         run_profile(s["layer"], args.preset, s["model"], args.layer_threads, log,

@@ -156,3 +156,16 @@ def format_compile(rows: List[Dict[str, Any]], backend: str) -> str:
             lines.append(f"max |compiled - eager| ({r['level']}{'' if r.get('experts') is None else ' E=%d' % r['experts']}"
                          f", eval): {d}")
     return "\n".join(lines)
+
+
+def run_compile(s: Dict[str, Any], args: Any, threads: List[int], layer_threads: int, B: Any,
+                log) -> List[Dict[str, Any]]:
+    """The ``--compile`` section of ``tools/benchmark.py`` (its module is the harness ``B``): layer level with
+    ``layer_threads``, model level with the largest thread count."""
+    log(f"torch.compile ({args.compile_backend}) ...")
+    rows = []
+    if "layer" not in args.skip:
+        rows += run_compile_layer(s["layer"], layer_threads, args.compile_backend, B, log)
+    if "model" not in args.skip:
+        rows += run_compile_model(s["model"], args.preset, max(threads), args.compile_backend, B, log)
+    return rows
