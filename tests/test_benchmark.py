@@ -270,12 +270,45 @@ def test_benchmark_vs_points_and_condconv_memory_skip(monkeypatch):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--vs-points", "224"])
     seen = {}
-    monkeypatch.setattr(bcc, "run_condconv", lambda cfg, th, log: seen.setdefault("points", cfg["points"]) and [])
+    monkeypatch.setattr(bcc, "run_condconv", lambda cfg, th, log, pairs: seen.setdefault("points", cfg["points"]) and [])
     monkeypatch.setattr(bcc, "start_condconv_memory", lambda cfg: seen.setdefault("memory", True))
     args.skip += ["layer", "model", "flops", "memory", "conv"]
     result = {"config": {}}
     benchmark._run_sections(args, benchmark.SETTINGS["quick"], "quick", [1], result, lambda m: None, lambda n: None)
     assert seen == {"points": ((224, 8), (64, 2))}
+
+
+def test_benchmark_floor_rows_and_flop_ratios():
+    """``--vs condconv floor``: the presets with every patch on expert 0 (a bound, never judged), and each row's
+    FLOPs over the twin, checked by hand at 224 px: stages 3-4 of ``pce_tiny`` compute their experts on 16 and 8 px
+    grids for 14 and 7 px maps (``(16 / 14) ** 2`` and ``(8 / 7) ** 2`` the dense twin's expert FLOPs)."""
+    _tools()
+    import benchmark
+    import benchmark_condconv as bcc
+    from benchmark_model import build_model
+    from pce.models.flops import count_flops
+    from pce.models.routed import routed_layers
+
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--vs", "floor"])
+    assert benchmark.parse_args(["--vs", "condconv", "floor"]).vs == ["condconv", "floor"]
+    with pytest.raises(ValueError, match="pce_tiny:ceiling"):
+        build_model("pce_tiny:ceiling")
+    floor = build_model("pce_tiny:floor")
+    assert [type(m.router_override).__name__ for _, m in routed_layers(floor)] == ["SharedRouter"] * 4
+    dense = build_model("dense_tiny").eval()
+    by = count_flops(dense, torch.randn(1, 3, 224, 224), max_depth=6)["by_module"]
+    expert = {s: by[f"backbone.stages.{s}.layers.0"] - by[f"backbone.stages.{s}.layers.0.proj"] for s in (2, 3)}
+    extra = expert[2] * ((16 / 14) ** 2 - 1) + expert[3] * ((8 / 7) ** 2 - 1)
+    ratios = bcc.flop_ratios({"pce_tiny:floor": floor, "dense_tiny": dense}, 224, (("pce_tiny:floor", "dense_tiny"),))
+    assert ratios["pce_tiny:floor"] == pytest.approx((by[""] + extra) / by[""], rel=1e-6)
+    pairs = bcc.PAIRS[:1] + (bcc.PAIRS[2],) + bcc.FLOOR_PAIRS[:1]
+    times = {n: {"wall": [v], "cpu": [v]} for n, v in {"pce_tiny": 1.0, "dense_tiny": 1.0, bcc.CONDCONV: 2.0,
+                                                       bcc.DENSE_CC: 2.0, "pce_tiny:floor": 9.0}.items()}
+    checks = bcc.check_condconv([bcc.point_row(224, 8, 1, "train", times, pairs)])
+    assert [c["target"].split("/")[0] for c in checks] == ["pce_tiny"] and checks[0]["pass"]
+    assert "PRESET:floor" in bcc.format_condconv({"vs_condconv": [dict(bcc.point_row(224, 8, 1, "train", times, pairs),
+                                                                       flops_ratio=ratios)], "config": {}})
 
 
 @pytest.mark.slow

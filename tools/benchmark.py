@@ -124,9 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "issue #21; condconv_memory: the memory workers of --vs condconv)")
     ap.add_argument("--vs-points", nargs="+", type=bcc.parse_point, metavar="SIZExBATCH", help="grid points of --vs "
                     "condconv instead of the mode's (e.g. 224x8)")
-    ap.add_argument("--vs", nargs="+", default=[], choices=["condconv"], help="also compare with other networks: "
-                    "condconv = pce_tiny / pce_small over their dense twins next to timm's efficientnet_cc_b0_4e over "
-                    "efficientnet_b0 (issue #25; threads: --threads, default 1 2; minutes)")
+    ap.add_argument("--vs", nargs="+", default=[], choices=["condconv", "floor"], help="also compare with other "
+                    "networks: condconv = pce_tiny / pce_small over their dense twins next to timm's "
+                    "efficientnet_cc_b0_4e over efficientnet_b0 (issue #25; threads: --threads, default 1 2; "
+                    "minutes); floor (with condconv) = also the presets without routing, the least any exact "
+                    "dispatch costs")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when any target fails (default: "
                     "print PASS/FAIL and exit 0)")
     ap.add_argument("--max-minutes", type=float, help="soft limit of the whole run: past it (less a reserve for "
@@ -143,7 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--_mem-batch", dest="mem_batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_mem-threads", dest="mem_threads", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_mem-steps", dest="mem_steps", type=int, default=1, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if "floor" in args.vs and "condconv" not in args.vs:
+        ap.error("--vs floor: it is a row of the CondConv comparison (use --vs condconv floor)")
+    return args
 
 
 def _config(args: argparse.Namespace, mode: str, s: Dict[str, Any], threads: List[int],
@@ -181,10 +186,11 @@ def _run_timed(args: argparse.Namespace, s: Dict[str, Any], mode: str, threads: 
     if "condconv" in args.vs:
         cfg = dict(bcc.SETTINGS[mode], **({"points": tuple(args.vs_points)} if args.vs_points else {}))
         th = list(args.threads or cfg["threads"])
-        result["config"]["vs_condconv"] = dict(cfg, threads=th, pairs=bcc.PAIRS, check_points=bcc.CHECK_POINTS,
+        pairs = bcc.PAIRS + (bcc.FLOOR_PAIRS if "floor" in args.vs else ())
+        result["config"]["vs_condconv"] = dict(cfg, threads=th, pairs=pairs, check_points=bcc.CHECK_POINTS,
                                                slack=bcc.SLACK)
         log(f"vs condconv (threads {th}) ...")
-        result["vs_condconv"] = bcc.run_condconv(cfg, th, log)
+        result["vs_condconv"] = bcc.run_condconv(cfg, th, log, pairs)
         done("vs condconv")
 
 

@@ -3,7 +3,8 @@ network, timed in the same process. Module map: see ``benchmark_timing.py``.
 
 Pairs (candidate over its dense twin): ``pce_tiny`` / ``dense_tiny``, ``pce_small`` / ``dense_small`` (the PCE
 classifiers of the model level, top-1) and timm's ``efficientnet_cc_b0_4e`` / ``efficientnet_b0`` (CondConv,
-4 experts, ``pretrained=False``); all with 10 classes. Every grid point (input size, batch, threads, mode) times
+4 experts, ``pretrained=False``); all with 10 classes. ``--vs condconv floor`` adds :data:`FLOOR_PAIRS` (the presets
+without routing: a lower bound, not judged). Every row also carries each candidate's FLOPs over its twin's. Every grid point (input size, batch, threads, mode) times
 the six models interleaved (A B C ..., ... C B A) after warm-up: ``infer`` = eval + ``no_grad`` forward, ``train``
 = one SGD step (zero_grad, forward, loss - plus router losses for PCE -, backward, step), wall and process CPU time.
 Ratios: candidate / its dense twin, from the medians (lower is better); raw times are kept in the JSON rows.
@@ -26,6 +27,9 @@ from benchmark_timing import median
 CONDCONV, DENSE_CC = "efficientnet_cc_b0_4e", "efficientnet_b0"
 #: (candidate, its dense twin)
 PAIRS = (("pce_tiny", "dense_tiny"), ("pce_small", "dense_small"), (CONDCONV, DENSE_CC))
+#: ``--vs condconv floor``: each PCE preset with no routing at all (``benchmark_model.FLOOR``), over the same twin:
+#: what any exact dispatch of the preset's grid costs at least. Reported next to the check, never judged by it.
+FLOOR_PAIRS = (("pce_tiny:floor", "dense_tiny"), ("pce_small:floor", "dense_small"))
 CHECK_POINTS = ((224, 8), (128, 32))
 SLACK = 0.05
 SETTINGS: Dict[str, Dict[str, Any]] = {
@@ -50,6 +54,20 @@ def model_list(pairs: Sequence[Sequence[str]] = PAIRS) -> List[str]:
     return [n for pair in pairs for n in pair]
 
 
+def flop_ratios(models: Dict[str, torch.nn.Module], size: int, pairs: Sequence[Sequence[str]] = PAIRS
+                ) -> Dict[str, float]:
+    """Per candidate: its FLOPs over its twin's (fvcore, eval mode, one ``size`` px image): the work each model
+    defines, before any overhead (``pce_tiny`` pads 14 and 7 px maps to its 16 and 8 px grids at 224 px)."""
+    from pce.models.flops import count_flops
+
+    flops = {}
+    for n in {m for pair in pairs for m in pair}:
+        was = models[n].training
+        flops[n] = count_flops(models[n].eval(), torch.randn(1, 3, size, size))["total"]
+        models[n].train(was)
+    return {c: flops[c] / flops[d] for c, d in pairs}
+
+
 def point_row(size: int, batch: int, threads: int, mode: str, times: Dict[str, Dict[str, List[float]]],
               pairs: Sequence[Sequence[str]] = PAIRS) -> Dict[str, Any]:
     """One grid point: per model the raw and median times, per candidate its ratios over its twin."""
@@ -65,16 +83,18 @@ def run_condconv(cfg: Dict[str, Any], threads: Sequence[int], log,
     """Every point x thread count x mode of ``cfg`` (a :data:`SETTINGS` entry), the models of ``pairs``."""
     names = model_list(pairs)
     models = {n: build_model(n) for n in names}
-    rows = []
+    rows, flops = [], {}
     for size, batch in cfg["points"]:
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, NUM_CLASSES, (batch,))
+        if size not in flops:
+            flops[size] = flop_ratios(models, size, pairs)
         for th in threads:
             torch.set_num_threads(th)
             for mode in ("infer", "train"):
                 t = time_models(models, x, y, mode, cfg)
-                row = point_row(size, batch, th, mode, t, pairs)
+                row = dict(point_row(size, batch, th, mode, t, pairs), flops_ratio=flops[size])
                 rows.append(row)
                 log(f"  vs condconv {size}px b={batch:<3} t={th} {mode:<5} " + "  ".join(
                     f"{c} {r['cpu']:.2f}" for c, r in row["ratios"].items())
@@ -90,7 +110,7 @@ def check_condconv(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             continue
         cc = r["ratios"][CONDCONV]
         for c, v in r["ratios"].items():
-            if c == CONDCONV:
+            if c == CONDCONV or ":" in c:  # a floor row is a bound, not a candidate
                 continue
             lim = cc["cpu"] + SLACK
             checks.append({"target": f"{c}/{v['twin']} <= CondConv/b0 + {SLACK}, {r['input']}px b={r['batch']} t=1 "
@@ -127,6 +147,12 @@ def format_condconv(result: Dict[str, Any]) -> str:
         ratios = " ".join(f"{v['wall']:>12.2f} ({v['cpu']:5.2f})   " for v in r["ratios"].values())
         ms = " ".join(f"{v['ms']:.1f}" for v in r["models"].values())
         lines.append(f"{r['input']:>5} {r['batch']:>5} {r['threads']:>3} {r['mode']:<5} {ratios}  {ms}")
+    for size, fr in {r["input"]: r["flops_ratio"] for r in rows if "flops_ratio" in r}.items():
+        lines.append(f"FLOPs over the twin at {size} px (fvcore, one image): "
+                     + ", ".join(f"{c} {v:.3f}" for c, v in fr.items()))
+    if any(":" in c for r in rows for c in r["ratios"]):
+        lines.append("PRESET:floor = the preset with every patch on expert 0 (no router, no gather, one expert call): "
+                     "the least any exact dispatch of its grid costs over the twin; not judged")
     if mem:
         mc = result["config"].get("vs_condconv", {}).get("memory", {})
         lines.append(f"peak training-step memory over the twin ({mc.get('input')} px, batch {mc.get('batch')}, "

@@ -13,11 +13,15 @@ from torch import nn
 from benchmark_timing import bench_interleaved, median
 
 NUM_CLASSES = 10
+#: ``pce_tiny:floor``: the preset with router override ``"shared"`` (every patch to expert 0: no router, no gather,
+#: one expert call on all patches); its grid, patch cuts and reassembly are the preset's own
+FLOOR = "floor"
 
 
 def build_model(name: str) -> nn.Module:
-    """A PCE classifier preset (``pce_tiny``, ``dense_tiny``, ...), ``resnet18`` (torchvision) or a timm model
-    named ``efficientnet*`` (``efficientnet_b0``, ``efficientnet_cc_b0_4e``; ``pretrained=False``)."""
+    """A PCE classifier preset (``pce_tiny``, ``dense_tiny``, ...; ``pce_tiny:floor``, see :data:`FLOOR`),
+    ``resnet18`` (torchvision) or a timm model named ``efficientnet*`` (``efficientnet_b0``,
+    ``efficientnet_cc_b0_4e``; ``pretrained=False``)."""
     torch.manual_seed(0)
     if name == "resnet18":
         import torchvision
@@ -29,7 +33,15 @@ def build_model(name: str) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
     from pce.models.classifier import build_classifier
 
-    return build_classifier(name, NUM_CLASSES)
+    base, _, variant = name.partition(":")
+    model = build_classifier(base, NUM_CLASSES)
+    if variant == FLOOR:  # every patch to expert 0, no router: the floor of any exact dispatch of this grid
+        from pce.models.routed import set_router_override
+
+        set_router_override(model, "shared")
+    elif variant:
+        raise ValueError(f"unknown model variant {name!r} (expected PRESET or PRESET:{FLOOR})")
+    return model
 
 
 def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], Any]:
