@@ -171,12 +171,19 @@ variants = dict(a=dict(config="configs/demo_cls_digits.py", options={options!r})
 screen = dict(seeds=[0], stop_margin=1.0)
 """)
     out = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd"),
-                          "--poll", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--poll", "0.5", "--experts-num", "8"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[1/2] a_s0: finished" in out.stdout and "[2/2] b_s0: finished" in out.stdout
     root = tmp_path / "wd/tiny/screen"
     assert all(rs.run_state(root / f"{n}_s0") == "finished" for n in "ab")
-    assert "| b_s0 | finished |" in (root / "summary.md").read_text()
+    # the real analysis of both runs: its summary keys are the ones the table reads
+    assert "[experts 2/2] b_s0: analysed" in out.stdout, out.stdout + out.stderr[-2000:]
+    text = (root / "summary.md").read_text()
+    cells = row_cells(text, "b_s0")
+    assert cells[1] == "finished" and cells[10] in ("copies", "differ") and "-" not in cells[6:10], cells
+    analysis = json.loads((root / "b_s0/experts.json").read_text())
+    assert analysis["num_samples"] == 8 and float(cells[6]) == round(analysis["summary"]["expert_weight_cos_min"], 4)
     again = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd")],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "[1/2] a_s0: skipped (finished)" in again.stdout and "[2/2] b_s0: skipped (finished)" in again.stdout
@@ -199,3 +206,119 @@ def test_study_plans_load_and_use_every_study_config():
     configs = {f"configs/study/{p.name}" for p in (REPO / "configs/study").glob("*.py")
                if not p.name.startswith("plan_")}
     assert configs and configs <= used, sorted(configs - used)
+
+
+# ---- the experts' diversity columns (issue #26: every study row says whether its experts differ) ----------------
+se = sys.modules["study_experts"]  # the module tools/run_study.py imported (tools/ on sys.path)
+
+
+def experts_json(kernel_min, out_mins, routed, shuffled, forced_min, forced_max, metric="top1"):
+    """An analyze_experts JSON with the given numbers (the per-layer output cosines: one entry per layer)."""
+    layers = {f"layer{i}": {"num_experts": 4, "weight_cosine_min": kernel_min, "output_cosine_min": v}
+              for i, v in enumerate(out_mins)}
+    summary = {"expert_weight_cos_min": kernel_min, "expert_weight_cos_mean": 0.5, "expert_output_cos_mean": 0.5,
+               "forced_change_max": 0.3, f"{metric}_routed": routed, f"{metric}_shuffled": shuffled,
+               f"{metric}_forced_min": forced_min, f"{metric}_forced_max": forced_max}
+    return {"diversity": layers, "causal": [], "summary": summary}
+
+
+def put(wd: Path, data) -> None:
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "experts.json").write_text(json.dumps(data))
+
+
+def row_cells(text: str, run: str):
+    """The cells of the table row whose first cell is ``run``."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {run} |"))
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def test_verdict_thresholds():
+    assert (se.COPIES_KERNEL_COS, se.COPIES_METRIC_DELTA) == (0.99, 0.005)
+    assert se.verdict(0.99, 0.0049) == "copies" and se.verdict(1.0, 0.0) == "copies"
+    assert se.verdict(0.9899, 0.0) == "differ" and se.verdict(0.999, 0.005) == "differ"
+    assert se.verdict(None, 0.001) == "?" and se.verdict(0.995, None) == "?"
+    assert se.verdict(None, 0.2) == "differ" and se.verdict(0.5, None) == "differ"
+
+
+def test_summary_experts_columns_and_verdicts(tmp_path, monkeypatch):
+    plan = write_plan(tmp_path)
+    root = tmp_path / "wd/s26/final"
+    for name in ("dense", "pce"):
+        for s in (0, 1):
+            write_metrics(root / f"{name}_s{s}", vals((1, 0.7), (8, 0.8), test=0.8))
+    put(root / "dense_s0", {"routed": False})
+    put(root / "dense_s1", {"routed": False})
+    # pce_s0: kernels differ; output cos min over the layers min(0.30, 0.12); a 1-expert layer does not count;
+    # forced delta max(|0.83 - 0.80|, |0.60 - 0.80|) = 0.20; shuffled 0.71 - 0.80 = -0.09
+    data = experts_json(0.25, [0.30, 0.12], 0.80, 0.71, 0.60, 0.83)
+    data["diversity"]["single"] = {"num_experts": 1, "output_cosine_min": 0.01}
+    put(root / "pce_s0", data)
+    # pce_s1: copies: kernel cos 0.995 >= 0.99 and forced delta max(0.002, 0.003) = 0.003 < 0.005; shuffled +0.001
+    put(root / "pce_s1", experts_json(0.995, [0.999], 0.75, 0.751, 0.748, 0.753))
+    monkeypatch.setattr(rs, "execute", lambda *a, **k: pytest.fail("--summary-only trained"))
+    assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only"]) == 0
+    text = (root / "summary.md").read_text()
+    assert "| kernel cos min | output cos min | forced Δ max | shuffled Δ | experts | command |" in text
+    assert row_cells(text, "pce_s0")[6:11] == ["0.2500", "0.1200", "0.2000", "-0.0900", "differ"]
+    assert row_cells(text, "pce_s1")[6:11] == ["0.9950", "0.9990", "0.0030", "+0.0010", "copies"]
+    assert row_cells(text, "dense_s0")[6:11] == ["-"] * 5
+    # the seed groups: the verdicts counted over the finished seeds
+    assert row_cells(text, "pce")[1] == "2" and row_cells(text, "pce")[4] == "copies 1/2, differ 1/2"
+    assert row_cells(text, "dense")[4] == "-"
+    put(root / "pce_s0", experts_json(0.99, [0.98], 0.80, 0.80, 0.7951, 0.8049))  # |delta| 0.0049 -> copies
+    assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only"]) == 0
+    text = (root / "summary.md").read_text()
+    assert row_cells(text, "pce_s0")[10] == "copies" and row_cells(text, "pce")[4] == "copies 2/2"
+
+
+def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys):
+    plan = write_plan(tmp_path, PLAN.replace("final = dict(seeds=[0, 1]", "final = dict(seeds=[0, 1, 2]"))
+    root = tmp_path / "wd/s26/final"
+    for name in ("dense", "pce"):
+        for s in (0, 1, 2):
+            write_metrics(root / f"{name}_s{s}", vals((1, 0.7), (8, 0.8), test=0.8))
+            (root / f"{name}_s{s}/best.pth").write_bytes(b"x")
+    (root / "dense_s2/best.pth").unlink()                         # finished without a checkpoint: not analysed
+    put(root / "dense_s1", {"routed": False})                     # already analysed: not again
+    write_metrics(root / "pce_s2", vals((1, 0.7)))                # partial: not analysed
+    (root / "pce_s2/latest.pth").write_bytes(b"x")
+    calls = []
+
+    def fake(argv, env):
+        calls.append((argv, env.get("OMP_NUM_THREADS")))
+        run = Path(argv[2]).parent.name
+        if run.startswith("dense"):
+            return subprocess.CompletedProcess(argv, 1, "", f"error: {argv[2]}: the model has no routed layer "
+                                                            "(a config whose backbone routes)\n")
+        if run == "pce_s0":
+            Path(argv[-1]).write_text(json.dumps(experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8)))
+            return subprocess.CompletedProcess(argv, 0, "written\n", "")
+        return subprocess.CompletedProcess(argv, 1, "", "some warning\nerror: CUDA out of memory\n")
+
+    monkeypatch.setattr(se, "run_analysis", fake)
+    monkeypatch.setattr(rs, "execute", lambda *a, **k: pytest.fail("--summary-only trained"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # --threads sets it in this process: restored afterwards
+    argv = [str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only", "--threads", "3",
+            "--experts-num", "16"]
+    assert rs.main(argv) == 0
+    wd = root / "dense_s0"
+    assert calls[0] == ([sys.executable, "tools/analyze_experts.py", str(wd / "config.json"), "--checkpoint",
+                         str(wd / "best.pth"), "--split", "val", "--num", "16", "--out", str(wd / "experts.json")], "3")
+    assert [Path(a[2]).parent.name for a, _ in calls] == ["dense_s0", "pce_s0", "pce_s1"]
+    out = capsys.readouterr().out
+    assert "[experts 1/3] dense_s0: not routed" in out and "[experts 2/3] pce_s0: analysed" in out
+    assert "[experts 3/3] pce_s1: failed (exit 1): error: CUDA out of memory" in out
+    assert json.loads((wd / "experts.json").read_text())["routed"] is False   # cached
+    assert not (root / "pce_s1/experts.json").exists()                         # a failure is retried next time
+    text = (root / "summary.md").read_text()                                   # written despite the failure
+    assert row_cells(text, "dense_s0")[6:11] == ["-"] * 5
+    assert row_cells(text, "pce_s0")[6:11] == ["0.5000", "0.4000", "0.2000", "-0.1000", "differ"]
+    assert row_cells(text, "pce_s1")[10] == "not analysed"
+    assert row_cells(text, "pce")[4] == "differ 1/2"                          # pce_s2 is not finished
+    calls.clear()
+    assert rs.main(argv) == 0
+    assert [Path(a[2]).parent.name for a, _ in calls] == ["pce_s1"]
+    assert rs.main(argv + ["--no-experts"]) == 0 and len(calls) == 1
+    assert rs.main([str(plan), "--work-root", str(tmp_path / "nowhere"), "--summary-only"]) == 1
+    assert "no such stage folder" in capsys.readouterr().err

@@ -6,10 +6,13 @@ rules and the stop-at-half rule: docs/STUDY.md (and configs/study/plan_seg.py).
     python tools/run_study.py configs/study/plan_seg.py --stage screen --dry-run   # the commands, one per line
     python tools/run_study.py configs/study/plan_seg.py --stage screen --threads 2
     python tools/run_study.py configs/study/plan_seg.py --stage final --only dense pce_head
+    python tools/run_study.py configs/study/plan_seg.py --stage screen --summary-only   # train nothing
 
 Work dirs: ``<stage folder>/<variant>_s<seed>``; finished runs (a ``"type": "test"`` record) are skipped, runs with
 a checkpoint resumed, screening runs behind the reference by more than ``stop_margin`` at half their epochs stopped
-(``study_stop.json``). Errors are one line naming the plan or the run (``--debug``: the traceback).
+(``study_stop.json``). Then every finished run's experts are analysed once into ``<run>/experts.json``
+(``tools/analyze_experts.py``, tools/study_experts.py; ``--no-experts`` skips it) and ``summary.md`` written with
+their verdicts. Errors are one line naming the plan or the run (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
 
 from pce.engine.errors import PCEError, add_debug_flag, run_cli  # noqa: E402
+from study_experts import ensure_all  # noqa: E402
 from study_records import (STOP_FILE, _summarize_runs, half_check, read_metrics, run_state,  # noqa: E402,F401
                            summary_markdown)
 
@@ -179,6 +183,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="runtime.num_threads (and OMP_NUM_THREADS) of every run")
     ap.add_argument("--work-root", type=Path, default=Path("work_dirs"), help="where <study>/<stage>/ goes")
     ap.add_argument("--poll", type=float, default=5.0, help="seconds between looks at a running run's metrics")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="train nothing: analyse the finished runs' experts (unless --no-experts), write summary.md")
+    ap.add_argument("--no-experts", dest="experts", action="store_false",
+                    help="skip the experts analysis (summary.md shows what experts.json files exist)")
+    ap.add_argument("--experts-num", type=int, default=64, metavar="N",
+                    help="validation samples of each experts analysis (default 64)")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     return run_cli(lambda: _run(args), debug=args.debug)
@@ -194,11 +204,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.experts_num < 1:
+        raise PCEError("--experts-num", f"{args.experts_num}", "a positive number of samples")
+    if args.summary_only and not root.is_dir():
+        raise PCEError(root, "no such stage folder", "the folder of a stage that has runs (--work-root?)")
     from tqdm import tqdm
 
-    bar = tqdm(runs, desc=f"{plan['study']} {args.stage}", unit="run", file=sys.stderr, disable=None)
-    for i, (name, seed) in enumerate(bar, 1):
-        print(f"[{i}/{len(runs)}] {name}_s{seed}: {_one_run(plan, args.stage, name, seed, args, root)}", flush=True)
+    if not args.summary_only:
+        bar = tqdm(runs, desc=f"{plan['study']} {args.stage}", unit="run", file=sys.stderr, disable=None)
+        for i, (name, seed) in enumerate(bar, 1):
+            print(f"[{i}/{len(runs)}] {name}_s{seed}: {_one_run(plan, args.stage, name, seed, args, root)}",
+                  flush=True)
+    if args.experts:
+        ensure_all([root / f"{name}_s{seed}" for name, seed in runs], args.experts_num, args.threads)
     _write_text(root / "summary.md", summary_markdown(plan, args.stage, runs, root, commands))
     print(f"summary: {root / 'summary.md'}")
     return 0

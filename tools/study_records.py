@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pce.engine.errors import PCEError
+from study_experts import expert_cells, markdown_cells, verdict_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_FILE = "study_stop.json"
@@ -21,7 +22,6 @@ def _summarize_runs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
 
 
 def read_metrics(work_dir: Path) -> List[dict]:
@@ -86,13 +86,15 @@ def _fmt(values: List[float]) -> str:
 
 def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path,
                      commands: Dict[tuple, List[str]]) -> str:
-    """The study's summary: one row per run (state, best / final metric, the command that reproduces it), the
-    seed groups of the finished runs (mean ± std) with Welch's comparison against the reference, and the ranking
+    """The study's summary: one row per run (state, best / final metric, its experts' diversity from
+    ``experts.json``: tools/study_experts.py, the command that reproduces it), the seed groups of the finished
+    runs (mean ± std, the experts' verdicts) with Welch's comparison against the reference, and the ranking
     of the variants by best metric with the two best non-baseline variants named (the candidates for ``final``)."""
     sr, metric, mode = _summarize_runs(), plan["metric"], plan.get("mode", "max")
     lines = [f"# {plan['study']}: {stage}", "", f"Metric: {metric} ({mode}). Reference: {plan['reference']}.", "",
-             f"| run | state | best {metric} (epoch) | final | epochs | wall min | command |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"| run | state | best {metric} (epoch) | final | epochs | wall min | kernel cos min | output cos min "
+             f"| forced Δ max | shuffled Δ | experts | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     done: Dict[str, List[dict]] = {}
     bests: Dict[str, List[float]] = {}
     for name, seed in runs:
@@ -107,11 +109,13 @@ def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: 
             row = None
         cells = (f"{row['best']:.4f} ({row['best_epoch']}) | {row['final']:.4f} | {row['epochs']} | "
                  f"{row['minutes']:.1f}") if row else "- | - | - | -"
-        lines.append(f"| {wd.name} | {state} | {cells} | `{shlex.join(commands[(name, seed)])}` |")
+        experts = expert_cells(wd, metric)
+        lines.append(f"| {wd.name} | {state} | {cells} | {markdown_cells(experts)} | "
+                     f"`{shlex.join(commands[(name, seed)])}` |")
         if row:
             bests.setdefault(name, []).append(row["best"])
             if state == "finished":
-                done.setdefault(name, []).append(row)
+                done.setdefault(name, []).append({**row, "experts": experts})
     lines += _group_tables(sr, plan, done)
     ranked = sorted(bests, key=lambda n: sum(bests[n]) / len(bests[n]), reverse=mode == "max")
     picks = [n for n in ranked if n not in plan.get("baselines", [])][:2]
@@ -123,9 +127,11 @@ def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: 
 
 def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List[str]:
     metric, ref = plan["metric"], plan["reference"]
-    lines = ["", f"| variant | finished seeds | final {metric} (mean ± std) | best {metric} |", "| --- | --- | --- | --- |"]
+    lines = ["", f"| variant | finished seeds | final {metric} (mean ± std) | best {metric} | experts |",
+             "| --- | --- | --- | --- | --- |"]
     for name, rows in done.items():
-        lines.append(f"| {name} | {len(rows)} | {_fmt([r['final'] for r in rows])} | {_fmt([r['best'] for r in rows])} |")
+        lines.append(f"| {name} | {len(rows)} | {_fmt([r['final'] for r in rows])} | {_fmt([r['best'] for r in rows])} "
+                     f"| {verdict_counts([r.get('experts') for r in rows])} |")
     base = done.get(ref, [])
     others = [(n, rows) for n, rows in done.items() if n != ref and len(rows) > 1]
     if len(base) > 1 and others:
