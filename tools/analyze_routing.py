@@ -5,6 +5,9 @@
         --split val --out analysis/fmnist
     python tools/analyze_routing.py --runs work_dirs/fmnist_cls_pce_s0 work_dirs/fmnist_cls_pce_s1 \\
         --nmi-plot analysis/nmi_over_training.png
+    python tools/analyze_routing.py --seeds analysis/seg_s0 analysis/seg_s1 analysis/seg_s2 \\
+        --experts analysis/seg_s0_experts.json analysis/seg_s1_experts.json analysis/seg_s2_experts.json \\
+        --out analysis/seg_seeds.json
 
 Per PCE layer and expert: usage share, mean gate weight, dropped-patch rate, mean routing entropy, entropy of
 the usage distribution, imbalance (max / min load), collapsed experts; specialisation as the normalised mutual
@@ -22,10 +25,18 @@ position per layer over the training epochs, read from each run's ``metrics.json
 of the logging steps, averaged per epoch), mean over the runs (seeds) with their min-max band and the
 shuffled-label baselines, phase boundaries marked (:mod:`pce.analysis.nmi_curves`); ``OUT.json`` beside the
 figure holds the plotted numbers. PNG, or PDF / SVG by the suffix.
+
+With ``--seeds DIR [DIR ...] --out FILE.json`` (no config, no model): is the routing positional, semantic or
+chance over seeds? Each DIR is an output folder of this tool (its ``routing_stats.json``; one per seed of the same
+model); ``--experts FILE [FILE ...]`` (optional, one ``tools/analyze_experts.py`` JSON per DIR, same order) flags
+layers whose experts are copies. Per layer: mean, std, min, max of the NMI, of its shuffled baseline and of the
+excess over it, a one-sided 95 % t lower bound of the excess and a verdict (:mod:`pce.analysis.seeds`, thresholds
+in docs/INTERPRETABILITY.md); prints a markdown table and writes every number to FILE.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Tuple
@@ -51,10 +62,25 @@ def parse_runs_args(argv: List[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def parse_seeds_args(argv: List[str]) -> argparse.Namespace:
+    """The arguments of the ``--seeds`` mode (routing over seeds; no model)."""
+    ap = argparse.ArgumentParser(description="Positional, semantic or chance? Routing statistics over seeds")
+    ap.add_argument("--seeds", nargs="+", required=True, metavar="DIR",
+                    help="output folders of tools/analyze_routing.py (each with routing_stats.json), one per seed")
+    ap.add_argument("--experts", nargs="+", default=None, metavar="FILE",
+                    help="tools/analyze_experts.py JSON files, one per DIR in the same order (flags expert copies)")
+    ap.add_argument("--out", required=True, metavar="FILE.json", help="summary JSON")
+    add_force_flag(ap)
+    add_debug_flag(ap)
+    return ap.parse_args(argv)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--runs" in argv:
         return parse_runs_args(argv)
+    if "--seeds" in argv:
+        return parse_seeds_args(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap)
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -138,9 +164,47 @@ def nmi_over_training(args: argparse.Namespace) -> Path:
     return out
 
 
+def _read_json(path: Path, expected: str) -> dict:
+    if not path.is_file():
+        raise PCEError(path, "no such file", expected)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PCEError(path, f"unreadable JSON ({e})", expected) from None
+
+
+def over_seeds(args: argparse.Namespace) -> dict:
+    """``--seeds``: read every folder's ``routing_stats.json`` (and ``--experts``), summarise, write ``--out``."""
+    from pce.analysis.seeds import summarize_seeds
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise PCEError("--out", f"{out}: suffix {out.suffix or '(none)'!r}", "a .json file in the --seeds mode")
+    experts_files = args.experts or []
+    if args.experts is not None and len(experts_files) != len(args.seeds):
+        raise PCEError("--experts", f"{len(experts_files)} file(s) for {len(args.seeds)} --seeds folder(s)",
+                       "one tools/analyze_experts.py JSON per folder, in the same order")
+    check_outputs([out], args.force)
+    files = [Path(d) if Path(d).is_file() else Path(d) / "routing_stats.json" for d in args.seeds]
+    stats = [_read_json(f, "an output folder of tools/analyze_routing.py CONFIG --checkpoint CKPT --out DIR")
+             for f in files]
+    experts = [_read_json(Path(f), "a JSON written by tools/analyze_experts.py --out") for f in experts_files]
+    summary = summarize_seeds(stats, experts or None, names=[str(f) for f in files])
+    summary["sources"] = {"routing_stats": [str(f) for f in files], "experts": [str(f) for f in experts_files]}
+    write_json(summary, out)
+    return summary
+
+
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "runs", None):
         print(f"NMI over training of {len(args.runs)} run(s) written to {nmi_over_training(args)}")
+        return 0
+    if getattr(args, "seeds", None):
+        from pce.analysis.seeds import format_seeds_table
+
+        summary = over_seeds(args)
+        print(format_seeds_table(summary))
+        print(f"summary of {summary['seeds']} seed(s) written to {args.out}")
         return 0
     summary = analyze(args)
     print(f"{'layer':<34} {'entropy':>7} {'collapsed':>9} {'NMI class (shuffled)':>22} {'NMI position (shuffled)':>24}")
