@@ -11,8 +11,8 @@ import pytest
 from scipy.stats import t as student_t
 
 from _faults_util import error_line, load_tool
-from pce.analysis.seeds import MIN_EXCESS, format_seeds_table, summarize_seeds
-from pce.engine.errors import PCEError, run_cli
+from pce.analysis.seeds import MIN_EXCESS, SeedsError, format_seeds_table, summarize_seeds
+from pce.engine.errors import run_cli
 
 L1, L2 = "backbone.stages.0.layers.0", "backbone.stages.1.layers.0"
 Pair = Tuple[float, float]  # (nmi, shuffled baseline)
@@ -102,7 +102,7 @@ def test_copies_note_from_layer_diversity_or_run_summary():
 
 def test_layers_that_differ_between_seeds_are_refused():
     stats = [seed_stats({L1: (CLS[0], POS[0])}), seed_stats({L2: (CLS[1], POS[1])})]
-    with pytest.raises(PCEError, match=r"b/routing_stats.json: layers.*expected|the layers of a/routing_stats.json"):
+    with pytest.raises(SeedsError, match=r"b/routing_stats.json: layers.*expected|the layers of a/routing_stats.json"):
         summarize_seeds(stats, names=["a/routing_stats.json", "b/routing_stats.json"])
 
 

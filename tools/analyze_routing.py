@@ -175,7 +175,7 @@ def _read_json(path: Path, expected: str) -> dict:
 
 def over_seeds(args: argparse.Namespace) -> dict:
     """``--seeds``: read every folder's ``routing_stats.json`` (and ``--experts``), summarise, write ``--out``."""
-    from pce.analysis.seeds import summarize_seeds
+    from pce.analysis.seeds import SeedsError, summarize_seeds
 
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -189,7 +189,10 @@ def over_seeds(args: argparse.Namespace) -> dict:
     stats = [_read_json(f, "an output folder of tools/analyze_routing.py CONFIG --checkpoint CKPT --out DIR")
              for f in files]
     experts = [_read_json(Path(f), "a JSON written by tools/analyze_experts.py --out") for f in experts_files]
-    summary = summarize_seeds(stats, experts or None, names=[str(f) for f in files])
+    try:
+        summary = summarize_seeds(stats, experts or None, names=[str(f) for f in files])
+    except SeedsError as e:
+        raise PCEError(e.where, e.what, e.expected) from None
     summary["sources"] = {"routing_stats": [str(f) for f in files], "experts": [str(f) for f in experts_files]}
     write_json(summary, out)
     return summary

@@ -26,15 +26,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from pce.engine.errors import PCEError
-
-__all__ = ["MIN_EXCESS", "CONFIDENCE", "COPY_COSINE", "aggregate", "lower_bound", "verdict", "summarize_seeds",
+__all__ = ["SeedsError", "MIN_EXCESS", "CONFIDENCE", "COPY_COSINE", "aggregate", "lower_bound", "verdict", "summarize_seeds",
            "format_seeds_table"]
 
 MIN_EXCESS = 0.02   # NMI above the shuffled baseline that counts as a signal (lower bound of the mean over seeds)
 CONFIDENCE = 0.95   # one-sided confidence of that lower bound (Student t, n - 1 degrees of freedom)
 COPY_COSINE = 0.99  # experts whose lowest pairwise kernel cosine reaches this are copies of each other
 _KINDS = (("nmi_class", "class"), ("nmi_position", "position"))
+
+
+class SeedsError(ValueError):
+    """Bad per-seed statistics: ``SeedsError(where, what, expected)`` reads ``<where>: <what> (<expected>)``, as the
+    tools' one-line errors do (pce.analysis sits beside pce.engine, so it cannot raise the engine's PCEError;
+    tools/analyze_routing.py turns this into one)."""
+
+    def __init__(self, where: Any, what: str, expected: Optional[str] = None) -> None:
+        self.where, self.what, self.expected = str(where), str(what), expected
+        super().__init__(f"{where}: {what}" + (f" ({expected})" if expected else ""))
 
 
 def aggregate(values: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -98,16 +106,16 @@ def _check_layers(stats: Sequence[Dict[str, Any]], names: Sequence[str]) -> List
     layers = None
     for s, name in zip(stats, names):
         if not isinstance(s, dict) or not isinstance(s.get("layers"), dict) or not s["layers"]:
-            raise PCEError(name, "no 'layers' in the routing statistics", "a routing_stats.json of "
+            raise SeedsError(name, "no 'layers' in the routing statistics", "a routing_stats.json of "
                            "tools/analyze_routing.py with at least one routed layer")
         if layers is None:
             layers = list(s["layers"])
         elif set(s["layers"]) != set(layers):
-            raise PCEError(f"{name}: layers", f"{sorted(s['layers'])}", f"the layers of {names[0]}: {sorted(layers)}"
+            raise SeedsError(f"{name}: layers", f"{sorted(s['layers'])}", f"the layers of {names[0]}: {sorted(layers)}"
                            " (every seed of the same model)")
         for layer in layers:
             if not isinstance(s["layers"][layer].get("nmi_position"), dict):
-                raise PCEError(f"{name}: layers.{layer}.nmi_position", "missing", "{'nmi', 'baseline', ...}")
+                raise SeedsError(f"{name}: layers.{layer}.nmi_position", "missing", "{'nmi', 'baseline', ...}")
     return layers or []
 
 
@@ -141,10 +149,10 @@ def summarize_seeds(stats: Sequence[Dict[str, Any]], experts: Optional[Sequence[
     stats = list(stats)
     names = list(names) if names is not None else [f"seed {i}" for i in range(len(stats))]
     if not stats:
-        raise PCEError("seeds", "no routing statistics", "the routing_stats.json of one or more seeds")
+        raise SeedsError("seeds", "no routing statistics", "the routing_stats.json of one or more seeds")
     experts = list(experts) if experts is not None else [None] * len(stats)
     if len(experts) != len(stats) or len(names) != len(stats):
-        raise PCEError("experts", f"{len(experts)} experts file(s) and {len(names)} name(s) for {len(stats)} seeds",
+        raise SeedsError("experts", f"{len(experts)} experts file(s) and {len(names)} name(s) for {len(stats)} seeds",
                        "one per seed, in the same order")
     layers = _check_layers(stats, names)
     out: Dict[str, Any] = {}
