@@ -181,7 +181,7 @@ screen = dict(seeds=[0], stop_margin=1.0)
     assert "[experts 2/2] b_s0: analysed" in out.stdout, out.stdout + out.stderr[-2000:]
     text = (root / "summary.md").read_text()
     cells = row_cells(text, "b_s0")
-    assert cells[1] == "finished" and cells[10] in ("copies", "differ") and "-" not in cells[6:10], cells
+    assert cells[1] == "finished" and cells[10] in se.VERDICTS and "-" not in cells[6:10], cells
     analysis = json.loads((root / "b_s0/experts.json").read_text())
     assert analysis["num_samples"] == 8 and float(cells[6]) == round(analysis["summary"]["expert_weight_cos_min"], 4)
     again = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd")],
@@ -234,11 +234,15 @@ def row_cells(text: str, run: str):
 
 
 def test_verdict_thresholds():
-    assert (se.COPIES_KERNEL_COS, se.COPIES_METRIC_DELTA) == (0.99, 0.005)
-    assert se.verdict(0.99, 0.0049) == "copies" and se.verdict(1.0, 0.0) == "copies"
-    assert se.verdict(0.9899, 0.0) == "differ" and se.verdict(0.999, 0.005) == "differ"
-    assert se.verdict(None, 0.001) == "?" and se.verdict(0.995, None) == "?"
-    assert se.verdict(None, 0.2) == "differ" and se.verdict(0.5, None) == "differ"
+    assert (se.COPIES_KERNEL_COS, se.COPIES_OUTPUT_COS, se.COPIES_METRIC_DELTA) == (0.99, 0.99, 0.005)
+    assert se.verdict(0.99, 0.99, 0.0049) == "copies" and se.verdict(1.0, 1.0, 0.0) == "copies"
+    assert se.verdict(0.999, 0.999, 0.005) == "differ" and se.verdict(0.5, 0.5, 0.2) == "differ"
+    # different kernels, or one kernel with different outputs (per-expert batch norms), the metric unmoved
+    assert se.verdict(0.9899, 0.999, 0.0) == "differ, metric unchanged"
+    assert se.verdict(0.9993, 0.75, 0.0) == "differ, metric unchanged"
+    assert se.verdict(None, 0.999, 0.001) == "?" and se.verdict(0.995, 0.995, None) == "?"
+    assert se.verdict(0.995, None, 0.001) == "?" and se.verdict(0.5, None, None) == "?"
+    assert se.verdict(None, None, 0.2) == "differ"
 
 
 def test_summary_experts_columns_and_verdicts(tmp_path, monkeypatch):
@@ -266,10 +270,15 @@ def test_summary_experts_columns_and_verdicts(tmp_path, monkeypatch):
     # the seed groups: the verdicts counted over the finished seeds
     assert row_cells(text, "pce")[1] == "2" and row_cells(text, "pce")[4] == "copies 1/2, differ 1/2"
     assert row_cells(text, "dense")[4] == "-"
-    put(root / "pce_s0", experts_json(0.99, [0.98], 0.80, 0.80, 0.7951, 0.8049))  # |delta| 0.0049 -> copies
+    put(root / "pce_s0", experts_json(0.99, [0.995], 0.80, 0.80, 0.7951, 0.8049))  # |delta| 0.0049 -> copies
     assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only"]) == 0
     text = (root / "summary.md").read_text()
     assert row_cells(text, "pce_s0")[10] == "copies" and row_cells(text, "pce")[4] == "copies 2/2"
+    put(root / "pce_s0", experts_json(0.99, [0.98], 0.80, 0.80, 0.7951, 0.8049))  # outputs differ: 0.98 < 0.99
+    assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only"]) == 0
+    text = (root / "summary.md").read_text()
+    assert row_cells(text, "pce_s0")[10] == "differ, metric unchanged"
+    assert row_cells(text, "pce")[4] == "copies 1/2, differ, metric unchanged 1/2"
 
 
 def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys):

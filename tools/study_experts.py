@@ -17,13 +17,18 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS_FILE = "experts.json"
 NOT_ROUTED = "the model has no routed layer"  # analyze_experts' error for a model without routed layers
-# The "copies" verdict: the experts of every routed layer are near-identical kernels (lowest pairwise cosine of the
-# flattened kernels, over all layers, at least COPIES_KERNEL_COS) AND forcing any single expert on every patch moves
-# the config's eval metric by less than COPIES_METRIC_DELTA (absolute, in the metric's units) from the routed
-# model's. Anything else is "differ"; "?" when the numbers needed to decide are missing.
+# The verdicts. "copies": the experts of every routed layer are near-identical kernels (lowest pairwise cosine of the
+# flattened kernels, over all layers, at least COPIES_KERNEL_COS) computing near-identical outputs on the same
+# patches (lowest pairwise output cosine at least COPIES_OUTPUT_COS: per-expert batch norms can make copies of one
+# kernel compute different things) AND forcing any single expert on every patch moves the config's eval metric by
+# less than COPIES_METRIC_DELTA (absolute, in the metric's units) from the routed model's. "differ": some forced
+# expert moves the metric by COPIES_METRIC_DELTA or more. "differ, metric unchanged": the experts compute different
+# things but no forced expert moves the metric (the routing does not matter for it, on the analysed samples).
+# "?" when the numbers needed to decide are missing.
 COPIES_KERNEL_COS = 0.99
+COPIES_OUTPUT_COS = 0.99
 COPIES_METRIC_DELTA = 0.005
-VERDICTS = ("copies", "differ", "?")
+VERDICTS = ("copies", "differ", "differ, metric unchanged", "?")
 
 
 def analysis_command(run_dir: Path, num: int) -> List[str]:
@@ -120,15 +125,18 @@ def expert_cells(run_dir: Path, metric: str) -> Optional[Dict[str, Any]]:
     shuffled = m["shuffled"] - m["routed"] if m["shuffled"] is not None and m["routed"] is not None else None
     kernel = summary.get("expert_weight_cos_min")
     return {"routed": True, "kernel_cos_min": kernel, "output_cos_min": min(outs) if outs else None,
-            "forced_delta": forced, "shuffled_delta": shuffled, "verdict": verdict(kernel, forced)}
+            "forced_delta": forced, "shuffled_delta": shuffled,
+            "verdict": verdict(kernel, min(outs) if outs else None, forced)}
 
 
-def verdict(kernel_cos_min: Optional[float], forced_delta: Optional[float]) -> str:
-    """``copies`` (kernels near-identical and no forced expert changes the metric), ``differ``, or ``?``."""
-    if (kernel_cos_min is not None and kernel_cos_min < COPIES_KERNEL_COS) or \
-            (forced_delta is not None and forced_delta >= COPIES_METRIC_DELTA):
+def verdict(kernel_cos_min: Optional[float], output_cos_min: Optional[float], forced_delta: Optional[float]) -> str:
+    """One of :data:`VERDICTS` (see the constants above)."""
+    if forced_delta is not None and forced_delta >= COPIES_METRIC_DELTA:
         return "differ"
-    if kernel_cos_min is None or forced_delta is None:
+    if any(v is not None and v < lim for v, lim in ((kernel_cos_min, COPIES_KERNEL_COS),
+                                                   (output_cos_min, COPIES_OUTPUT_COS))):
+        return "differ, metric unchanged" if forced_delta is not None else "?"
+    if kernel_cos_min is None or output_cos_min is None or forced_delta is None:
         return "?"
     return "copies"
 
