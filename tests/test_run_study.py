@@ -76,6 +76,10 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys):
                                              'final = dict(variants=["dense", "pcee"])'))
     assert rs.main([str(plan), "--dry-run"]) == 1
     assert "final.variants: unknown variant 'pcee'" in capsys.readouterr().err
+    plan = write_plan(tmp_path, PLAN.replace('pce=dict(config="configs/demo_cls_digits.py")',
+                                             'pce=dict(config="configs/demo_cls_digits.py", stop="no")'))
+    assert rs.main([str(plan), "--dry-run"]) == 1
+    assert "variants.pce.stop: 'no' (True or False" in capsys.readouterr().err
 
 
 def test_run_state_skip_and_resume(tmp_path):
@@ -138,6 +142,13 @@ def test_skips_finished_stops_behind_and_writes_welch_summary(tmp_path, monkeypa
     assert json.loads((screen / "pce_s0" / rs.STOP_FILE).read_text()) == {
         "epoch": 2, "value": 0.6, "reference": 0.8, "stop": True}
     assert "| pce_s0 | stopped at half: 0.6000 vs 0.8000 (epoch 2) |" in (screen / "summary.md").read_text()
+    # the same metrics under stop=False (a phased recipe still in its first phase at half): trained on, not stopped
+    (screen / "pce_s0" / rs.STOP_FILE).unlink()
+    launched.clear()
+    plan = write_plan(tmp_path, PLAN.replace('pce=dict(config="configs/demo_cls_digits.py")',
+                                             'pce=dict(config="configs/demo_cls_digits.py", stop=False)'))
+    assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--only", "pce", "--no-experts"]) == 0
+    assert len(launched) == 1 and "pce_s0" in launched[0][6] and not (screen / "pce_s0" / rs.STOP_FILE).exists()
 
 
 def test_execute_stops_a_running_process(tmp_path):

@@ -55,6 +55,8 @@ def load_plan(path: Path) -> Dict[str, Any]:
     for name, v in plan["variants"].items():
         if not isinstance(v, dict) or "config" not in v:
             raise PCEError(f"{path}: variants.{name}", "no config", "dict(config=..., options=[...])")
+        if not isinstance(v.get("stop", True), bool):
+            raise PCEError(f"{path}: variants.{name}.stop", f"{v['stop']!r}", "True or False (never stopped at half)")
     for stage in ("screen", "final"):
         for name in plan.get(stage, {}).get("variants", []):
             if name not in plan["variants"]:
@@ -157,7 +159,7 @@ def _one_run(plan, stage, name, seed, args, root) -> str:
         return f"skipped ({state})"
     margin = plan.get(stage, {}).get("stop_margin")
     check = None
-    if margin is not None and name != plan["reference"]:
+    if margin is not None and name != plan["reference"] and plan["variants"][name].get("stop", True):
         from pce.engine import load_config
 
         opts = schedule_options(plan["variants"][name]["config"], plan.get(stage, {}).get("epoch_scale", 1))
