@@ -1,0 +1,16 @@
+# Issue #26 study plan, detection demo (Faster R-CNN + FPN, AP50): read by tools/run_study.py (format:
+# configs/study/plan_seg.py).
+#   python tools/run_study.py configs/study/plan_det.py --stage screen --dry-run
+study = "study26_det"
+metric = "AP50"
+mode = "max"
+reference = "dense"
+baselines = ["dense", "condconv_fpn"]
+variants = dict(
+    dense=dict(config="configs/demo_det_dense.py"),
+    pce_deep=dict(config="configs/demo_det_pce.py"),                   # today's recipe: experts in the backbone
+    pce_fpn=dict(config="configs/study/det_fpn_pce.py", stop=False),   # PatchConvMoE's place: FPN output convs
+    condconv_fpn=dict(config="configs/study/det_fpn_condconv.py"),
+)
+screen = dict(seeds=[0], epoch_scale=0.5, stop_margin=0.05)
+final = dict(seeds=[0, 1, 2, 3, 4], epoch_scale=1.0, variants=["dense", "condconv_fpn", "pce_fpn", "pce_deep"])
