@@ -98,6 +98,11 @@ def test_copies_note_from_layer_diversity_or_run_summary():
     assert row["verdict"] == "positional; experts are copies in 2/3 seeds: the routing changes nothing"
     row = summarize_seeds(stats, [None, experts[2], None])["layers"][L1]
     assert (row["copies"], row["copies_known"], row["verdict"]) == (0, 1, "positional")
+    # one kernel, different outputs (per-expert batch norms: the Camelyon demo's deep experts): not copies
+    experts[0]["diversity"][L1]["output_cosine_min"] = 0.75
+    experts[1]["diversity"] = {L1: {"output_cosine_min": 0.999}}  # the summary's kernel cosine, outputs alike
+    row = summarize_seeds(stats, experts)["layers"][L1]
+    assert (row["copies"], row["copies_known"]) == (1, 3)
 
 
 def test_layers_that_differ_between_seeds_are_refused():

@@ -13,8 +13,9 @@ with a one-sided Student-t lower confidence bound of the mean excess, and a verd
 
 When the ``tools/analyze_experts.py`` JSON of a seed shows the layer's experts are copies (lowest pairwise kernel
 cosine >= :data:`COPY_COSINE`: the layer's ``diversity[layer]["weight_cosine_min"]``, else the run's
-``summary["expert_weight_cos_min"]``), the verdict says so: whatever the routing, such a layer computes the same
-function.
+``summary["expert_weight_cos_min"]``; and, when the layer's row has it, lowest pairwise output cosine
+``output_cosine_min`` >= :data:`COPY_COSINE` too), the verdict says so: whatever the routing, such a layer computes
+the same function.
 
 >>> summary = summarize_seeds([json.load(open(f"s{i}/routing_stats.json")) for i in range(3)])
 >>> print(format_seeds_table(summary))
@@ -93,13 +94,19 @@ def verdict(class_excess: Optional[Dict[str, Any]], position_excess: Optional[Di
 
 
 def _copies(experts: Optional[Dict[str, Any]], layer: str, threshold: float) -> Optional[bool]:
-    """Whether an analyze_experts JSON says ``layer``'s experts are copies (None: it does not say)."""
+    """Whether an analyze_experts JSON says ``layer``'s experts are copies (None: it does not say): near-identical
+    kernels and, when the JSON has them, near-identical outputs on the same patches (per-expert batch norms can make
+    copies of one kernel compute different things)."""
     if not experts:
         return None
-    cos = ((experts.get("diversity") or {}).get(layer) or {}).get("weight_cosine_min")
+    row = (experts.get("diversity") or {}).get(layer) or {}
+    cos = row.get("weight_cosine_min")
     if cos is None:
         cos = (experts.get("summary") or {}).get("expert_weight_cos_min")
-    return None if cos is None else bool(cos >= threshold)
+    if cos is None:
+        return None
+    out = row.get("output_cosine_min")
+    return bool(cos >= threshold and (out is None or out >= threshold))
 
 
 def _check_layers(stats: Sequence[Dict[str, Any]], names: Sequence[str]) -> List[str]:
