@@ -60,6 +60,12 @@ def test_nmi_of_positional_and_random_routing():
     e, y = np.repeat(labels % E, P), np.repeat(labels, P)
     h = lambda a: -sum(c / a.size * math.log(c / a.size) for c in np.bincount(a) if c)  # noqa: E731
     assert cls["nmi"] == pytest.approx(mutual_info_score(y, e) / ((h(e) + h(y)) / 2))
+    # one expert (a shared phase) and one label (an all-background batch): no mutual information, not "identical
+    # partitions" (scikit-learn's 1.0)
+    for experts, labels in ((np.zeros(8, int), np.zeros(8, int)), (np.zeros(8, int), np.arange(8) % 2),
+                            (np.arange(8) % 4, np.ones(8, int))):
+        assert mutual_info_score(labels, experts) == 0.0
+        assert S.nmi_with_baseline(experts, labels) == {"nmi": 0.0, "baseline": 0.0, "baseline_std": 0.0, "n": 8}
 
 
 def test_routing_maps_have_each_layers_grid():
