@@ -156,6 +156,13 @@ def test_nmi_series_and_band_equal_hand_values(tmp_path):
     assert pos["min"] == pytest.approx([0.2, 0.3, 0.0]) and pos["max"] == pytest.approx([0.7, 0.5, 0.1])
     with pytest.raises(ValueError, match="no routing statistics"):
         nmi_series([{"type": "val", "epoch": 1}])
+    # a log written before nmi_with_baseline's fix: one expert takes every patch (a shared phase) and the batch's
+    # labels are constant, logged as NMI 1.0 (scikit-learn's two constant labelings); it counts as 0
+    shared = {"type": "train", "epoch": 1, "routing": {"a": {"usage": [1.0, 0.0, 0.0, 0.0], "nmi_class": 1.0,
+                                                              "nmi_class_baseline": 1.0, "nmi_position": 0.0}}}
+    routed = {"type": "train", "epoch": 2, "routing": {"a": {"usage": [0.5, 0.5, 0.0, 0.0], "nmi_class": 1.0}}}
+    got = nmi_series([shared, routed])["layers"]["a"]
+    assert got["nmi_class"] == [0.0, 1.0] and got["nmi_class_baseline"][0] == 0.0
 
 
 def test_nmi_tool_draws_mean_band_and_phases(tmp_path, saved, capsys):

@@ -39,6 +39,12 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
+def _one_expert(usage: Any) -> bool:
+    """Whether a logged ``usage`` puts every patch on one expert (its NMI with anything is 0: older logs say 1.0
+    where the labels of the batch were constant too, scikit-learn's score of two constant labelings)."""
+    return isinstance(usage, (list, tuple)) and len(usage) > 1 and sum(1 for u in usage if u) == 1
+
+
 def nmi_series(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """One run's NMI per epoch from its ``metrics.jsonl`` records: ``{"epochs": [e, ...], "layers": {layer:
     {key: [value per epoch]}}, "phases": [(first epoch, name), ...]}`` for ``key`` in :data:`KEYS` and their
@@ -56,8 +62,10 @@ def nmi_series(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         for layer, st in r["routing"].items():
             if layer not in layers:
                 layers.append(layer)
+            one_expert = _one_expert((st or {}).get("usage"))
             for key in KEYS + tuple(k + "_baseline" for k in KEYS):
-                ep.setdefault(layer, {}).setdefault(key, []).append(_num((st or {}).get(key)))
+                v = _num((st or {}).get(key))  # logs written before the fix in nmi_with_baseline scored a single
+                ep.setdefault(layer, {}).setdefault(key, []).append(0.0 if one_expert and not math.isnan(v) else v)
     if not per:
         raise ValueError("no routing statistics (train records with 'routing': a run trained with "
                          "RoutingStatsHook, i.e. tools/train.py, on a routed model)")
