@@ -197,6 +197,8 @@ def class_names_from_config(cfg: Any) -> Optional[List[str]]:
             cls = DATASETS.get(sc.name)
         except KeyError:
             continue
+        if callable(getattr(cls, "classes_for", None)):  # names that depend on the kwargs (Camelyon's mode)
+            return [str(c) for c in cls.classes_for(**kwargs)]
         try:
             p = inspect.signature(cls).parameters.get("classes")
         except (TypeError, ValueError):

@@ -101,6 +101,19 @@ def test_classify_mode_labels_and_balanced_sampling(slides):
     assert list(sampler) != idx
 
 
+def test_class_names_from_the_config_follow_the_mode():
+    """Figures title Camelyon images with class names read from the config alone (no slide opened)."""
+    from pce.engine import load_config
+    from pce.tasks.visualize import class_names_from_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/demo_camelyon_seg_pce.py")
+    assert class_names_from_config(cfg) == ["background", "tumour"]
+    cfg.defrost()
+    cfg.data.val.kwargs.mode = "classify"
+    cfg.data.test.name = cfg.data.train.name = ""
+    assert class_names_from_config(cfg) == ["normal", "tumour"]
+
+
 def test_dataloader_two_workers_lazy_handles(slides):
     ds = CamelyonTiles([slides["tumour"]["slide"]], [slides["tumour"]["xml"]], level=1, tile_size=64,
                        min_tissue=0.5)

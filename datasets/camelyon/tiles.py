@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -107,6 +107,12 @@ class CamelyonTiles(Dataset):
     not decode is an ``OSError`` naming the slide and the tile.
     """
 
+    @staticmethod
+    def classes_for(mode: str = "segment", **_: Any) -> Tuple[str, str]:
+        """The class names of a dataset built with these keyword arguments (without reading any slide): pixel
+        classes in ``"segment"`` mode, tile labels in ``"classify"`` mode."""
+        return ("background", "tumour") if mode == "segment" else ("normal", "tumour")
+
     def __init__(self, slides: Sequence[Union[str, os.PathLike]], annotations: AnnotationsArg = None,
                  level: Optional[int] = None, tile_size: int = 256, stride: Optional[int] = None,
                  min_tissue: float = 0.5, mode: str = "segment", label_map: Optional[Mapping[str, int]] = None,
@@ -124,7 +130,7 @@ class CamelyonTiles(Dataset):
         self.stride = int(stride) if stride is not None else self.tile_size
         self.label_map = dict(label_map) if label_map is not None else None
         self.transform = transform if transform is not None else transforms
-        self.classes = ("background", "tumour") if mode == "segment" else ("normal", "tumour")
+        self.classes = self.classes_for(mode)
         loaded = [_load_annotations(e) for e in _align_annotations(self.slides, annotations)]
         self.annotations: List[Optional[List[Annotation]]] = [a for a, _ in loaded]
         for path, (anns, xml) in zip(self.slides, loaded):  # an unknown group fails here, naming its XML
