@@ -30,6 +30,7 @@ variants = dict(
     head_soft=dict(config="configs/study/seg_head_soft.py"),
     head_allexperts=dict(config="configs/study/seg_head_allexperts.py", stop=False),
     head_noshared=dict(config="configs/study/seg_head_noshared.py"),
+    head_scratch=dict(config="configs/study/seg_head_scratch.py"),       # experts far apart from the start
     head_upcycled=dict(config="configs/demo_seg_patchmoe_upcycled.py",   # from this stage's trained dense twin
                        options=["model.pretrained={root}/dense_s{seed}/best.pth"]),
     # routing of the deep-stage PCE layers
