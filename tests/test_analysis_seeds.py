@@ -107,7 +107,7 @@ def test_copies_note_from_layer_diversity_or_run_summary():
 
 def test_layers_that_differ_between_seeds_are_refused():
     stats = [seed_stats({L1: (CLS[0], POS[0])}), seed_stats({L2: (CLS[1], POS[1])})]
-    with pytest.raises(SeedsError, match=r"b/routing_stats.json: layers.*expected|the layers of a/routing_stats.json"):
+    with pytest.raises(SeedsError, match=r"^b/routing_stats.json: layers: .*\(the layers of a/routing_stats.json"):
         summarize_seeds(stats, names=["a/routing_stats.json", "b/routing_stats.json"])
 
 
@@ -175,3 +175,20 @@ def test_cli_seeds_mode_bad_input(tmp_path: Path, capsys):
     line = error_line(capsys.readouterr().err)
     assert f"{dirs[1]}/routing_stats.json: layers" in line and L1 in line and L2 in line
     assert not any((tmp_path / n).exists() for n in ("a.json", "b.json", "c.json"))
+    # the same seed twice would narrow the spread; malformed experts files and numbers are one line each
+    (Path(dirs[1]) / "routing_stats.json").write_text(json.dumps(seed_stats({L1: (CLS[1], POS[1])})))
+    assert run(f"--seeds={dirs[0]}", "--seeds", dirs[0], dirs[1], dirs[0], "--out", str(tmp_path / "d.json")) == 1
+    assert error_line(capsys.readouterr().err).startswith(f"error: --seeds: {dirs[0]}/routing_stats.json given twice (")
+    bad = tmp_path / "bad.json"
+    for content, where in (([1, 2], "experts of"), ({"diversity": {L1: [0.5]}}, f"diversity.{L1}"),
+                           ({"summary": {"expert_weight_cos_min": "high"}}, "summary.expert_weight_cos_min: 'high'")):
+        bad.write_text(json.dumps(content))
+        assert run("--seeds", *dirs, "--experts", str(bad), str(bad), "--out", str(tmp_path / "e.json")) == 1
+        line = error_line(capsys.readouterr().err)
+        assert line.startswith("error: experts of ") and where in line and "Error" not in line, line
+    stats = seed_stats({L1: (CLS[1], POS[1])})
+    stats["layers"][L1]["nmi_class"]["nmi"] = "x"
+    (Path(dirs[1]) / "routing_stats.json").write_text(json.dumps(stats))
+    assert run("--seeds", *dirs, "--out", str(tmp_path / "f.json")) == 1
+    assert error_line(capsys.readouterr().err) == (f"error: {dirs[1]}/routing_stats.json: layers.{L1}.nmi_class.nmi: "
+                                                   "'x' (a number or null)")

@@ -270,12 +270,16 @@ def test_benchmark_vs_points_and_condconv_memory_skip(monkeypatch):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--vs-points", "224"])
     seen = {}
-    monkeypatch.setattr(bcc, "run_condconv", lambda cfg, th, log, pairs: seen.setdefault("points", cfg["points"]) and [])
+    monkeypatch.setattr(bcc, "run_condconv",
+                        lambda cfg, th, log, pairs: seen.update(points=cfg["points"], pairs=pairs) or [])
     monkeypatch.setattr(bcc, "start_condconv_memory", lambda cfg: seen.setdefault("memory", True))
     args.skip += ["layer", "model", "flops", "memory", "conv"]
     result = {"config": {}}
     benchmark._run_sections(args, benchmark.SETTINGS["quick"], "quick", [1], result, lambda m: None, lambda n: None)
-    assert seen == {"points": ((224, 8), (64, 2))}
+    assert seen == {"points": ((224, 8), (64, 2)), "pairs": bcc.PAIRS}
+    args.vs = ["condconv", "floor"]  # the floor rows join the same run
+    benchmark._run_sections(args, benchmark.SETTINGS["quick"], "quick", [1], result, lambda m: None, lambda n: None)
+    assert seen["pairs"] == bcc.PAIRS + bcc.FLOOR_PAIRS and result["config"]["vs_condconv"]["pairs"] == seen["pairs"]
 
 
 def test_benchmark_floor_rows_and_flop_ratios():

@@ -340,5 +340,13 @@ def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys)
     assert rs.main(argv) == 0
     assert [Path(a[2]).parent.name for a, _ in calls] == ["pce_s1"]
     assert rs.main(argv + ["--no-experts"]) == 0 and len(calls) == 1
+    # pce_s0 trained again (a newer best.pth): its analysis is stale, redone with --force; a malformed file reads
+    # as "not analysed" instead of breaking the summary
+    calls.clear()
+    os.utime(root / "pce_s0/best.pth", (time.time() + 60, time.time() + 60))
+    (root / "pce_s1/experts.json").write_text(json.dumps({"summary": [1], "diversity": {"a": 3}}))
+    assert rs.main(argv) == 0
+    assert [(Path(a[2]).parent.name, a[-1]) for a, _ in calls] == [("pce_s0", "--force")]
+    assert row_cells((root / "summary.md").read_text(), "pce_s1")[10] == "not analysed"
     assert rs.main([str(plan), "--work-root", str(tmp_path / "nowhere"), "--summary-only"]) == 1
     assert "no such stage folder" in capsys.readouterr().err

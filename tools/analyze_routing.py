@@ -75,11 +75,16 @@ def parse_seeds_args(argv: List[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _has(argv: List[str], flag: str) -> bool:
+    """``flag`` given as ``--flag X`` or ``--flag=X``."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--runs" in argv:
+    if _has(argv, "--runs"):
         return parse_runs_args(argv)
-    if "--seeds" in argv:
+    if _has(argv, "--seeds"):
         return parse_seeds_args(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap)
@@ -186,6 +191,11 @@ def over_seeds(args: argparse.Namespace) -> dict:
                        "one tools/analyze_experts.py JSON per folder, in the same order")
     check_outputs([out], args.force)
     files = [Path(d) if Path(d).is_file() else Path(d) / "routing_stats.json" for d in args.seeds]
+    seen = set()
+    for f in files:
+        if f.resolve() in seen:
+            raise PCEError("--seeds", f"{f} given twice", "one folder per seed: a repeated seed would narrow the spread")
+        seen.add(f.resolve())
     stats = [_read_json(f, "an output folder of tools/analyze_routing.py CONFIG --checkpoint CKPT --out DIR")
              for f in files]
     experts = [_read_json(Path(f), "a JSON written by tools/analyze_experts.py --out") for f in experts_files]

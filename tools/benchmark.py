@@ -188,7 +188,7 @@ def _run_timed(args: argparse.Namespace, s: Dict[str, Any], mode: str, threads: 
         th = list(args.threads or cfg["threads"])
         pairs = bcc.PAIRS + (bcc.FLOOR_PAIRS if "floor" in args.vs else ())
         result["config"]["vs_condconv"] = dict(cfg, threads=th, pairs=pairs, check_points=bcc.CHECK_POINTS,
-                                               slack=bcc.SLACK)
+                                               slack=bcc.SLACK, memory_pairs=bcc.PAIRS)  # floors: timed only
         log(f"vs condconv (threads {th}) ...")
         result["vs_condconv"] = bcc.run_condconv(cfg, th, log, pairs)
         done("vs condconv")

@@ -32,10 +32,12 @@ VERDICTS = ("copies", "differ", "differ, metric unchanged", "?")
 
 
 def analysis_command(run_dir: Path, num: int) -> List[str]:
-    """The ``tools/analyze_experts.py`` argv of one run (this interpreter, relative to the repository root)."""
+    """The ``tools/analyze_experts.py`` argv of one run (this interpreter, relative to the repository root);
+    ``--force`` replaces a stale ``experts.json`` (only runs that :func:`needs_analysis` are analysed)."""
     run_dir = Path(run_dir)
-    return [sys.executable, "tools/analyze_experts.py", str(run_dir / "config.json"), "--checkpoint",
+    argv = [sys.executable, "tools/analyze_experts.py", str(run_dir / "config.json"), "--checkpoint",
             str(run_dir / "best.pth"), "--split", "val", "--num", str(num), "--out", str(run_dir / EXPERTS_FILE)]
+    return argv + (["--force"] if (run_dir / EXPERTS_FILE).is_file() else [])
 
 
 def run_analysis(argv: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess:
@@ -50,12 +52,15 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 
 
 def needs_analysis(run_dir: Path) -> bool:
-    """A finished run (a test record) with ``best.pth`` and no ``experts.json`` yet."""
+    """A finished run (a test record) with ``best.pth`` and no ``experts.json`` yet, or one older than ``best.pth``."""
     from study_records import run_state
 
     run_dir = Path(run_dir)
-    return (run_state(run_dir) == "finished" and (run_dir / "best.pth").is_file()
-            and not (run_dir / EXPERTS_FILE).is_file())
+    best, done = run_dir / "best.pth", run_dir / EXPERTS_FILE
+    if run_state(run_dir) != "finished" or not best.is_file():
+        return False
+    # an analysis older than the checkpoint (the run trained again) is stale
+    return not done.is_file() or done.stat().st_mtime < best.stat().st_mtime
 
 
 def ensure_experts(run_dir: Path, num: int, threads: Optional[int] = None) -> str:
@@ -101,6 +106,10 @@ def _metric_values(summary: Dict[str, Any], metric: str) -> Dict[str, Optional[f
     return {k: summary.get(f"{metric}_{k}") for k in ("routed", "shuffled", "forced_min", "forced_max")}
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def expert_cells(run_dir: Path, metric: str) -> Optional[Dict[str, Any]]:
     """The numbers of a run's ``experts.json``: ``kernel_cos_min`` (lowest pairwise kernel cosine of any layer),
     ``output_cos_min`` (lowest pairwise output cosine of any layer with two or more experts), ``forced_delta``
@@ -115,9 +124,12 @@ def expert_cells(run_dir: Path, metric: str) -> Optional[Dict[str, Any]]:
         return None
     if data.get("routed") is False:
         return {"routed": False}
-    summary = data.get("summary") or {}
-    outs = [d["output_cosine_min"] for d in (data.get("diversity") or {}).values()
-            if d.get("num_experts", 0) > 1 and isinstance(d.get("output_cosine_min"), (int, float))]
+    summary, diversity = data.get("summary") or {}, data.get("diversity") or {}
+    if not isinstance(summary, dict) or not isinstance(diversity, dict):
+        return None  # not what analyze_experts writes: shown as "not analysed"
+    outs = [d["output_cosine_min"] for d in diversity.values() if isinstance(d, dict)
+            and _number(d.get("num_experts", 0)) and d.get("num_experts", 0) > 1 and _number(d.get("output_cosine_min"))]
+    summary = {k: v for k, v in summary.items() if _number(v)}  # a malformed value reads as missing ("?")
     m = _metric_values(summary, metric)
     forced = None
     if m["routed"] is not None and m["forced_min"] is not None and m["forced_max"] is not None:

@@ -121,9 +121,38 @@ def _check_layers(stats: Sequence[Dict[str, Any]], names: Sequence[str]) -> List
             raise SeedsError(f"{name}: layers", f"{sorted(s['layers'])}", f"the layers of {names[0]}: {sorted(layers)}"
                            " (every seed of the same model)")
         for layer in layers:
-            if not isinstance(s["layers"][layer].get("nmi_position"), dict):
+            row = s["layers"][layer]
+            if not isinstance(row, dict) or not isinstance(row.get("nmi_position"), dict):
                 raise SeedsError(f"{name}: layers.{layer}.nmi_position", "missing", "{'nmi', 'baseline', ...}")
+            for key, _ in _KINDS:
+                for field in ("nmi", "baseline"):
+                    v = row.get(key, {}).get(field) if isinstance(row.get(key), dict) else None
+                    if v is not None and not _is_number(v):
+                        raise SeedsError(f"{name}: layers.{layer}.{key}.{field}", f"{v!r}", "a number or null")
     return layers or []
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_experts(experts: Sequence[Optional[Dict[str, Any]]], names: Sequence[str]) -> None:
+    """Each analyze_experts JSON: a dict whose ``diversity`` rows and ``summary`` hold numbers where read."""
+    for e, name in zip(experts, names):
+        if e is None:
+            continue
+        where = f"experts of {name}"
+        if not isinstance(e, dict) or not isinstance(e.get("diversity", {}), dict) \
+                or not isinstance(e.get("summary", {}), dict):
+            raise SeedsError(where, "not a JSON object with 'diversity' and 'summary' objects",
+                             "a JSON written by tools/analyze_experts.py --out")
+        rows = [(f"diversity.{k}", r) for k, r in e.get("diversity", {}).items()] + [("summary", e.get("summary", {}))]
+        for key, row in rows:
+            if not isinstance(row, dict):
+                raise SeedsError(f"{where}: {key}", f"{type(row).__name__}", "an object")
+            for field in ("weight_cosine_min", "output_cosine_min", "expert_weight_cos_min"):
+                if row.get(field) is not None and not _is_number(row[field]):
+                    raise SeedsError(f"{where}: {key}.{field}", f"{row[field]!r}", "a number or null")
 
 
 def _layer_summary(rows: Sequence[Dict[str, Any]], min_excess: float, confidence: float) -> Dict[str, Any]:
@@ -158,6 +187,7 @@ def summarize_seeds(stats: Sequence[Dict[str, Any]], experts: Optional[Sequence[
     if not stats:
         raise SeedsError("seeds", "no routing statistics", "the routing_stats.json of one or more seeds")
     experts = list(experts) if experts is not None else [None] * len(stats)
+    _check_experts(experts, names[:len(experts)])
     if len(experts) != len(stats) or len(names) != len(stats):
         raise SeedsError("experts", f"{len(experts)} experts file(s) and {len(names)} name(s) for {len(stats)} seeds",
                        "one per seed, in the same order")
