@@ -312,7 +312,9 @@ def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys)
             return subprocess.CompletedProcess(argv, 1, "", f"error: {argv[2]}: the model has no routed layer "
                                                             "(a config whose backbone routes)\n")
         if run == "pce_s0":
-            Path(argv[-1]).write_text(json.dumps(experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8)))
+            out = Path(argv[argv.index("--out") + 1])
+            assert out.parent.name == "pce_s0"
+            out.write_text(json.dumps(experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8)))
             return subprocess.CompletedProcess(argv, 0, "written\n", "")
         return subprocess.CompletedProcess(argv, 1, "", "some warning\nerror: CUDA out of memory\n")
 
@@ -344,9 +346,11 @@ def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys)
     # as "not analysed" instead of breaking the summary
     calls.clear()
     os.utime(root / "pce_s0/best.pth", (time.time() + 60, time.time() + 60))
+    os.utime(root / "pce_s0/experts.json", (1000.0, 1000.0))
     (root / "pce_s1/experts.json").write_text(json.dumps({"summary": [1], "diversity": {"a": 3}}))
     assert rs.main(argv) == 0
     assert [(Path(a[2]).parent.name, a[-1]) for a, _ in calls] == [("pce_s0", "--force")]
+    assert (root / "pce_s0/experts.json").stat().st_mtime > 1000.0  # written again
     assert row_cells((root / "summary.md").read_text(), "pce_s1")[10] == "not analysed"
     assert rs.main([str(plan), "--work-root", str(tmp_path / "nowhere"), "--summary-only"]) == 1
     assert "no such stage folder" in capsys.readouterr().err
