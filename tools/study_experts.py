@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from pce.analysis.seeds import COPY_COSINE  # one threshold for "copies", here and in analyze_routing --seeds
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS_FILE = "experts.json"
 NOT_ROUTED = "the model has no routed layer"  # analyze_experts' error for a model without routed layers
@@ -25,8 +27,8 @@ NOT_ROUTED = "the model has no routed layer"  # analyze_experts' error for a mod
 # expert moves the metric by COPIES_METRIC_DELTA or more. "differ, metric unchanged": the experts compute different
 # things but no forced expert moves the metric (the routing does not matter for it, on the analysed samples).
 # "?" when the numbers needed to decide are missing.
-COPIES_KERNEL_COS = 0.99
-COPIES_OUTPUT_COS = 0.99
+COPIES_KERNEL_COS = COPY_COSINE
+COPIES_OUTPUT_COS = COPY_COSINE
 COPIES_METRIC_DELTA = 0.005
 VERDICTS = ("copies", "differ", "differ, metric unchanged", "?")
 
