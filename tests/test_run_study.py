@@ -354,3 +354,23 @@ def test_summary_only_analyses_finished_runs_once(tmp_path, monkeypatch, capsys)
     assert row_cells((root / "summary.md").read_text(), "pce_s1")[10] == "not analysed"
     assert rs.main([str(plan), "--work-root", str(tmp_path / "nowhere"), "--summary-only"]) == 1
     assert "no such stage folder" in capsys.readouterr().err
+
+
+def test_summary_commands_use_the_threads_each_run_ran_with(tmp_path, monkeypatch):
+    """A run started with 1 thread is reproduced with 1 thread even when the summary is written with --threads 2;
+    a run without a readable config.json takes the invocation's threads."""
+    plan = write_plan(tmp_path)
+    root = tmp_path / "wd/s26/final"
+    for name in ("dense", "pce"):
+        for s in (0, 1):
+            write_metrics(root / f"{name}_s{s}", vals((1, 0.7), (8, 0.8), test=0.8))
+    (root / "pce_s0/config.json").write_text(json.dumps({"runtime": {"num_threads": 1}}))
+    (root / "pce_s1/config.json").write_text("{not json")
+    monkeypatch.setattr(rs, "execute", lambda *a, **k: pytest.fail("--summary-only trained"))
+    argv = [str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts",
+            "--threads", "2"]
+    assert rs.main(argv) == 0
+    text = (root / "summary.md").read_text()
+    assert row_cells(text, "pce_s0")[-1].endswith("runtime.num_threads=1`")
+    assert row_cells(text, "pce_s1")[-1].endswith("runtime.num_threads=2`")
+    assert row_cells(text, "dense_s0")[-1].endswith("runtime.num_threads=2`")

@@ -109,6 +109,15 @@ def run_command(plan: Dict[str, Any], stage: str, name: str, seed: int, work_roo
     return cmd + (["--resume"] if resume else [])
 
 
+def recorded_threads(work_dir: Path) -> Optional[int]:
+    """``runtime.num_threads`` a run was started with (its ``config.json``), or ``None`` without a readable one."""
+    try:
+        threads = json.loads((Path(work_dir) / "config.json").read_text())["runtime"]["num_threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 def _write_text(path: Path, text: str) -> None:
     from pce.tasks.atomic_io import atomic_write
 
@@ -204,6 +213,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(commands[r]) for r in runs))
         return 0
+    # summary.md: a run that exists is reproduced with the threads it ran with (BLAS sums differ with them)
+    commands.update({r: run_command(plan, args.stage, *r, args.work_root, recorded_threads(root / f"{r[0]}_s{r[1]}"))
+                     for r in runs if recorded_threads(root / f"{r[0]}_s{r[1]}")})
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.experts_num < 1:
