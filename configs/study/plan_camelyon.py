@@ -13,6 +13,22 @@ variants = dict(
     head_top1=dict(config="configs/study/cam_head_top1.py"),
     head_e8=dict(config="configs/study/cam_head_e8.py"),
     head_soft=dict(config="configs/study/cam_head_soft.py"),
+    # sixth session: the segmentation plan's other placements and routings on Camelyon (stop=False: phased recipes
+    # whose first phase covers half the screening schedule, as in plan_seg.py)
+    pce_all=dict(config="configs/study/cam_pce_all.py", stop=False),
+    condconv_deep=dict(config="configs/study/cam_condconv_deep.py"),
+    condconv_all=dict(config="configs/study/cam_condconv_all.py"),
+    head_grid2=dict(config="configs/study/cam_head_grid2.py"),
+    head_grid4=dict(config="configs/study/cam_head_grid4.py"),
+    head_cosine=dict(config="configs/study/cam_head_cosine.py"),
+    head_gate=dict(config="configs/study/cam_head_gate.py"),
+    head_expertchoice=dict(config="configs/study/cam_head_expertchoice.py"),
+    head_allexperts=dict(config="configs/study/cam_head_allexperts.py", stop=False),
+    head_scratch=dict(config="configs/study/cam_head_scratch.py"),
+    head_losses=dict(config="configs/study/cam_head_losses.py"),
+    deep_allexperts=dict(config="configs/study/cam_deep_allexperts.py", stop=False),
+    deep_attention=dict(config="configs/study/cam_deep_attention.py", stop=False),
+    deep_losses=dict(config="configs/study/cam_deep_losses.py", stop=False),
 )
 screen = dict(seeds=[0], epoch_scale=0.5, stop_margin=0.02)
 final = dict(seeds=[0, 1, 2, 3, 4], epoch_scale=1.0, variants=["dense", "condconv_head", "pce_head", "pce_deep"])

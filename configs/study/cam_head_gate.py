@@ -1,0 +1,4 @@
+# Issue #26 routing, PatchConvMoE head (configs/demo_camelyon_seg_patchmoe.py): the MLP gate instead of gap_conv.
+_base_ = ["../demo_camelyon_seg_patchmoe.py"]
+model = dict(convert=[dict(target="net.segmentation_head.0", num_experts=4, top_k=2, grid=3, router="gate",
+                           execution="context", noise=0.0)])
