@@ -36,7 +36,7 @@ if TOOLS not in sys.path:
 from pce.engine.errors import PCEError, add_debug_flag, run_cli  # noqa: E402
 from study_experts import ensure_all  # noqa: E402
 from study_records import (STOP_FILE, _summarize_runs, half_check, read_metrics, run_state,  # noqa: E402,F401
-                           summary_markdown)
+                           figure_rows, summary_markdown)
 
 ROOT = Path(__file__).resolve().parent.parent
 _PLAN_KEYS = ("study", "metric", "reference", "variants")
@@ -233,6 +233,14 @@ def _run(args: argparse.Namespace) -> int:
         ensure_all([root / f"{name}_s{seed}" for name, seed in runs], args.experts_num, args.threads)
     _write_text(root / "summary.md", summary_markdown(plan, args.stage, runs, root, commands))
     print(f"summary: {root / 'summary.md'}")
+    rows = figure_rows(plan, args.stage, runs, root)
+    if rows:
+        from pce.analysis.study_figure import study_figure
+
+        what = "final" if args.stage == "final" else "best"
+        study_figure(rows, root / "summary.png", metric=f"{what} {plan['metric']}", reference=plan["reference"],
+                     title=f"{plan['study']}: {args.stage} ({len(rows)} variants; colour: the experts' verdict)")
+        print(f"figure: {root / 'summary.png'}")
     return 0
 
 

@@ -144,3 +144,40 @@ def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List
                 cells.append(f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}")
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return lines
+
+
+def figure_rows(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path) -> list:
+    """The rows of ``summary.png`` (:func:`pce.analysis.study_figure.study_figure`): every variant but the reference
+    against the reference. ``final``: the last epoch's metric, Welch's difference and 95% interval where both have
+    >= 2 finished seeds (else the difference of the means, no interval); ``screen``: the best metric (stopped runs
+    included, drawn hollow), mean over seeds minus the reference's."""
+    from pce.analysis.study_figure import StudyRow
+
+    sr, metric, ref, key = _summarize_runs(), plan["metric"], plan["reference"], "final" if stage == "final" else "best"
+    values: Dict[str, List[float]] = {}
+    cells: Dict[str, list] = {}
+    stopped: Dict[str, bool] = {}
+    for name, seed in runs:
+        wd = root / f"{name}_s{seed}"
+        state = run_state(wd)
+        if state not in (("finished",) if key == "final" else ("finished", "stopped")):
+            continue
+        try:
+            row = sr.summarize(wd, metric)
+        except PCEError:
+            continue
+        values.setdefault(name, []).append(row[key])
+        cells.setdefault(name, []).append(expert_cells(wd, metric))
+        stopped[name] = stopped.get(name, False) or state == "stopped"
+    base = values.get(ref, [])
+    out = []
+    for name, vals in values.items():
+        if name == ref or not base:
+            continue
+        if len(vals) > 1 and len(base) > 1:
+            w = sr.welch(vals, base)
+            diff, low, high = w["diff"], w["low"], w["high"]
+        else:
+            diff, low, high = sum(vals) / len(vals) - sum(base) / len(base), None, None
+        out.append(StudyRow(name, diff, low, high, verdict_counts(cells[name]), stopped[name], len(vals)))
+    return out
