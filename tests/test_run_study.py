@@ -374,3 +374,23 @@ def test_summary_commands_use_the_threads_each_run_ran_with(tmp_path, monkeypatc
     assert row_cells(text, "pce_s0")[-1].endswith("runtime.num_threads=1`")
     assert row_cells(text, "pce_s1")[-1].endswith("runtime.num_threads=2`")
     assert row_cells(text, "dense_s0")[-1].endswith("runtime.num_threads=2`")
+
+
+def test_summary_compares_with_every_baseline(tmp_path, monkeypatch):
+    """The issue asks for Welch against the dense twin AND against CondConv: one table per baseline."""
+    plan = write_plan(tmp_path, PLAN.replace('baselines = ["dense"]', 'baselines = ["dense", "up"]')
+                      .replace('variants=["dense", "pce"]', 'variants=["dense", "pce", "up"]'))
+    root = tmp_path / "wd/s26/final"
+    finals = {"dense": [0.80, 0.82], "pce": [0.70, 0.75], "up": [0.84, 0.83]}
+    for name, values in finals.items():
+        for s, v in enumerate(values):
+            write_metrics(root / f"{name}_s{s}", vals((1, v - 0.1), (8, v), test=v))
+    monkeypatch.setattr(rs, "execute", lambda *a, **k: pytest.fail("--summary-only trained"))
+    assert rs.main([str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only",
+                    "--no-experts"]) == 0
+    text = (root / "summary.md").read_text()
+    assert "| variant vs dense |" in text and "| variant vs up |" in text
+    vs_up = text[text.index("| variant vs up |"):]
+    ref = stats.ttest_ind(finals["pce"], finals["up"], equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert row_cells(vs_up, "pce")[1] == f"{0.725 - 0.835:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}], p={ref.pvalue:.3f}"

@@ -132,11 +132,13 @@ def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List
     for name, rows in done.items():
         lines.append(f"| {name} | {len(rows)} | {_fmt([r['final'] for r in rows])} | {_fmt([r['best'] for r in rows])} "
                      f"| {verdict_counts([r.get('experts') for r in rows])} |")
-    base = done.get(ref, [])
-    others = [(n, rows) for n, rows in done.items() if n != ref and len(rows) > 1]
-    if len(base) > 1 and others:
-        lines += ["", f"| variant vs {ref} | final {metric}: difference of means [95% CI], Welch p | best {metric} |",
-                  "| --- | --- | --- |"]
+    for against in [ref] + [b for b in plan.get("baselines", []) if b != ref]:   # the dense twin, then CondConv
+        base = done.get(against, [])
+        others = [(n, rows) for n, rows in done.items() if n != against and len(rows) > 1]
+        if len(base) < 2 or not others:
+            continue
+        lines += ["", f"| variant vs {against} | final {metric}: difference of means [95% CI], Welch p "
+                      f"| best {metric} |", "| --- | --- | --- |"]
         for name, rows in others:
             cells = []
             for key in ("final", "best"):

@@ -43,4 +43,8 @@ variants = dict(
     head_losses=dict(config="configs/study/seg_head_losses.py"),
 )
 screen = dict(seeds=[0], epoch_scale=0.5, stop_margin=0.02)
-final = dict(seeds=[0, 1, 2, 3, 4], epoch_scale=1.0, variants=["dense", "condconv_head", "pce_head", "pce_deep"])
+# The finals that ran (fourth and fifth sessions; the screen's best two, head_cosine and head_expertchoice, and two
+# variants routing from the first epoch). They ran as work_dirs/study/<config>_s<S> with the same commands;
+# docs/STUDY.md links them into work_dirs/study26_seg/final/ for --summary-only.
+final = dict(seeds=[0, 1, 2, 3, 4], epoch_scale=1.0, variants=["dense", "condconv_head", "pce_head", "head_cosine",
+                                                               "head_expertchoice", "head_noshared", "head_scratch"])
