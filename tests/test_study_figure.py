@@ -96,7 +96,7 @@ def test_run_study_writes_the_figure_of_a_final_stage(tmp_path, monkeypatch):
     y_pce, y_cc = float(labels.index("pce")), float(labels.index("cc"))
     assert drawn[y_pce][0][0] == pytest.approx((ci.low, ci.high))
     assert drawn[y_pce][1][0] == pytest.approx((sum(pce) / 3 - sum(dense) / 3,))
-    assert drawn[y_cc][0][0] == pytest.approx((0.79 - sum(dense) / 3,))
+    assert drawn[y_cc][0][0] == pytest.approx((0.79 - dense[0],))   # the same seed's reference
     assert "dense" not in labels
 
 
@@ -117,7 +117,12 @@ def test_screen_figure_draws_the_best_metric_difference(tmp_path, monkeypatch):
     root = tmp_path / "wd/s26/screen"
     _run(root / "dense_s0", 0.80, 0.78)
     _run(root / "pce_s0", 0.83, 0.70)                         # best 0.83 - 0.80, not final 0.70 - 0.78
+    # stopped at half: its stop decision's own difference (0.70 - 0.75 at epoch 1), not its best - the final best
+    (root / "cc_s0").mkdir()
+    (root / "cc_s0/metrics.jsonl").write_text(json.dumps({"type": "val", "epoch": 1, "top1": 0.70}) + "\n")
+    (root / "cc_s0" / rs.STOP_FILE).write_text(json.dumps({"epoch": 1, "value": 0.70, "reference": 0.75, "stop": True}))
     figs = _capture(monkeypatch)
     assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 0
     drawn, labels = _drawn(figs[0])
-    assert labels == ["pce"] and drawn[0.0][0][0] == pytest.approx((0.03,))
+    assert labels == ["cc", "pce"] and drawn[1.0][0][0] == pytest.approx((0.03,))
+    assert drawn[0.0][0][0] == pytest.approx((-0.05,)) and drawn[0.0][0][2] == "white"

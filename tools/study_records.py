@@ -151,35 +151,46 @@ def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List
 def figure_rows(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path) -> list:
     """The rows of ``summary.png`` (:func:`pce.analysis.study_figure.study_figure`): every variant but the reference
     against the reference. ``final``: the last epoch's metric, Welch's difference and 95% interval where both have
-    >= 2 finished seeds (else the difference of the means, no interval); ``screen``: the best metric (stopped runs
-    included, drawn hollow), mean over seeds minus the reference's."""
+    >= 2 finished seeds (else the difference of the means, no interval); ``screen``: the best metric minus the same
+    seed's reference, averaged over seeds; a run stopped at half counts as its stop decision's difference (its best
+    minus the reference's best up to the same epoch, ``study_stop.json``), drawn hollow."""
     from pce.analysis.study_figure import StudyRow
 
     sr, metric, ref, key = _summarize_runs(), plan["metric"], plan["reference"], "final" if stage == "final" else "best"
-    values: Dict[str, List[float]] = {}
+    values: Dict[tuple, float] = {}
     cells: Dict[str, list] = {}
     stopped: Dict[str, bool] = {}
     for name, seed in runs:
         wd = root / f"{name}_s{seed}"
         state = run_state(wd)
-        if state not in (("finished",) if key == "final" else ("finished", "stopped")):
+        if state == "stopped" and key == "best" and name != ref:
+            stop = json.loads((wd / STOP_FILE).read_text())
+            values[(name, seed)] = None, stop["value"] - stop["reference"]
+        elif state == "finished":
+            try:
+                values[(name, seed)] = sr.summarize(wd, metric)[key], None
+            except PCEError:
+                continue
+        else:
             continue
-        try:
-            row = sr.summarize(wd, metric)
-        except PCEError:
-            continue
-        values.setdefault(name, []).append(row[key])
         cells.setdefault(name, []).append(expert_cells(wd, metric))
         stopped[name] = stopped.get(name, False) or state == "stopped"
-    base = values.get(ref, [])
+    base = [v for (n, _), (v, _) in values.items() if n == ref]
     out = []
-    for name, vals in values.items():
+    for name in dict.fromkeys(n for n, _ in values):
+        vals = [v for (n, _), (v, _) in values.items() if n == name and v is not None]
         if name == ref or not base:
             continue
-        if len(vals) > 1 and len(base) > 1:
+        if key == "final" and len(vals) > 1 and len(base) > 1:
             w = sr.welch(vals, base)
-            diff, low, high = w["diff"], w["low"], w["high"]
-        else:
-            diff, low, high = sum(vals) / len(vals) - sum(base) / len(base), None, None
-        out.append(StudyRow(name, diff, low, high, verdict_counts(cells[name]), stopped[name], len(vals)))
+            out.append(StudyRow(name, w["diff"], w["low"], w["high"], verdict_counts(cells[name]), False, len(vals)))
+            continue
+        diffs = []
+        for (n, seed), (v, d) in values.items():
+            if n != name:
+                continue
+            ref_v = values.get((ref, seed), (None, None))[0]
+            diffs.append(d if d is not None else v - (ref_v if ref_v is not None else sum(base) / len(base)))
+        out.append(StudyRow(name, sum(diffs) / len(diffs), None, None, verdict_counts(cells[name]), stopped[name],
+                            len(diffs)))
     return out

@@ -77,7 +77,8 @@ def study_figure(rows: Sequence[StudyRow], path, *, metric: str, reference: str,
     ax.axvline(0.0, color="black", linewidth=1.0)
     ax.set_yticks(range(len(order)), [r.name for r in order], fontsize=9)
     ax.set_ylim(-0.7, len(order) - 0.3)
-    ax.set_xlabel(f"{metric} minus {reference} (0 = {reference}; bars: 95% Welch interval)")
+    bars = "; bars: 95% Welch interval" if any(r.low is not None for r in order) else ""
+    ax.set_xlabel(f"{metric} minus {reference} (0 = {reference}{bars})")
     ax.grid(axis="x", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
     handles = [plt.Line2D([], [], marker="o", linestyle="none", color=VERDICT_COLORS[k], label=_LEGEND[k])
