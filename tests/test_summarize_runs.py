@@ -67,3 +67,14 @@ def test_welch_comparison_matches_scipy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| runs vs dense |" in out
     assert f"| pce | {w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f} |" in out
+
+
+def test_minutes_leave_out_the_pause_of_a_resumed_run(tmp_path):
+    """Trained 60 s + 90 s around a 5-hour pause (stopped, resumed the next session): 2.5 minutes, not 302.5."""
+    rows = [{"type": "train", "epoch": 1, "images_per_s": 10.0, "time": 0.0},
+            {"type": "val", "epoch": 1, "top1": 0.5, "time": 60.0},
+            {"type": "phase", "epoch": 2, "time": 60.0 + 5 * 3600},
+            {"type": "val", "epoch": 2, "top1": 0.6, "time": 150.0 + 5 * 3600}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert tool.summarize(tmp_path / "run", "top1")["minutes"] == pytest.approx(2.5)

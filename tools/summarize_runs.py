@@ -51,7 +51,7 @@ def summarize(work_dir: Path, metric: str) -> dict:
     times = [r["time"] for r in rows if "time" in r]
     routing = next((r["routing"] for r in reversed(train) if r.get("routing")), None)
     out = {"run": work_dir.name, "best": best[metric], "best_epoch": best["epoch"], "final": vals[-1][metric],
-           "epochs": vals[-1]["epoch"], "minutes": (max(times) - min(times)) / 60 if times else float("nan"),
+           "epochs": vals[-1]["epoch"], "minutes": _active_minutes(times),
            "images_per_s": statistics.median(r["images_per_s"] for r in train if "images_per_s" in r) if train else 0}
     if routing:
         out["entropy"] = statistics.mean(v["entropy"] for v in routing.values())
@@ -67,6 +67,18 @@ def group_by_seed(rows: List[dict]) -> Dict[str, List[dict]]:
         if m:
             groups[m.group("group")].append(r)
     return dict(groups)
+
+
+PAUSE_S = 30 * 60  # a gap this long between two records is a paused and resumed run, not training time
+
+
+def _active_minutes(times: List[float]) -> float:
+    """Wall minutes between the first and last record, less every gap over :data:`PAUSE_S` (a run stopped and
+    resumed later: the pause is not its training time). NaN without records."""
+    if not times:
+        return float("nan")
+    ordered = sorted(times)
+    return sum(b - a for a, b in zip(ordered, ordered[1:]) if b - a <= PAUSE_S) / 60
 
 
 def welch(a: List[float], b: List[float], level: float = 0.95) -> dict:
