@@ -366,6 +366,7 @@ def test_summary_commands_use_the_threads_each_run_ran_with(tmp_path, monkeypatc
             write_metrics(root / f"{name}_s{s}", vals((1, 0.7), (8, 0.8), test=0.8))
     (root / "pce_s0/config.json").write_text(json.dumps({"runtime": {"num_threads": 1}}))
     (root / "pce_s1/config.json").write_text("{not json")
+    (root / "dense_s1/config.json").write_text(json.dumps({"runtime": {"num_threads": 0}}))  # torch's default
     monkeypatch.setattr(rs, "execute", lambda *a, **k: pytest.fail("--summary-only trained"))
     argv = [str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts",
             "--threads", "2"]
@@ -374,6 +375,7 @@ def test_summary_commands_use_the_threads_each_run_ran_with(tmp_path, monkeypatc
     assert row_cells(text, "pce_s0")[-1].endswith("runtime.num_threads=1`")
     assert row_cells(text, "pce_s1")[-1].endswith("runtime.num_threads=2`")
     assert row_cells(text, "dense_s0")[-1].endswith("runtime.num_threads=2`")
+    assert "num_threads" not in row_cells(text, "dense_s1")[-1]      # started without a thread count: none given
 
 
 def test_summary_compares_with_every_baseline(tmp_path, monkeypatch):
@@ -394,3 +396,14 @@ def test_summary_compares_with_every_baseline(tmp_path, monkeypatch):
     ref = stats.ttest_ind(finals["pce"], finals["up"], equal_var=False)
     ci = ref.confidence_interval(0.95)
     assert row_cells(vs_up, "pce")[1] == f"{0.725 - 0.835:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}], p={ref.pvalue:.3f}"
+
+
+def test_malformed_stop_file_is_one_line_naming_it(tmp_path, capsys):
+    plan = write_plan(tmp_path)
+    screen = tmp_path / "wd/s26/screen"
+    write_metrics(screen / "dense_s0", vals((2, 0.8), (4, 0.85), test=0.85))
+    write_metrics(screen / "pce_s0", vals((2, 0.6)))
+    (screen / "pce_s0" / rs.STOP_FILE).write_text('{"epoch": 2}')
+    assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {screen / 'pce_s0' / rs.STOP_FILE}: not a stop decision")

@@ -58,7 +58,10 @@ def _drawn(fig):
 def test_verdict_classes():
     assert sf.verdict_class("copies 5/5") == "copies"
     assert sf.verdict_class("differ 5/5") == "differ"
-    assert sf.verdict_class("differ, metric unchanged") == "differ"
+    assert sf.verdict_class("differ, metric unchanged") == "inert"
+    assert sf.verdict_class("differ, metric unchanged 2/2") == "inert"
+    assert sf.verdict_class("differ 1/2, differ, metric unchanged 1/2") == "mixed"
+    assert sf.verdict_class("copies 1/2, differ, metric unchanged 1/2") == "mixed"
     assert sf.verdict_class("copies 2/5, differ 3/5") == "mixed"
     assert sf.verdict_class("-") == "not routed"
     assert sf.verdict_class("not analysed") == "not analysed"
@@ -126,3 +129,13 @@ def test_screen_figure_draws_the_best_metric_difference(tmp_path, monkeypatch):
     drawn, labels = _drawn(figs[0])
     assert labels == ["cc", "pce"] and drawn[1.0][0][0] == pytest.approx((0.03,))
     assert drawn[0.0][0][0] == pytest.approx((-0.05,)) and drawn[0.0][0][2] == "white"
+
+
+def test_no_finished_reference_no_figure_and_no_stale_one(tmp_path, capsys):
+    plan = tmp_path / "plan.py"
+    plan.write_text(PLAN)
+    root = tmp_path / "wd/s26/screen"
+    _run(root / "pce_s0", 0.83, 0.70)
+    (root / "summary.png").write_bytes(b"an old figure")
+    assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 0
+    assert not (root / "summary.png").exists() and "figure: none" in capsys.readouterr().out

@@ -110,12 +110,13 @@ def run_command(plan: Dict[str, Any], stage: str, name: str, seed: int, work_roo
 
 
 def recorded_threads(work_dir: Path) -> Optional[int]:
-    """``runtime.num_threads`` a run was started with (its ``config.json``), or ``None`` without a readable one."""
+    """``runtime.num_threads`` a run was started with (its ``config.json``; 0 = torch's default, which
+    :func:`run_command` leaves out), or ``None`` without a readable one."""
     try:
         threads = json.loads((Path(work_dir) / "config.json").read_text())["runtime"]["num_threads"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return threads if isinstance(threads, int) and threads > 0 else None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0 else None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -214,8 +215,9 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(shlex.join(commands[r]) for r in runs))
         return 0
     # summary.md: a run that exists is reproduced with the threads it ran with (BLAS sums differ with them)
-    commands.update({r: run_command(plan, args.stage, *r, args.work_root, recorded_threads(root / f"{r[0]}_s{r[1]}"))
-                     for r in runs if recorded_threads(root / f"{r[0]}_s{r[1]}")})
+    recorded = {r: recorded_threads(root / f"{r[0]}_s{r[1]}") for r in runs}
+    commands.update({r: run_command(plan, args.stage, *r, args.work_root, recorded[r])
+                     for r in runs if recorded[r] is not None})
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.experts_num < 1:
@@ -241,6 +243,9 @@ def _run(args: argparse.Namespace) -> int:
         study_figure(rows, root / "summary.png", metric=f"{what} {plan['metric']}", reference=plan["reference"],
                      title=f"{plan['study']}: {args.stage} ({len(rows)} variants; colour: the experts' verdict)")
         print(f"figure: {root / 'summary.png'}")
+    else:  # no variant to compare yet (the reference has no finished run): no figure, and no stale one
+        (root / "summary.png").unlink(missing_ok=True)
+        print(f"figure: none (no finished {plan['reference']} run to compare with)")
     return 0
 
 

@@ -8,10 +8,13 @@ import json
 import math
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from pce.engine.errors import PCEError
 from study_experts import expert_cells, markdown_cells, verdict_counts
+
+if TYPE_CHECKING:
+    from pce.analysis.study_figure import StudyRow
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_FILE = "study_stop.json"
@@ -49,6 +52,21 @@ def run_state(work_dir: Path) -> str:
     if (work_dir / "latest.pth").is_file() or (work_dir / "best.pth").is_file():
         return "partial"
     return "new"
+
+
+def read_stop(work_dir: Path) -> Dict[str, Any]:
+    """The stop decision ``work_dir/study_stop.json`` (``{epoch, value, reference, stop}``); a malformed one is a
+    :class:`PCEError` naming the file."""
+    path = Path(work_dir) / STOP_FILE
+    try:
+        stop = json.loads(path.read_text())
+        if not all(isinstance(stop.get(k), (int, float)) for k in ("epoch", "value", "reference")):
+            raise ValueError("missing or non-numeric epoch / value / reference")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PCEError(path, f"not a stop decision ({e})",
+                       '{"epoch": E, "value": V, "reference": R, "stop": true} as tools/run_study.py writes it; '
+                       "delete it to run the variant again") from None
+    return stop
 
 
 def _best(rows: List[dict], metric: str, mode: str, upto: int) -> Optional[float]:
@@ -101,7 +119,7 @@ def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: 
         wd = root / f"{name}_s{seed}"
         state = run_state(wd)
         if state == "stopped":
-            stop = json.loads((wd / STOP_FILE).read_text())
+            stop = read_stop(wd)
             state = f"stopped at half: {stop['value']:.4f} vs {stop['reference']:.4f} (epoch {stop['epoch']})"
         try:
             row = sr.summarize(wd, metric)
@@ -148,23 +166,24 @@ def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List
     return lines
 
 
-def figure_rows(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path) -> list:
+def figure_rows(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path) -> List["StudyRow"]:
     """The rows of ``summary.png`` (:func:`pce.analysis.study_figure.study_figure`): every variant but the reference
-    against the reference. ``final``: the last epoch's metric, Welch's difference and 95% interval where both have
-    >= 2 finished seeds (else the difference of the means, no interval); ``screen``: the best metric minus the same
-    seed's reference, averaged over seeds; a run stopped at half counts as its stop decision's difference (its best
-    minus the reference's best up to the same epoch, ``study_stop.json``), drawn hollow."""
+    against the reference. ``final``: the last epoch's metric of the finished runs, Welch's difference and 95%
+    interval where both have >= 2 finished seeds; otherwise (``screen``, or too few seeds) each run minus the same
+    seed's reference (the reference's mean without that seed), averaged over the variant's runs, no interval, on
+    the best metric in ``screen``. A screening run stopped at half counts as its stop decision's difference (its
+    best minus the reference's best up to the same epoch, ``study_stop.json``) and is drawn hollow."""
     from pce.analysis.study_figure import StudyRow
 
     sr, metric, ref, key = _summarize_runs(), plan["metric"], plan["reference"], "final" if stage == "final" else "best"
-    values: Dict[tuple, float] = {}
+    values: Dict[tuple, Tuple[Optional[float], Optional[float]]] = {}  # (metric, stop difference)
     cells: Dict[str, list] = {}
     stopped: Dict[str, bool] = {}
     for name, seed in runs:
         wd = root / f"{name}_s{seed}"
         state = run_state(wd)
         if state == "stopped" and key == "best" and name != ref:
-            stop = json.loads((wd / STOP_FILE).read_text())
+            stop = read_stop(wd)
             values[(name, seed)] = None, stop["value"] - stop["reference"]
         elif state == "finished":
             try:

@@ -1,5 +1,6 @@
 """Summarise training runs (their metrics.jsonl) as a Markdown table: best and final metric, wall time,
-throughput and the routers' entropy / expert usage at the end of training. Runs whose names differ only
+throughput and the routers' entropy / expert usage at the end of training. Wall time leaves out pauses over
+30 minutes between two records (a run stopped and resumed later). Runs whose names differ only
 by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second table: mean +- sample std over
 the seeds of the final and best metric, wall time and throughput. With two or more seed groups of at least two
 runs, a third table compares every group with the first one: the difference of the means with its 95% Welch

@@ -9,7 +9,7 @@ variants = dict(
     dense=dict(config="configs/demo_camelyon_seg_dense.py"),
     pce_head=dict(config="configs/demo_camelyon_seg_patchmoe.py"),
     condconv_head=dict(config="configs/study/cam_condconv_head.py"),
-    pce_deep=dict(config="configs/demo_camelyon_seg_pce.py"),
+    pce_deep=dict(config="configs/demo_camelyon_seg_pce.py", stop=False),  # phased: as in plan_seg.py
     head_top1=dict(config="configs/study/cam_head_top1.py"),
     head_e8=dict(config="configs/study/cam_head_e8.py"),
     head_soft=dict(config="configs/study/cam_head_soft.py"),

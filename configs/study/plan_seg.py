@@ -17,7 +17,7 @@ variants = dict(
     condconv_head=dict(config="configs/demo_seg_condconv.py"),            # conv = the head's classifier
     pce_deep=dict(config="configs/demo_seg_pce.py", stop=False),          # PCE layers in stages 3-4 (today's recipe)
     condconv_deep=dict(config="configs/study/seg_condconv_deep.py"),
-    pce_all=dict(config="configs/demo_seg_pce_allstages.py"),
+    pce_all=dict(config="configs/demo_seg_pce_allstages.py", stop=False),
     condconv_all=dict(config="configs/study/seg_condconv_all.py"),
     # routing of the PCEConv2d head
     head_top1=dict(config="configs/study/seg_head_top1.py"),

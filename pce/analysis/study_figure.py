@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from pce.analysis.overlay import OKABE_ITO
 from pce.analysis.plots import _save, plt
@@ -19,10 +19,11 @@ from pce.analysis.plots import _save, plt
 __all__ = ["StudyRow", "study_figure", "verdict_class", "VERDICT_COLORS"]
 
 # Okabe-Ito (colour-blind safe), one colour per kind of expert verdict
-VERDICT_COLORS = {"copies": OKABE_ITO[0], "differ": OKABE_ITO[4], "mixed": OKABE_ITO[6],
+VERDICT_COLORS = {"copies": OKABE_ITO[0], "differ": OKABE_ITO[4], "inert": OKABE_ITO[1], "mixed": OKABE_ITO[6],
                   "not routed": "#555555", "not analysed": OKABE_ITO[2]}
-_LEGEND = {"copies": "experts are copies", "differ": "experts differ", "mixed": "copies in some seeds",
-           "not routed": "no patch routing (dense, CondConv)", "not analysed": "experts not analysed"}
+_LEGEND = {"copies": "experts are copies", "differ": "experts differ", "inert": "differ, metric unchanged",
+           "mixed": "verdicts differ across seeds", "not routed": "no patch routing (dense, CondConv)",
+           "not analysed": "experts not analysed"}
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,21 @@ class StudyRow:
 
 
 def verdict_class(verdict: str) -> str:
-    """``copies`` / ``differ`` / ``mixed`` / ``not routed`` / ``not analysed`` of a study verdict cell."""
+    """``copies`` / ``differ`` / ``inert`` (differ, metric unchanged) / ``mixed`` (seeds disagree) / ``not routed``
+    / ``not analysed`` of a study verdict cell: one run's verdict or ``verdict_counts``' ``"copies 2/5, differ 3/5"``."""
     v = (verdict or "-").strip()
     if v in ("-", ""):
         return "not routed"
     if v.startswith("not analysed") or v == "?":
         return "not analysed"
-    has_copies, has_differ = "copies" in v, "differ" in v
-    if has_copies and has_differ:
+    inert = v.count("metric unchanged")
+    differ, copies = v.count("differ") - inert, "copies" in v
+    if copies + bool(differ) + bool(inert) > 1:
         return "mixed"
-    return "copies" if has_copies else ("differ" if has_differ else "not analysed")
+    return "copies" if copies else ("inert" if inert else ("differ" if differ else "not analysed"))
 
 
-def study_figure(rows: Sequence[StudyRow], path, *, metric: str, reference: str, title: str = "",
+def study_figure(rows: Sequence[StudyRow], path: Union[str, Path], *, metric: str, reference: str, title: str = "",
                  dpi: Optional[int] = None) -> Path:
     """Draw ``rows`` (best difference at the top) against a zero line that is the reference and write the figure
     to ``path`` atomically (PNG, or PDF / SVG by the suffix). Each row is labelled with its difference, its
