@@ -120,15 +120,15 @@ def test_screen_figure_draws_the_best_metric_difference(tmp_path, monkeypatch):
     root = tmp_path / "wd/s26/screen"
     _run(root / "dense_s0", 0.80, 0.78)
     _run(root / "pce_s0", 0.83, 0.70)                         # best 0.83 - 0.80, not final 0.70 - 0.78
-    # stopped at half: its stop decision's own difference (0.70 - 0.75 at epoch 1), not its best - the final best
+    # stopped at half: its stop decision's own difference (0.70 - 0.72 at epoch 1), not its best - the final best
     (root / "cc_s0").mkdir()
     (root / "cc_s0/metrics.jsonl").write_text(json.dumps({"type": "val", "epoch": 1, "top1": 0.70}) + "\n")
-    (root / "cc_s0" / rs.STOP_FILE).write_text(json.dumps({"epoch": 1, "value": 0.70, "reference": 0.75, "stop": True}))
+    (root / "cc_s0" / rs.STOP_FILE).write_text(json.dumps({"epoch": 1, "value": 0.70, "reference": 0.72, "stop": True}))
     figs = _capture(monkeypatch)
     assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 0
     drawn, labels = _drawn(figs[0])
     assert labels == ["cc", "pce"] and drawn[1.0][0][0] == pytest.approx((0.03,))
-    assert drawn[0.0][0][0] == pytest.approx((-0.05,)) and drawn[0.0][0][2] == "white"
+    assert drawn[0.0][0][0] == pytest.approx((-0.02,)) and drawn[0.0][0][2] == "white"
 
 
 def test_no_finished_reference_no_figure_and_no_stale_one(tmp_path, capsys):
@@ -139,3 +139,20 @@ def test_no_finished_reference_no_figure_and_no_stale_one(tmp_path, capsys):
     (root / "summary.png").write_bytes(b"an old figure")
     assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 0
     assert not (root / "summary.png").exists() and "figure: none" in capsys.readouterr().out
+
+
+def test_a_stopped_outlier_does_not_squash_the_axis(monkeypatch):
+    """One run stopped at -0.26 beside differences of +-0.007: the axis keeps the others' span (+50%), the outlier
+    is an arrow head inside the left edge, and its true value is still printed."""
+    figs = _capture(monkeypatch)
+    rows = [sf.StudyRow("a", 0.002, verdict="differ"), sf.StudyRow("b", -0.007, verdict="differ"),
+            sf.StudyRow("out", -0.26, verdict="differ", stopped=True)]
+    sf.study_figure(rows, "x.png", metric="top1", reference="dense")
+    ax = figs[0].axes[0]
+    lo, hi = ax.get_xlim()
+    # kept span [-0.007, 0.002] (0 included), width 0.009: [-0.0115, 0.002], padded by 8% of 0.0135 = 0.00108
+    assert lo == pytest.approx(-0.01258) and hi == pytest.approx(0.00308)
+    arrow = [ln for ln in ax.get_lines() if ln.get_marker() == "<"]
+    assert len(arrow) == 1 and lo < arrow[0].get_xdata()[0] < -0.007
+    assert any(t.get_text().startswith("-0.2600") for t in ax.texts)
+    assert sf.x_range(rows[:2])[0] < -0.007 and sf.x_range(rows) == (lo, hi)
