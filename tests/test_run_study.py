@@ -407,3 +407,22 @@ def test_malformed_stop_file_is_one_line_naming_it(tmp_path, capsys):
     assert rs.main([str(plan), "--work-root", str(tmp_path / "wd"), "--summary-only", "--no-experts"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {screen / 'pce_s0' / rs.STOP_FILE}: not a stop decision")
+
+
+def test_sigterm_to_the_study_ends_its_training(tmp_path):
+    """`kill <run_study>` (SIGTERM) must not leave the training it started running (it has its own session)."""
+    child = ("import os,sys,time; open(sys.argv[1],'w').write(str(os.getpid())); time.sleep(120)")
+    driver = (f"import sys; sys.path.insert(0, {str(REPO / 'tools')!r}); sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+              "from _faults_util import load_tool\n"
+              "rs = load_tool('run_study'); rs._raise_on_sigterm()\n"
+              f"rs.execute(['python', '-c', {child!r}, {str(tmp_path / 'pid')!r}], {str(tmp_path)!r}, None, 0.1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO)
+    deadline = time.time() + 60
+    while not (tmp_path / "pid").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int((tmp_path / "pid").read_text())
+    proc.terminate()
+    assert proc.wait(timeout=60) == 143
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the training ended with it and was reaped
+        os.kill(pid, 0)

@@ -8,7 +8,7 @@ rules and the stop-at-half rule: docs/STUDY.md (and configs/study/plan_seg.py).
     python tools/run_study.py configs/study/plan_seg.py --stage final --only dense pce_head
     python tools/run_study.py configs/study/plan_seg.py --stage screen --summary-only   # train nothing
 
-Work dirs: ``<stage folder>/<variant>_s<seed>``; finished runs (a ``"type": "test"`` record) are skipped, runs with
+Work dirs: ``<stage folder>/<variant>_s<seed>``; ``kill`` (SIGTERM) of this tool ends its running training too; finished runs (a ``"type": "test"`` record) are skipped, runs with
 a checkpoint resumed, screening runs behind the reference by more than ``stop_margin`` at half their epochs stopped
 (``study_stop.json``). Then every finished run's experts are analysed once into ``<run>/experts.json``
 (``tools/analyze_experts.py``, tools/study_experts.py; ``--no-experts`` skips it) and ``summary.md`` written with
@@ -185,6 +185,15 @@ def _one_run(plan, stage, name, seed, args, root) -> str:
     return "stopped at half" if stop else ("resumed, finished" if state == "partial" else "finished")
 
 
+def _raise_on_sigterm() -> None:
+    """``kill`` (SIGTERM) becomes ``SystemExit(143)`` so :func:`execute` ends its training on the way out (by
+    default SIGTERM ends this process at once and leaves the training, in its own session, running)."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", type=Path)
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
                     help="validation samples of each experts analysis (default 64)")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
+    _raise_on_sigterm()
     return run_cli(lambda: _run(args), debug=args.debug)
 
 
