@@ -8,9 +8,9 @@ rules and the stop-at-half rule: docs/STUDY.md (and configs/study/plan_seg.py).
     python tools/run_study.py configs/study/plan_seg.py --stage final --only dense pce_head
     python tools/run_study.py configs/study/plan_seg.py --stage screen --summary-only   # train nothing
 
-Work dirs: ``<stage folder>/<variant>_s<seed>``; ``kill`` (SIGTERM) of this tool ends its running training too; finished runs (a ``"type": "test"`` record) are skipped, runs with
+Work dirs: ``<stage folder>/<variant>_s<seed>``; finished runs (a ``"type": "test"`` record) are skipped, runs with
 a checkpoint resumed, screening runs behind the reference by more than ``stop_margin`` at half their epochs stopped
-(``study_stop.json``). Then every finished run's experts are analysed once into ``<run>/experts.json``
+(``study_stop.json``); ``kill`` (SIGTERM) of this tool ends its running training too. Then every finished run's experts are analysed once into ``<run>/experts.json``
 (``tools/analyze_experts.py``, tools/study_experts.py; ``--no-experts`` skips it) and ``summary.md`` written with
 their verdicts. Errors are one line naming the plan or the run (``--debug``: the traceback).
 """
