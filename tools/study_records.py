@@ -8,7 +8,7 @@ import json
 import math
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from pce.engine.errors import PCEError
 from study_experts import expert_cells, markdown_cells, verdict_counts
@@ -170,46 +170,42 @@ def figure_rows(plan: Dict[str, Any], stage: str, runs: List[tuple], root: Path)
     """The rows of ``summary.png`` (:func:`pce.analysis.study_figure.study_figure`): every variant but the reference
     against the reference. ``final``: the last epoch's metric of the finished runs, Welch's difference and 95%
     interval where both have >= 2 finished seeds; otherwise (``screen``, or too few seeds) each run minus the same
-    seed's reference (the reference's mean without that seed), averaged over the variant's runs, no interval, on
-    the best metric in ``screen``. A screening run stopped at half counts as its stop decision's difference (its
+    seed's reference (the reference's mean when that seed has none), averaged over the variant's runs, no interval,
+    on the best metric in ``screen``. A screening run stopped at half counts as its stop decision's difference (its
     best minus the reference's best up to the same epoch, ``study_stop.json``) and is drawn hollow."""
     from pce.analysis.study_figure import StudyRow
 
     sr, metric, ref, key = _summarize_runs(), plan["metric"], plan["reference"], "final" if stage == "final" else "best"
-    values: Dict[tuple, Tuple[Optional[float], Optional[float]]] = {}  # (metric, stop difference)
+    value: Dict[tuple, float] = {}       # (variant, seed) -> the metric of a finished run
+    stop_diff: Dict[tuple, float] = {}   # (variant, seed) -> the stop decision's difference of a stopped run
     cells: Dict[str, list] = {}
-    stopped: Dict[str, bool] = {}
     for name, seed in runs:
         wd = root / f"{name}_s{seed}"
         state = run_state(wd)
         if state == "stopped" and key == "best" and name != ref:
             stop = read_stop(wd)
-            values[(name, seed)] = None, stop["value"] - stop["reference"]
+            stop_diff[(name, seed)] = stop["value"] - stop["reference"]
         elif state == "finished":
             try:
-                values[(name, seed)] = sr.summarize(wd, metric)[key], None
+                value[(name, seed)] = sr.summarize(wd, metric)[key]
             except PCEError:
                 continue
         else:
             continue
         cells.setdefault(name, []).append(expert_cells(wd, metric))
-        stopped[name] = stopped.get(name, False) or state == "stopped"
-    base = [v for (n, _), (v, _) in values.items() if n == ref]
+    base = [v for (n, _), v in value.items() if n == ref]
     out = []
-    for name in dict.fromkeys(n for n, _ in values):
-        vals = [v for (n, _), (v, _) in values.items() if n == name and v is not None]
+    for name in cells:
         if name == ref or not base:
             continue
+        vals = [v for (n, _), v in value.items() if n == name]
+        stopped = any(n == name for n, _ in stop_diff)
         if key == "final" and len(vals) > 1 and len(base) > 1:
             w = sr.welch(vals, base)
             out.append(StudyRow(name, w["diff"], w["low"], w["high"], verdict_counts(cells[name]), False, len(vals)))
             continue
-        diffs = []
-        for (n, seed), (v, d) in values.items():
-            if n != name:
-                continue
-            ref_v = values.get((ref, seed), (None, None))[0]
-            diffs.append(d if d is not None else v - (ref_v if ref_v is not None else sum(base) / len(base)))
-        out.append(StudyRow(name, sum(diffs) / len(diffs), None, None, verdict_counts(cells[name]), stopped[name],
+        diffs = [d for (n, _), d in stop_diff.items() if n == name]
+        diffs += [v - value.get((ref, seed), sum(base) / len(base)) for (n, seed), v in value.items() if n == name]
+        out.append(StudyRow(name, sum(diffs) / len(diffs), None, None, verdict_counts(cells[name]), stopped,
                             len(diffs)))
     return out
