@@ -98,6 +98,12 @@ def test_resume_equals_uninterrupted(tmp_path: Path):
     assert config_to_dict(load_saved_config(tmp_path / "split/config.json")) == config_to_dict(cfg)
     records = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert [r["name"] for r in records if r["type"] == "phase"] == ["stabilise", "route", "finetune"]
+    # one resume record, between the first process's records and the resumed one's (summarize_runs' pause mark)
+    kinds = [r["type"] for r in records]
+    assert kinds.count("resume") == 1
+    at = kinds.index("resume")
+    assert records[at]["epoch"] == 1 and records[at]["iter"] == 3 and records[at]["checkpoint"].endswith("latest.pth")
+    assert all(r.get("epoch", 0) <= 1 for r in records[:at]) and records[at + 1]["epoch"] == 2
 
 
 def test_atomic_checkpoint(tmp_path: Path, monkeypatch):

@@ -78,3 +78,16 @@ def test_minutes_leave_out_the_pause_of_a_resumed_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert tool.summarize(tmp_path / "run", "top1")["minutes"] == pytest.approx(2.5)
+
+
+def test_minutes_with_resume_records_leave_out_only_the_marked_pause(tmp_path):
+    """With the trainer's resume record, the gap before it is the pause (even a short one, 10 min) and a long
+    evaluation without one (45 min) is training time: 1 + 45 + 2 = 48 minutes, not 3 (the 30-min rule's) or 58."""
+    rows = [{"type": "train", "epoch": 1, "images_per_s": 10.0, "time": 0.0},
+            {"type": "val", "epoch": 1, "top1": 0.5, "time": 60.0},
+            {"type": "val", "epoch": 1, "top1": 0.5, "time": 60.0 + 45 * 60},
+            {"type": "resume", "epoch": 1, "iter": 3, "time": 60.0 + 55 * 60},
+            {"type": "val", "epoch": 2, "top1": 0.6, "time": 180.0 + 55 * 60}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert tool.summarize(tmp_path / "run", "top1")["minutes"] == pytest.approx(48.0)

@@ -1,8 +1,8 @@
 """Summarise training runs (their metrics.jsonl) as a Markdown table: best and final metric, wall time,
-throughput and the routers' entropy / expert usage at the end of training. Wall time leaves out pauses over
-30 minutes between two records (a run stopped and resumed later). Runs whose names differ only
-by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second table: mean +- sample std over
-the seeds of the final and best metric, wall time and throughput. With two or more seed groups of at least two
+throughput and the routers' entropy / expert usage at the end of training. Wall time leaves out the pauses of
+a run stopped and resumed later (the gap before each ``resume`` record; gaps over 30 minutes in older records).
+Runs whose names differ only by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second
+table: mean +- sample std over the seeds of the final and best metric, wall time and throughput. With two or more seed groups of at least two
 runs, a third table compares every group with the first one: the difference of the means with its 95% Welch
 confidence interval and two-sided p-value (unequal variances), so "within noise" is a number, not a reading.
 
@@ -49,10 +49,9 @@ def summarize(work_dir: Path, metric: str) -> dict:
         raise PCEError(path, f"no validation rows with metric {metric!r}", "a metric tools/train.py logged: --metric")
     train = [r for r in rows if r.get("type") == "train"]
     best = max(vals, key=lambda r: r[metric])
-    times = [r["time"] for r in rows if "time" in r]
     routing = next((r["routing"] for r in reversed(train) if r.get("routing")), None)
     out = {"run": work_dir.name, "best": best[metric], "best_epoch": best["epoch"], "final": vals[-1][metric],
-           "epochs": vals[-1]["epoch"], "minutes": _active_minutes(times),
+           "epochs": vals[-1]["epoch"], "minutes": _active_minutes(rows),
            "images_per_s": statistics.median(r["images_per_s"] for r in train if "images_per_s" in r) if train else 0}
     if routing:
         out["entropy"] = statistics.mean(v["entropy"] for v in routing.values())
@@ -70,16 +69,23 @@ def group_by_seed(rows: List[dict]) -> Dict[str, List[dict]]:
     return dict(groups)
 
 
-PAUSE_S = 30 * 60  # a gap this long between two records is a paused and resumed run, not training time
+PAUSE_S = 30 * 60  # without resume records: a gap this long between two records is a pause, not training time
 
 
-def _active_minutes(times: List[float]) -> float:
-    """Wall minutes between the first and last record, less every gap over :data:`PAUSE_S` (a run stopped and
-    resumed later: the pause is not its training time). NaN without records."""
-    if not times:
+def _active_minutes(rows: List[dict]) -> float:
+    """Wall minutes between a run's first and last timed record, less the pauses of a run stopped and resumed
+    later: the gap before each ``resume`` record (the trainer writes one when it resumes), or, in records written
+    before the trainer did so (no ``resume`` record at all), every gap over :data:`PAUSE_S`. NaN without records."""
+    timed = [r for r in rows if isinstance(r.get("time"), (int, float))]
+    if not timed:
         return float("nan")
-    ordered = sorted(times)
-    return sum(b - a for a, b in zip(ordered, ordered[1:]) if b - a <= PAUSE_S) / 60
+    marked = any(r.get("type") == "resume" for r in timed)
+    total = 0.0
+    for a, b in zip(timed, timed[1:]):
+        gap = b["time"] - a["time"]
+        paused = b.get("type") == "resume" if marked else gap > PAUSE_S
+        total += 0.0 if paused else max(gap, 0.0)
+    return total / 60
 
 
 def welch(a: List[float], b: List[float], level: float = 0.95) -> dict:
