@@ -4,7 +4,7 @@ study = "study26_fmnist"
 metric = "top1"
 mode = "max"
 reference = "dense"
-baselines = ["dense", "condconv_all", "condconv_last"]
+baselines = ["dense", "condconv_all"]
 variants = dict(
     dense=dict(config="configs/fmnist_cls_dense.py"),
     # placement: the last stage's convolution (just before the SPP + FC head, which has no convolution)
