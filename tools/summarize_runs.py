@@ -2,9 +2,10 @@
 throughput and the routers' entropy / expert usage at the end of training. Wall time leaves out the pauses of
 a run stopped and resumed later (the gap before each ``resume`` record; gaps over 30 minutes in older records).
 Runs whose names differ only by a seed suffix (``_s0``, ``_seed1``, ...) are also aggregated into a second
-table: mean +- sample std over the seeds of the final and best metric, wall time and throughput. With two or more seed groups of at least two
-runs, a third table compares every group with the first one: the difference of the means with its 95% Welch
-confidence interval and two-sided p-value (unequal variances), so "within noise" is a number, not a reading.
+table: mean +- sample std over the seeds of the final and best metric, wall time and throughput. With two or more
+seed groups of at least two runs, a third table compares every group with the first one: the difference of the
+means with its 95% Welch confidence interval and two-sided p-value (unequal variances), so "within noise" is a
+number, not a reading.
 
     python tools/summarize_runs.py work_dirs/demo_det_pce work_dirs/demo_det_dense --metric AP50
     python tools/summarize_runs.py work_dirs/fmnist_*_s[012] --metric top1

@@ -261,9 +261,7 @@ class Trainer(TrainerSetup, TrainerState, TrainerStep):
         """Run the remaining epochs; returns ``{"best": ..., "final": test/val results, "epochs": n}``."""
         cfg = self.cfg
         self.writer = MetricWriter(self.work_dir, enabled=self.is_main, tensorboard=cfg.runtime.tensorboard)
-        if self.resume_path is not None:  # marks the pause before it (tools/summarize_runs.py leaves it out)
-            self.writer.write({"type": "resume", "epoch": self.epoch, "iter": self.iteration,
-                               "checkpoint": str(self.resume_path)})
+        self._write_resume_record()
         n_params = sum(p.numel() for p in self.model.parameters())
         logger.info("task %s | model %s (%.2fM params) | train %d, %s | %d iter/epoch x %d epochs | device %s x %d"
                     " | batch %d x %d process(es) x %d accumulate_steps = %d per step, base lr %.6g",

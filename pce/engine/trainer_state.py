@@ -189,6 +189,13 @@ class TrainerState:
             restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
         logger.info("resumed from %s: %d epoch(s), %d iteration(s) done", path, self.epoch, self.iteration)
 
+    def _write_resume_record(self) -> None:
+        """A resumed run's ``resume`` record in metrics.jsonl, where it goes on: tools/summarize_runs.py leaves the
+        pause before it out of the run's minutes."""
+        if self.resume_path is not None and self.writer is not None:
+            self.writer.write({"type": "resume", "epoch": self.epoch, "iter": self.iteration,
+                               "checkpoint": str(self.resume_path)})
+
     def save_checkpoint(self, save_latest: bool = True, save_best: bool = False) -> None:
         state = self.state_dict()  # collective (RNG of every rank): all ranks call it
         bad = nonfinite_tensors({"model": state["model"], "ema": state["ema"]})
