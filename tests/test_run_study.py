@@ -80,6 +80,10 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys):
                                              'pce=dict(config="configs/demo_cls_digits.py", stop="no")'))
     assert rs.main([str(plan), "--dry-run"]) == 1
     assert "variants.pce.stop: 'no' (True or False" in capsys.readouterr().err
+    plan = write_plan(tmp_path, PLAN + "experts_num = 0\n")
+    assert rs.main([str(plan), "--dry-run"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {plan}: experts_num: 0 (a positive number of validation "
+                                               "samples)")
 
 
 def test_run_state_skip_and_resume(tmp_path):
@@ -194,10 +198,13 @@ screen = dict(seeds=[0], stop_margin=1.0)
     cells = row_cells(text, "b_s0")
     assert cells[1] == "finished" and cells[10] in se.VERDICTS and "-" not in cells[6:10], cells
     analysis = json.loads((root / "b_s0/experts.json").read_text())
-    assert analysis["num_samples"] == 8 and float(cells[6]) == round(analysis["summary"]["expert_weight_cos_min"], 4)
-    again = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd")],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert analysis["num_samples"] == analysis["num_requested"] == 8
+    assert float(cells[6]) == round(analysis["summary"]["expert_weight_cos_min"], 4)
+    assert "on (up to) the first 8 validation samples" in text
+    again = subprocess.run([sys.executable, "tools/run_study.py", str(plan), "--work-root", str(tmp_path / "wd"),
+                            "--experts-num", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "[1/2] a_s0: skipped (finished)" in again.stdout and "[2/2] b_s0: skipped (finished)" in again.stdout
+    assert "[experts" not in again.stdout  # the same number of samples: not analysed again
 
 
 def test_study_plans_load_and_use_every_study_config():
@@ -426,3 +433,35 @@ def test_sigterm_to_the_study_ends_its_training(tmp_path):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the training ended with it and was reaped
         os.kill(pid, 0)
+
+
+def test_experts_analysed_on_another_number_of_samples_are_analysed_again(tmp_path, monkeypatch, capsys):
+    """The plan's experts_num decides the samples; an experts.json that answered another number (its num_requested,
+    else an older file's num_samples) is analysed again with --force, --experts-num overrides the plan, and
+    summary.md says how many samples its expert columns used."""
+    plan = write_plan(tmp_path, PLAN + "experts_num = 32\n")
+    root = tmp_path / "wd/s26/final"
+    for s in (0, 1):
+        write_metrics(root / f"pce_s{s}", vals((1, 0.7), (8, 0.8), test=0.8))
+        (root / f"pce_s{s}/best.pth").write_bytes(b"x")
+    put(root / "pce_s0", {**experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8), "num_samples": 16, "num_requested": 16})
+    put(root / "pce_s1", {**experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8), "num_samples": 32})  # older file: no request
+    calls = []
+
+    def fake(argv, env):
+        num = int(argv[argv.index("--num") + 1])
+        calls.append((Path(argv[2]).parent.name, num, argv[-1]))
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps(
+            {**experts_json(0.5, [0.4], 0.8, 0.7, 0.6, 0.8), "num_samples": min(num, 20), "num_requested": num}))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(se, "run_analysis", fake)
+    argv = [str(plan), "--stage", "final", "--work-root", str(tmp_path / "wd"), "--summary-only", "--only", "pce"]
+    assert rs.main(argv) == 0
+    assert calls == [("pce_s0", 32, "--force")]                     # 16 asked before; pce_s1's 32 samples stand
+    assert "on (up to) the first 32 validation samples" in (root / "summary.md").read_text()
+    calls.clear()
+    assert rs.main(argv) == 0 and calls == []                       # 20 samples of 32 asked: the split's end, kept
+    assert rs.main(argv + ["--experts-num", "8"]) == 0
+    assert calls == [("pce_s0", 8, "--force"), ("pce_s1", 8, "--force")]
+    assert "on (up to) the first 8 validation samples" in (root / "summary.md").read_text()

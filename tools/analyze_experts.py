@@ -91,7 +91,7 @@ def analyze(args: argparse.Namespace) -> Dict[str, Any]:
                                   f"{metric}_forced_min": min(forced) if forced else None,
                                   f"{metric}_forced_max": max(forced) if forced else None})
     result.update(config=str(args.config), checkpoint=str(args.checkpoint), split=args.split, num_samples=len(ds),
-                  seed=args.seed)
+                  num_requested=args.num, seed=args.seed)
     if args.out:
         write_json(result, args.out)
     return result

@@ -10,7 +10,8 @@ rules and the stop-at-half rule: docs/STUDY.md (and configs/study/plan_seg.py).
 
 Work dirs: ``<stage folder>/<variant>_s<seed>``; finished runs (a ``"type": "test"`` record) are skipped, runs with
 a checkpoint resumed, screening runs behind the reference by more than ``stop_margin`` at half their epochs stopped
-(``study_stop.json``); ``kill`` (SIGTERM) of this tool ends its running training too. Then every finished run's experts are analysed once into ``<run>/experts.json``
+(``study_stop.json``); ``kill`` (SIGTERM) of this tool ends its running training too. Then every finished run's
+experts are analysed once into ``<run>/experts.json`` on the plan's ``experts_num`` validation samples
 (``tools/analyze_experts.py``, tools/study_experts.py; ``--no-experts`` skips it) and ``summary.md`` written with
 their verdicts. Errors are one line naming the plan or the run (``--debug``: the traceback).
 """
@@ -57,6 +58,9 @@ def load_plan(path: Path) -> Dict[str, Any]:
             raise PCEError(f"{path}: variants.{name}", "no config", "dict(config=..., options=[...])")
         if not isinstance(v.get("stop", True), bool):
             raise PCEError(f"{path}: variants.{name}.stop", f"{v['stop']!r}", "True or False (never stopped at half)")
+    num = plan.setdefault("experts_num", 64)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise PCEError(f"{path}: experts_num", f"{num!r}", "a positive number of validation samples")
     for stage in ("screen", "final"):
         for name in plan.get(stage, {}).get("variants", []):
             if name not in plan["variants"]:
@@ -208,8 +212,9 @@ def main(argv=None) -> int:
                     help="train nothing: analyse the finished runs' experts (unless --no-experts), write summary.md")
     ap.add_argument("--no-experts", dest="experts", action="store_false",
                     help="skip the experts analysis (summary.md shows what experts.json files exist)")
-    ap.add_argument("--experts-num", type=int, default=64, metavar="N",
-                    help="validation samples of each experts analysis (default 64)")
+    ap.add_argument("--experts-num", type=int, metavar="N",
+                    help="validation samples of each experts analysis (default: the plan's experts_num, else 64); "
+                         "an analysis of another number is redone")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
     _raise_on_sigterm()
@@ -230,8 +235,10 @@ def _run(args: argparse.Namespace) -> int:
                      for r in runs if recorded[r] is not None})
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.experts_num < 1:
-        raise PCEError("--experts-num", f"{args.experts_num}", "a positive number of samples")
+    if args.experts_num is not None:
+        if args.experts_num < 1:
+            raise PCEError("--experts-num", f"{args.experts_num}", "a positive number of samples")
+        plan["experts_num"] = args.experts_num
     if args.summary_only and not root.is_dir():
         raise PCEError(root, "no such stage folder", "the folder of a stage that has runs (--work-root?)")
     from tqdm import tqdm
@@ -242,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{i}/{len(runs)}] {name}_s{seed}: {_one_run(plan, args.stage, name, seed, args, root)}",
                   flush=True)
     if args.experts:
-        ensure_all([root / f"{name}_s{seed}" for name, seed in runs], args.experts_num, args.threads)
+        ensure_all([root / f"{name}_s{seed}" for name, seed in runs], plan["experts_num"], args.threads)
     _write_text(root / "summary.md", summary_markdown(plan, args.stage, runs, root, commands))
     print(f"summary: {root / 'summary.md'}")
     rows = figure_rows(plan, args.stage, runs, root)

@@ -53,8 +53,22 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def needs_analysis(run_dir: Path) -> bool:
-    """A finished run (a test record) with ``best.pth`` and no ``experts.json`` yet, or one older than ``best.pth``."""
+def analysed_num(run_dir: Path) -> Optional[int]:
+    """The ``--num`` a run's ``experts.json`` answered: its ``num_requested`` (written by tools/analyze_experts.py),
+    else its ``num_samples`` (older files); ``None`` for a model without routed layers or a file without either."""
+    try:
+        data = json.loads((Path(run_dir) / EXPERTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    num = data.get("num_requested", data.get("num_samples"))
+    return num if isinstance(num, int) and not isinstance(num, bool) else None
+
+
+def needs_analysis(run_dir: Path, num: Optional[int] = None) -> bool:
+    """A finished run (a test record) with ``best.pth`` and no ``experts.json`` yet, one older than ``best.pth``,
+    or (given ``num``) one that analysed another number of samples: asking for more samples analyses again."""
     from study_records import run_state
 
     run_dir = Path(run_dir)
@@ -62,7 +76,9 @@ def needs_analysis(run_dir: Path) -> bool:
     if run_state(run_dir) != "finished" or not best.is_file():
         return False
     # an analysis older than the checkpoint (the run trained again) is stale
-    return not done.is_file() or done.stat().st_mtime < best.stat().st_mtime
+    if not done.is_file() or done.stat().st_mtime < best.stat().st_mtime:
+        return True
+    return num is not None and analysed_num(run_dir) not in (None, num)
 
 
 def ensure_experts(run_dir: Path, num: int, threads: Optional[int] = None) -> str:
@@ -87,11 +103,11 @@ def ensure_experts(run_dir: Path, num: int, threads: Optional[int] = None) -> st
 
 
 def ensure_all(run_dirs: Sequence[Path], num: int, threads: Optional[int] = None) -> Dict[str, str]:
-    """:func:`ensure_experts` for every run of ``run_dirs`` that :func:`needs_analysis`, one printed line each (a
-    failure names the run and the study goes on). Returns ``{run name: outcome}``."""
+    """:func:`ensure_experts` for every run of ``run_dirs`` that :func:`needs_analysis` on ``num`` samples, one
+    printed line each (a failure names the run and the study goes on). Returns ``{run name: outcome}``."""
     from tqdm import tqdm
 
-    todo = [Path(d) for d in run_dirs if needs_analysis(d)]
+    todo = [Path(d) for d in run_dirs if needs_analysis(d, num)]
     out: Dict[str, str] = {}
     for i, run_dir in enumerate(tqdm(todo, desc="experts", unit="run", file=sys.stderr, disable=None), 1):
         out[run_dir.name] = ensure_experts(run_dir, num, threads)

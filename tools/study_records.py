@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from pce.engine.errors import PCEError
-from study_experts import expert_cells, markdown_cells, verdict_counts
+from study_experts import analysed_num, expert_cells, markdown_cells, verdict_counts
 
 if TYPE_CHECKING:
     from pce.analysis.study_figure import StudyRow
@@ -109,7 +109,11 @@ def summary_markdown(plan: Dict[str, Any], stage: str, runs: List[tuple], root: 
     runs (mean ± std, the experts' verdicts) with Welch's comparison against the reference, and the ranking
     of the variants by best metric with the two best non-baseline variants named (the candidates for ``final``)."""
     sr, metric, mode = _summarize_runs(), plan["metric"], plan.get("mode", "max")
-    lines = [f"# {plan['study']}: {stage}", "", f"Metric: {metric} ({mode}). Reference: {plan['reference']}.", "",
+    nums = sorted({n for n in (analysed_num(root / f"{r[0]}_s{r[1]}") for r in runs) if n is not None})
+    analysed = (f" Expert columns: `tools/analyze_experts.py` on (up to) the first {' / '.join(map(str, nums))} "
+                f"validation samples of each run (the plan's `experts_num`, or `--experts-num`)." if nums else "")
+    lines = [f"# {plan['study']}: {stage}", "", f"Metric: {metric} ({mode}). Reference: {plan['reference']}.{analysed}",
+             "",
              f"| run | state | best {metric} (epoch) | final | epochs | wall min | kernel cos min | output cos min "
              f"| forced Δ max | shuffled Δ | experts | command |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

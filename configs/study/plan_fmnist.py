@@ -5,6 +5,7 @@ metric = "top1"
 mode = "max"
 reference = "dense"
 baselines = ["dense", "condconv_all"]
+experts_num = 1000          # the experts analysis on the first 1,000 test images
 variants = dict(
     dense=dict(config="configs/fmnist_cls_dense.py"),
     # placement: the last stage's convolution (just before the SPP + FC head, which has no convolution)

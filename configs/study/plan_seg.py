@@ -5,11 +5,13 @@
 # a variant whose best metric is behind the reference's by more than stop_margin at half its schedule is stopped
 # (unless it says stop=False: phased recipes whose first phase covers half the schedule).
 # final: the baselines plus the best two variants of the screening (fill in `final["variants"]`), 5 seeds.
+# experts_num: validation samples of every run's experts analysis (tools/analyze_experts.py --num; default 64).
 study = "study26_seg"
 metric = "mIoU"
 mode = "max"
 reference = "dense"          # the dense twin: the stop rule's and the Welch tables' reference
 baselines = ["dense", "condconv_head"]
+experts_num = 100           # the experts analysis on all 100 validation images (tools/run_study.py: default 64)
 variants = dict(
     dense=dict(config="configs/demo_seg_dense.py"),                       # plain convolutions everywhere
     # placement
