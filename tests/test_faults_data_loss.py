@@ -38,6 +38,34 @@ def test_work_dir_lock_and_refusal(tmp_path, capsys):
     assert load_tool("train").main(["configs/demo_cls_digits.py", "--force", *cli_options(wd)]) == 0
 
 
+
+def test_fresh_run_sets_an_earlier_attempts_records_aside(tmp_path):
+    """A fresh run (no --resume) into a work dir where an earlier attempt left records (stopped before its first
+    checkpoint, or replaced with --force) starts a record of its own: the old metrics.jsonl, train.log and tb/ move
+    to previous/<k>/ unchanged, and the new metrics.jsonl holds this run's records only (before: appended, so the
+    earlier attempt's test record made a run that had just started look finished)."""
+    import json
+
+    wd = tmp_path / "wd"
+    (wd / "tb").mkdir(parents=True)
+    old = '{"type": "train", "epoch": 1, "iter": 50, "loss": 9.0, "time": 1.0}\n{"type": "test", "epoch": 9, "top1": 0.99}\n'
+    (wd / "metrics.jsonl").write_text(old)
+    (wd / "train.log").write_text("the earlier attempt\n")
+    (wd / "tb" / "events.old").write_bytes(b"tb")
+    Trainer(tiny_cfg(wd, epochs=1, iters=1), get_task("classification")).train()
+    assert (wd / "previous/1/metrics.jsonl").read_text() == old
+    assert (wd / "previous/1/train.log").read_text() == "the earlier attempt\n"
+    assert (wd / "previous/1/tb/events.old").read_bytes() == b"tb"
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["type"] == "test"] and all(r.get("top1") != 0.99 for r in records)
+    assert "the earlier attempt" not in (wd / "train.log").read_text() and not (wd / "tb/events.old").exists()
+    first = (wd / "metrics.jsonl").read_text()
+    assert load_tool("train").main(["configs/demo_cls_digits.py", "--force", *cli_options(wd)]) == 0
+    assert (wd / "previous/2/metrics.jsonl").read_text() == first          # the --force run's predecessor, kept
+    assert (wd / "previous/1/metrics.jsonl").read_text() == old            # and the one before, untouched
+    tests = [r for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines()) if r["type"] == "test"]
+    assert len(tests) == 1
+
 def test_best_written_before_latest_and_verified_on_resume(tmp_path, monkeypatch, caplog):
     """2. A kill between the two checkpoint writes never leaves latest.pth recording a best that best.pth lacks;
     resume verifies best.pth, and stale temp files are removed."""

@@ -28,6 +28,7 @@ from pce.engine.errors import NonFiniteStateError, PCEError, WorkDirError
 from pce.engine.logging import scalar_metrics
 from pce.engine.runtime import NonFiniteLossError, format_metrics
 from pce.engine.weights import lean_checkpoint, mismatch_summary, saved_structure
+from pce.engine.workdir import set_aside_records
 from pce.moe.recorder import unwrap_model
 from pce.moe.surgery import structure
 
@@ -55,7 +56,8 @@ class TrainerState:
 
     def _claim_work_dir(self, resume_path: Optional[Path], force: bool) -> None:
         """Rank 0: lock the work dir, refuse to overwrite a previous run's checkpoints, compare a resumed run's
-        config with the saved one, and remove the temp files of interrupted saves."""
+        config with the saved one (a fresh run sets an earlier attempt's records aside: ``previous/<k>/``), and
+        remove the temp files of interrupted saves."""
         self.lock.acquire()
         old = self.checkpoints.has_checkpoints()
         if resume_path is None and old and not force:
@@ -67,6 +69,8 @@ class TrainerState:
                            ", ".join(p.name for p in old))
         if resume_path is not None:
             self._check_resume_config(resume_path)
+        elif (moved := set_aside_records(self.work_dir)) is not None:  # a fresh record, the old one kept
+            logger.warning("a fresh run: the records of an earlier attempt in %s moved to %s", self.work_dir, moved)
         for f in remove_stale_temps(self.work_dir):
             logger.info("removed %s (a temp file of an interrupted save)", f)
         rt = self.cfg.runtime

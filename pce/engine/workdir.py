@@ -1,4 +1,5 @@
-"""The work-dir lock: one training per work dir, released when the run ends (flock: a dead process frees it)."""
+"""The work-dir lock (one training per work dir, released when the run ends; flock: a dead process frees it) and
+the earlier attempt's records set aside when a fresh run starts in a used work dir."""
 from __future__ import annotations
 
 import errno
@@ -9,11 +10,35 @@ from typing import Any, Optional, Union
 
 from pce.engine.errors import WorkDirError
 
-__all__ = ["WorkDirLock"]
+__all__ = ["WorkDirLock", "set_aside_records", "RECORDS", "PREVIOUS"]
 
 logger = logging.getLogger("pce")
 
 PathLike = Union[str, os.PathLike]
+
+#: what a run records in its work dir and a fresh run must not append to: tools/summarize_runs.py, tools/run_study.py
+#: and the reports read ``metrics.jsonl`` as ONE run's history (an earlier attempt's test record would make a run
+#: that has just started look finished)
+RECORDS = ("metrics.jsonl", "train.log", "tb")
+PREVIOUS = "previous"
+
+
+def set_aside_records(work_dir: PathLike) -> Optional[Path]:
+    """Move the :data:`RECORDS` of an earlier attempt that exist in ``work_dir`` into ``work_dir/previous/<k>/``
+    (``k`` = 1, 2, ...: the first free number), nothing deleted or overwritten. Called under the work-dir lock when
+    a run starts fresh (no ``--resume``). Returns that folder, ``None`` when there was nothing to move."""
+    work_dir = Path(work_dir)
+    found = [work_dir / name for name in RECORDS if (work_dir / name).exists()]
+    if not found:
+        return None
+    k = 1
+    while (work_dir / PREVIOUS / str(k)).exists():
+        k += 1
+    dest = work_dir / PREVIOUS / str(k)
+    dest.mkdir(parents=True)
+    for path in found:
+        os.replace(path, dest / path.name)  # same file system: a rename, never a copy
+    return dest
 
 
 class WorkDirLock:
