@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,24 @@ def tile_dataset(slide: Path, mode: str, tile_kwargs: Dict[str, Any], transform:
     return CamelyonTiles([slide], mode=mode, transform=transform, **tile_kwargs)
 
 
+def rebatch(blocks: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+            batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Regroup ``(images [n, C, s, s], idx [n])`` blocks of any size ``n`` into batches of exactly ``batch_size``
+    tiles, in order, and a last, smaller one with what is left (none when nothing is)."""
+    pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    held = 0
+    for images, idx in blocks:
+        pending.append((images, idx))
+        held += len(idx)
+        while held >= batch_size:
+            imgs, ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+            yield imgs[:batch_size], ids[:batch_size]
+            held -= batch_size
+            pending = [(imgs[batch_size:], ids[batch_size:])] if held else []
+    if held:
+        yield torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+
+
 @torch.inference_mode()
 def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dict[str, Any], transform: Any,
                 device: torch.device, batch_size: int, workers: int, amp: str = "none", block: int = 8,
@@ -115,20 +133,9 @@ def infer_slide(model: torch.nn.Module, mode: str, slide: Path, tile_kwargs: Dic
                             persistent_workers=False)
         bar = tqdm(total=len(ds.tiles), desc=slide.name, unit="tile", file=sys.stderr, disable=not progress or None,
                    leave=False)
-        pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        held = 0
-        for images, idx in loader:
-            pending.append((images, idx))
-            held += len(idx)
-            while held >= batch_size:
-                imgs, ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-                run(imgs[:batch_size], ids[:batch_size])
-                bar.update(batch_size)
-                held -= batch_size
-                pending = [(imgs[batch_size:], ids[batch_size:])] if held else []
-        if held:
-            run(torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]))
-            bar.update(held)
+        for imgs, ids in rebatch(loader, batch_size):
+            run(imgs, ids)
+            bar.update(len(ids))
         bar.close()
     ds.close()
     t_infer = time.perf_counter() - t1

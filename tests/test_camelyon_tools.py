@@ -152,3 +152,21 @@ def test_infer_slide_refuses_a_task_without_slide_tiles(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err == ('error: task: detection cannot run on slides (a task whose slide_tile_mode is '
                                '"classify" or "segment")\n')
+
+
+@pytest.mark.parametrize("sizes,batch", [([3, 5, 1, 7], 4), ([3, 5, 2], 4), ([2, 2], 4), ([9], 4), ([], 3), ([4, 4], 4)])
+def test_rebatch_regroups_blocks_into_fixed_batches_in_order(sizes, batch):
+    import torch
+    from pce.tasks.slide_inference import rebatch
+
+    start = np.cumsum([0] + sizes)
+    blocks = [(torch.arange(a, b, dtype=torch.float32)[:, None, None, None].expand(-1, 3, 2, 2).clone(),
+               torch.arange(a, b)) for a, b in zip(start[:-1], start[1:])]
+    out = list(rebatch(blocks, batch))
+    total = int(sum(sizes))
+    expected = [batch] * (total // batch) + ([total % batch] if total % batch else [])  # by hand
+    assert [len(ids) for _, ids in out] == expected
+    ids = torch.cat([i for _, i in out]) if out else torch.zeros(0, dtype=torch.long)
+    assert ids.tolist() == list(range(total))  # every tile once, in order
+    for imgs, i in out:  # each image still travels with its own index
+        assert imgs.shape[1:] == (3, 2, 2) and torch.equal(imgs[:, 0, 0, 0].long(), i)

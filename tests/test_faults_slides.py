@@ -367,6 +367,25 @@ def test_a_truncated_index_cache_is_rebuilt_with_a_warning(env, tmp_path):
         CamelyonTiles([path], [xml], cache_dir=tmp_path, **kw)  # rebuilt: read back without a warning
 
 
+
+def test_an_index_cache_that_cannot_be_written_warns_and_leaves_no_temp_file(env, tmp_path, monkeypatch):
+    import pce.datasets.camelyon.index as index
+
+    kw = dict(level=1, tile_size=64, stride=64, min_tissue=0.5)
+    path, xml = env["tumour"]["slide"], env["tumour"]["xml"]
+    plain = CamelyonTiles([path], [xml], **kw)  # no cache at all: the reference
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index.os, "replace", full_disk)
+    with pytest.warns(UserWarning, match="tile-index cache not written.*No space left"):
+        ds = CamelyonTiles([path], [xml], cache_dir=tmp_path, **kw)
+    assert ds.tiles == plain.tiles and list(tmp_path.iterdir()) == []  # the index is whole, no temp file is left
+    monkeypatch.undo()
+    CamelyonTiles([path], [xml], cache_dir=tmp_path, **kw)  # the next run writes it
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
 def test_a_nan_checkpoint_is_one_line_and_debug_shows_the_traceback(env, tmp_path, capsys):
     rc, _, err = infer(env, capsys, env["tumour"]["slide"], "--out", tmp_path / "o", ckpt=env["nan"])
     line = error_line(err)

@@ -163,13 +163,17 @@ def index_slide(path: Path, annotations: Optional[Sequence[Annotation]], level: 
            "tissue": tissue[keep], "tumour": tumour, "centre": centre, "downsample": np.float64(d),
            "scale": np.float64(scale), "read": np.int64(read)}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
-        try:
-            np.savez(tmp, **out)
-            os.replace(tmp, cache)
-        except OSError as e:  # the cache only saves time: a full disk or a read-only folder is not an error
-            tmp.unlink(missing_ok=True)
-            warnings.warn(f"{cache}: tile-index cache not written ({e}); the index is rebuilt next time",
-                          stacklevel=2)
+        _write_cache(cache, out)
     return out
+
+
+def _write_cache(cache: Path, out: Mapping[str, np.ndarray]) -> None:
+    """Write a tile index atomically (temp file, then ``os.replace``); a failure only warns: the cache saves time."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **out)
+        os.replace(tmp, cache)
+    except OSError as e:  # a full disk or a read-only folder is not an error
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"{cache}: tile-index cache not written ({e}); the index is rebuilt next time", stacklevel=3)
