@@ -367,7 +367,6 @@ def test_a_truncated_index_cache_is_rebuilt_with_a_warning(env, tmp_path):
         CamelyonTiles([path], [xml], cache_dir=tmp_path, **kw)  # rebuilt: read back without a warning
 
 
-
 def test_an_index_cache_that_cannot_be_written_warns_and_leaves_no_temp_file(env, tmp_path, monkeypatch):
     import pce.datasets.camelyon.index as index
 
@@ -385,6 +384,7 @@ def test_an_index_cache_that_cannot_be_written_warns_and_leaves_no_temp_file(env
     monkeypatch.undo()
     CamelyonTiles([path], [xml], cache_dir=tmp_path, **kw)  # the next run writes it
     assert len(list(tmp_path.glob("*.npz"))) == 1
+
 
 def test_a_nan_checkpoint_is_one_line_and_debug_shows_the_traceback(env, tmp_path, capsys):
     rc, _, err = infer(env, capsys, env["tumour"]["slide"], "--out", tmp_path / "o", ckpt=env["nan"])
