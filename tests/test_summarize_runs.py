@@ -91,3 +91,18 @@ def test_minutes_with_resume_records_leave_out_only_the_marked_pause(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert tool.summarize(tmp_path / "run", "top1")["minutes"] == pytest.approx(48.0)
+
+
+def test_a_p_below_one_in_a_thousand_prints_as_an_upper_bound_not_zero(tmp_path):
+    """The Fashion-MNIST finals' pce_all vs CondConv (final top-1 over 5 seeds): scipy's Welch p is 0.00016, which
+    three decimals would print as "p=0.000"; the summary tables say "p<0.001" and keep three decimals above it."""
+    from scipy import stats
+
+    a, b = [0.9350, 0.9358, 0.9346, 0.9351, 0.9361], [0.9393, 0.9378, 0.9399, 0.9390, 0.9380]
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert ref.pvalue < 0.001
+    cell = tool.welch_cell(tool.welch(a, b))
+    assert cell.endswith(", p<0.001") and "p=0.000" not in cell
+    assert cell.startswith(f"{sum(a) / 5 - sum(b) / 5:+.4f} [")
+    assert tool.format_p(0.0049) == "p=0.005" and tool.format_p(0.001) == "p=0.001"
+    assert tool.format_p(0.00099) == "p<0.001"

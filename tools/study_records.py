@@ -164,8 +164,7 @@ def _group_tables(sr, plan: Dict[str, Any], done: Dict[str, List[dict]]) -> List
         for name, rows in others:
             cells = []
             for key in ("final", "best"):
-                w = sr.welch([r[key] for r in rows], [r[key] for r in base])
-                cells.append(f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}")
+                cells.append(sr.welch_cell(sr.welch([r[key] for r in rows], [r[key] for r in base])))
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return lines
 

@@ -109,9 +109,18 @@ def welch(a: List[float], b: List[float], level: float = 0.95) -> dict:
             "p": float(2 * stats.t.sf(abs(t), df))}
 
 
+def format_p(p: float) -> str:
+    """A p-value as the tables print it: three decimals, or ``p<0.001`` below that (never a bare ``p=0.000``)."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def welch_cell(w: Dict[str, float]) -> str:
+    """One table cell for :func:`welch`'s result: ``+0.0010 [-0.0005, +0.0025], p=0.171``."""
+    return f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], {format_p(w['p'])}"
+
+
 def _welch_cell(a: List[float], b: List[float]) -> str:
-    w = welch(a, b)
-    return f"{w['diff']:+.4f} [{w['low']:+.4f}, {w['high']:+.4f}], p={w['p']:.3f}"
+    return welch_cell(welch(a, b))
 
 
 def _entropy(row: dict) -> str:
