@@ -93,7 +93,7 @@ def test_minutes_with_resume_records_leave_out_only_the_marked_pause(tmp_path):
     assert tool.summarize(tmp_path / "run", "top1")["minutes"] == pytest.approx(48.0)
 
 
-def test_a_p_below_one_in_a_thousand_prints_as_an_upper_bound_not_zero(tmp_path):
+def test_a_p_below_one_in_a_thousand_prints_as_an_upper_bound_not_zero():
     """The Fashion-MNIST finals' pce_all vs CondConv (final top-1 over 5 seeds): scipy's Welch p is 0.00016, which
     three decimals would print as "p=0.000"; the summary tables say "p<0.001" and keep three decimals above it."""
     from scipy import stats
